@@ -1,0 +1,341 @@
+"""cifar_distill: an LLM data flywheel. A vision LLM labels images once, a MobileNetV3-Small student
+learns from those labels, and a confidence cascade serves traffic (student -> LLM -> human). Every
+escalation is logged and fed back as targeted relabeling.
+
+The whole pipeline (needs OPENROUTER_API_KEY in the environment or .env):
+    uv run cifar_distill.py --step all
+The whole pipeline offline, with the simulated (oracle) teacher and a simulated human:
+    uv run cifar_distill.py --step all --teacher oracle --oracle_noise 0.1 --simulate_human
+
+One step at a time (each reads and writes only under --out_dir, default cifar5_run):
+    uv run cifar_distill.py --step prep                      # CIFAR-100 -> images/, manifest.csv
+    uv run cifar_distill.py --step label --dry_run           # how many calls, what it would cost
+    uv run cifar_distill.py --step label --max_usd 2         # labels.jsonl -> review_labels.csv
+    uv run cifar_distill.py --step train --epochs 30         # artifacts/{last,best}.pt, mobilenet.pt
+    uv run cifar_distill.py --step eval                      # artifacts/eval.json, test_predictions.csv
+    uv run cifar_distill.py --step cascade                   # escalations.jsonl, artifacts/cascade.json
+    uv run cifar_distill.py --step flywheel --turns 2        # artifacts/turn_<k>/, flywheel.json
+    uv run cifar_distill.py --step export                    # artifacts/mobilenet.onnx, mobilenet.ts
+    uv run cifar_distill.py --step report                    # report.md, datacard.md
+Your own images (DIR/train/<class>/*, DIR/test/<class>/*):
+    uv run cifar_distill.py --step all --dataset folder --data_root DIR --out_dir my_run
+
+Measured results live in each run's report.md (every number there is read from the run's artifacts);
+blog.md lists the figures this project measured and the command and machine behind each.
+"""
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from flywheel.io import read_csv, read_json, sha256_file, write_csv, write_json, atomic_write_bytes
+
+log = logging.getLogger("cifar_distill")
+
+# ----------------------------------------------------------------------------- config
+CIFAR5 = "apple,mushroom,orange,pear,sweet_pepper"
+STEPS = ["prep", "label", "train", "eval", "cascade", "flywheel", "export", "report"]
+
+# name: (type, default, help). argparse is built from this one table; help gets "(default: ...)".
+# A default of None means "unset"; the help says what unset means.
+OPTIONS = {
+    # pipeline
+    "step": (str, "all", "pipeline step to run: " + "|".join(STEPS + ["all"])),
+    "out_dir": (str, "cifar5_run", "run folder; every step reads and writes only under it"),
+    "seed": (int, 0, "seed for sampling, splits, oracle noise and training"),
+    "log_level": (str, "INFO", "logging level: DEBUG shows every retry decision"),
+    # prep
+    "dataset": (str, "cifar100", "data source: cifar100 (official archive) | folder (DIR/{train,test}/<class>/*)"),
+    "data_root": (str, "data", "where the CIFAR-100 archive lives (downloaded if missing), or the image folder"),
+    "classes": (str, None, f"comma-separated class names (unset: {CIFAR5} for cifar100, every subfolder for folder)"),
+    "max_per_class": (int, 0, "images per class and split, 0 = all (CIFAR-100: 500 train, 100 test)"),
+    "img_size": (int, 224, "side of the saved square JPEGs in pixels; the student trains at this size"),
+    "no_sharpen": (bool, False, "turn off the unsharp mask applied after bicubic upscaling"),
+    # label (teacher)
+    "teacher": (str, "llm", "llm (OpenAI-compatible API) | oracle (SIMULATED: ground truth + noise, no key)"),
+    "oracle_noise": (float, 0.1, "oracle teacher only: fraction of deliberately wrong labels"),
+    "llm_base_url": (str, "https://openrouter.ai/api/v1", "OpenAI-compatible base URL (OpenAI, vLLM, Ollama, LM Studio...)"),
+    "llm_model": (str, "google/gemini-2.5-flash", "teacher model name sent to the API"),
+    "max_label": (int, 1500, "training images the teacher labels (random sample drawn with --seed), gold items included"),
+    "conf_thresh": (float, 0.7, "accept a label when both passes agree and their mean confidence is at least this"),
+    "second_pass": (str, "always", "always | adaptive (second call only below --adaptive_thresh, plus --audit_frac)"),
+    "adaptive_thresh": (float, 0.9, "adaptive mode: first-pass confidence below which the second pass is made"),
+    "audit_frac": (float, 0.1, "adaptive mode: random fraction of confident items that still get a second pass"),
+    "second_temp": (float, 0.7, "sampling temperature of the second pass (the first uses 0)"),
+    "max_workers": (int, 10, "teacher requests in flight"),
+    "max_retries": (int, 5, "retries per call for timeouts, connection errors, 408/409/429/5xx"),
+    "max_invalid": (int, 2, "re-asks for a reply that is not valid JSON with one of the classes"),
+    "timeout": (float, 60.0, "seconds per teacher request"),
+    "max_usd": (float, 5.0, "hard budget in USD for all teacher spend recorded in labels.jsonl"),
+    "dry_run": (bool, False, "print how many calls the label step would make and their estimated cost, then exit"),
+    "usd_per_call": (float, 0.0002, "price estimate per call, used by --dry_run and the oracle's simulated cost"),
+    "usd_per_mtok_in": (float, 0.30, "USD per million prompt tokens, used only when the server reports no cost"),
+    "usd_per_mtok_out": (float, 2.50, "USD per million completion tokens, used only when the server reports no cost"),
+    "gold_csv": (str, None, "hand-checked path,label rows labeled first as a prompt check (unset: use --gold_n)"),
+    "gold_n": (int, 0, "gold items drawn from the sample with manifest labels as stand-in checks; 0 = no gate"),
+    "min_gold_acc": (float, 0.8, "stop before labeling the rest when the teacher's gold accuracy is below this"),
+    # train
+    "weights": (str, "imagenet", "student init: imagenet (torchvision IMAGENET1K_V1) | none | path to a checkpoint"),
+    "device": (str, "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | mps"),
+    "epochs": (int, 30, "training epochs"),
+    "batch_size": (int, 128, "training and inference batch size"),
+    "lr": (float, 2e-3, "AdamW peak learning rate (cosine schedule to 0)"),
+    "weight_decay": (float, 0.05, "AdamW weight decay"),
+    "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) for model selection and calibration"),
+    "resume": (bool, False, "continue an interrupted training run from artifacts/last.pt"),
+    "num_threads": (int, 0, "torch CPU threads, 0 = torch's default"),
+    # cascade + flywheel
+    "target_precision": (float, 0.95, "cascade: lowest student threshold whose auto-accepted validation precision reaches this"),
+    "escalation_budget": (float, None, "cascade: escalate at most this fraction instead (unset: use --target_precision)"),
+    "simulate_human": (bool, False, "answer human-review items from ground truth (SIMULATED, offline evaluation only)"),
+    "relabel_n": (int, 200, "flywheel: pool items relabeled per turn (escalations first, then lowest margin)"),
+    "turns": (int, 1, "flywheel: number of turns the run should have (completed turns are skipped)"),
+    "flywheel_epochs": (int, None, "flywheel: epochs per retrain (unset: --epochs)"),
+    "from_scratch": (bool, False, "flywheel: retrain from --weights instead of continuing from the previous student"),
+}
+CHOICES = {"step": STEPS + ["all"], "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
+           "second_pass": ["always", "adaptive"], "device": ["auto", "cpu", "cuda", "mps"],
+           "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
+UNIT_INTERVAL = ["oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
+                 "target_precision"]
+POSITIVE = ["img_size", "max_workers", "epochs", "batch_size", "lr", "timeout", "relabel_n", "turns"]
+NON_NEGATIVE = ["max_per_class", "max_label", "max_retries", "max_invalid", "max_usd", "usd_per_call",
+                "usd_per_mtok_in", "usd_per_mtok_out", "gold_n", "weight_decay", "second_temp", "num_threads"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, (typ, default, help_) in OPTIONS.items():
+        shown = "unset" if default is None else default
+        if typ is bool:
+            p.add_argument(f"--{name}", action="store_true", help=f"{help_} (default: {shown})")
+        else:
+            p.add_argument(f"--{name}", type=typ, default=default, metavar=name.upper(),
+                           choices=CHOICES.get(name), help=f"{help_} (default: {shown})")
+    return p
+
+
+def validate(cfg: dict) -> dict:
+    """Fail before any work, naming the flag. Returns cfg with derived fields filled in."""
+    def bad(flag, why):
+        raise SystemExit(f"error: --{flag} {why}")
+    for k in UNIT_INTERVAL:
+        if not 0.0 <= cfg[k] <= 1.0:
+            bad(k, f"must be in [0, 1], got {cfg[k]}")
+    for k in POSITIVE:
+        if not cfg[k] > 0:
+            bad(k, f"must be > 0, got {cfg[k]}")
+    for k in NON_NEGATIVE:
+        if cfg[k] < 0:
+            bad(k, f"must be >= 0, got {cfg[k]}")
+    if not 0.0 < cfg["val_frac"] < 0.5:
+        bad("val_frac", f"must be in (0, 0.5), got {cfg['val_frac']}")
+    if cfg["escalation_budget"] is not None and not 0.0 <= cfg["escalation_budget"] <= 1.0:
+        bad("escalation_budget", f"must be in [0, 1], got {cfg['escalation_budget']}")
+    if cfg["flywheel_epochs"] is not None and cfg["flywheel_epochs"] <= 0:
+        bad("flywheel_epochs", f"must be > 0, got {cfg['flywheel_epochs']}")
+    w = cfg["weights"]
+    if w not in ("imagenet", "none") and not Path(w).is_file():
+        bad("weights", f"must be imagenet, none or an existing checkpoint file; {w!r} is none of these")
+    if cfg["gold_csv"] and not Path(cfg["gold_csv"]).is_file():
+        bad("gold_csv", f"file {cfg['gold_csv']!r} does not exist")
+    if not cfg["llm_base_url"].startswith(("http://", "https://")):
+        bad("llm_base_url", f"must start with http:// or https://, got {cfg['llm_base_url']!r}")
+    cfg["classes"] = resolve_classes(cfg)
+    return cfg
+
+
+def resolve_classes(cfg):
+    """The class list, checked against the data source before any work."""
+    from flywheel.data import DataError, ensure_cifar100, cifar100_fine_names, list_folder_dataset, CIFAR100_DIR
+    given = [c.strip() for c in cfg["classes"].split(",") if c.strip()] if cfg["classes"] else None
+    if given is not None and len(set(given)) != len(given):
+        raise SystemExit(f"error: --classes has duplicates: {cfg['classes']!r}")
+    if given is not None and len(given) < 2:
+        raise SystemExit(f"error: --classes needs at least 2 classes, got {given}")
+    if cfg["dataset"] == "cifar100":
+        classes = given or CIFAR5.split(",")
+        # the 100 fine names: from the archive when it is there, else the built-in list
+        folder = Path(cfg["data_root"]) / CIFAR100_DIR
+        names = cifar100_fine_names(folder) if (folder / "meta").exists() else CIFAR100_FINE
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            raise SystemExit(f"error: --classes has unknown CIFAR-100 class(es) {unknown}; choose from the "
+                             f"100 fine names, e.g. {', '.join(names[:8])}, ...")
+        return classes
+    run_classes = Path(cfg["out_dir"]) / "classes.json"
+    if not Path(cfg["data_root"]).is_dir() and run_classes.exists():
+        found = read_json(run_classes)  # data folder gone, but prep already ran: later steps still work
+    else:
+        try:
+            found = sorted(list_folder_dataset(cfg["data_root"])["train"])
+        except DataError as e:
+            raise SystemExit(f"error: --data_root: {e}")
+    classes = given or found
+    unknown = [c for c in classes if c not in found]
+    if unknown:
+        raise SystemExit(f"error: --classes has class(es) {unknown} with no folder under "
+                         f"{cfg['data_root']}/train/; found {found}")
+    return classes
+
+
+CIFAR100_FINE = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel "
+    "can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur "
+    "dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion "
+    "lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree "
+    "pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea "
+    "seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table "
+    "tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman "
+    "worm").split()
+
+
+class Paths:
+    """Every file the steps exchange, in one place (see ARCHITECTURE: the files are the interface)."""
+
+    def __init__(self, out_dir):
+        o = self.out = Path(out_dir)
+        self.images, self.manifest, self.prep_json = o / "images", o / "manifest.csv", o / "prep.json"
+        self.classes = o / "classes.json"
+        self.ledger, self.review, self.labels_llm = o / "labels.jsonl", o / "review_labels.csv", o / "labels_llm.csv"
+        self.label_summary = o / "label_summary.json"
+        self.escalations, self.human_review = o / "escalations.jsonl", o / "human_review.csv"
+        self.flywheel_labels = o / "flywheel_labels.csv"
+        self.report, self.datacard = o / "report.md", o / "datacard.md"
+        a = self.artifacts = o / "artifacts"
+        self.last, self.best, self.mobilenet = a / "last.pt", a / "best.pt", a / "mobilenet.pt"
+        self.eval, self.test_predictions = a / "eval.json", a / "test_predictions.csv"
+        self.train_rows = a / "train_rows.csv"
+        self.cascade, self.flywheel = a / "cascade.json", a / "flywheel.json"
+        self.onnx, self.ts, self.export = a / "mobilenet.onnx", a / "mobilenet.ts", a / "export.json"
+        self.speed = a / "speed.json"
+
+    def need(self, path, step):
+        if not Path(path).exists():
+            raise SystemExit(f"error: {path} is missing; run `uv run cifar_distill.py --step {step} "
+                             f"--out_dir {self.out}` first.")
+        return Path(path)
+
+
+def load_manifest(P):
+    rows = read_csv(P.need(P.manifest, "prep"))
+    return {r["path"]: r for r in rows}
+
+
+# ----------------------------------------------------------------------------- prep
+
+def step_prep(cfg, P):
+    """CIFAR-100 (or an image folder) -> OUT/images/{train,test}/<class>/<class>_<NNNNN>.jpg + manifest.csv.
+
+    Idempotent: an image made with the same settings is kept; a change of --img_size or sharpening
+    regenerates every image (prep.json records the settings the images were made with).
+    """
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+    from flywheel.data import ensure_cifar100, list_folder_dataset, load_cifar100_split, upscale, jpeg_bytes
+    classes, size, sharpen = cfg["classes"], cfg["img_size"], not cfg["no_sharpen"]
+    settings = {"dataset": cfg["dataset"], "img_size": size, "sharpen": sharpen, "jpeg_quality": 90}
+    old = read_json(P.prep_json) if P.prep_json.exists() else None
+    regenerate = old is not None and old.get("settings") != settings
+    if regenerate:
+        log.info("prep settings changed (%s -> %s): regenerating every image", old.get("settings"), settings)
+        import shutil
+        shutil.rmtree(P.images, ignore_errors=True)
+
+    # jobs: (split, class, source_index, loader) where loader() -> PIL image
+    jobs, skipped = [], []
+    cap = cfg["max_per_class"] or None
+    if cfg["dataset"] == "cifar100":
+        folder = ensure_cifar100(cfg["data_root"])
+        for split in ("train", "test"):
+            imgs, labels, names = load_cifar100_split(folder, split)
+            for c in classes:
+                idx = np.flatnonzero(labels == names.index(c))[:cap]
+                jobs += [(split, c, int(i), (lambda a=imgs[i]: Image.fromarray(a))) for i in idx]
+    else:
+        tree = list_folder_dataset(cfg["data_root"])
+        for split in ("train", "test"):
+            for c in classes:
+                for i, f in enumerate(tree[split].get(c, [])[:cap]):
+                    jobs.append((split, c, i, (lambda f=f: _open_image(f)), ) + (f,))
+
+    rows = []
+    made = kept = 0
+    for job in tqdm(jobs, desc="prep images", unit="img"):
+        split, c, i, loader = job[:4]
+        rel = Path("images") / split / c / f"{c}_{i:05d}.jpg"
+        dst = P.out / rel
+        if not dst.exists():
+            try:
+                img = loader()
+            except Exception as e:  # unreadable files are skipped and listed, never fatal
+                skipped.append({"file": str(job[4]) if len(job) > 4 else rel.as_posix(), "error": f"{type(e).__name__}: {e}"})
+                continue
+            atomic_write_bytes(dst, jpeg_bytes(upscale(img, size, sharpen), 90))
+            made += 1
+        else:
+            kept += 1
+        rows.append({"path": rel.as_posix(), "split": split, "label": c, "source_index": i,
+                     "sha256": sha256_file(dst)})
+    if not rows:
+        raise SystemExit(f"error: prep found no images for classes {classes} under {cfg['data_root']}")
+    write_csv(P.manifest, ["path", "split", "label", "source_index", "sha256"], rows)
+    write_json(P.classes, classes)
+    counts = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in classes} for s in ("train", "test")}
+    write_json(P.prep_json, {"settings": settings, "classes": classes, "counts": counts, "made": made,
+                             "kept": kept, "skipped": skipped, "source": str(cfg["data_root"])})
+    if skipped:
+        log.warning("prep skipped %d unreadable file(s): %s", len(skipped),
+                    ", ".join(s["file"] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+    log.info("prep: %d images (%d made, %d already there) -> %s; manifest -> %s; per split/class %s",
+             len(rows), made, kept, P.images, P.manifest, json.dumps(counts))
+    return counts
+
+
+def _open_image(f):
+    from PIL import Image
+    with Image.open(f) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_step(name, cfg, P):
+    return {"prep": step_prep}[name](cfg, P)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        from dotenv import load_dotenv
+        load_dotenv()  # OPENROUTER_API_KEY may live in .env; the environment wins
+    except ImportError:
+        pass
+    cfg = validate(vars(args))
+    P = Paths(cfg["out_dir"])
+    P.out.mkdir(parents=True, exist_ok=True)
+    if cfg["num_threads"]:
+        import torch
+        torch.set_num_threads(cfg["num_threads"])
+    steps = STEPS if cfg["step"] == "all" else [cfg["step"]]
+    for s in steps:
+        t0 = time.time()
+        log.info("=== step %s ===", s)
+        run_step(s, cfg, P)
+        log.info("=== step %s done in %.1fs ===", s, time.time() - t0)
+        if cfg["step"] == "all" and s == "label" and cfg["dry_run"]:
+            break
+
+
+if __name__ == "__main__":
+    main()

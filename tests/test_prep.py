@@ -1,0 +1,128 @@
+"""Prep step: CIFAR-100 archive (folder and tar.gz, Python-2 pickles), counts, JPEGs, manifest,
+errors, idempotence, and the image-folder dataset."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fakes import COLOURS, CIFAR5, make_cifar_folder, make_cifar_tgz, make_image_folder, mean_rgb, run_cli
+from flywheel.io import read_csv, read_json, sha256_file
+
+
+def prep(tmp_path, data, *extra):
+    out = tmp_path / "run"
+    run_cli("--step", "prep", "--data_root", data, "--out_dir", out, "--img_size", 40, *extra)
+    return out
+
+
+def check_run(out, n_train, n_test):
+    rows = read_csv(out / "manifest.csv")
+    assert list(rows[0]) == ["path", "split", "label", "source_index", "sha256"]
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in CIFAR5:
+            assert sum(r["split"] == split and r["label"] == c for r in rows) == n
+    for r in rows:
+        p = out / r["path"]
+        assert p.parent.name == r["label"] and p.parent.parent.name == r["split"]
+        assert p.name == f"{r['label']}_{int(r['source_index']):05d}.jpg"
+        with Image.open(p) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (40, 40))
+        assert sha256_file(p) == r["sha256"]
+        # ground truth: the pixels carry the class colour, so a swapped channel or label mapping fails
+        assert np.abs(mean_rgb(p) - np.array(COLOURS[r["label"]])).max() < 25, (r, mean_rgb(p))
+    assert not any(r["label"] == "bear" for r in rows)  # a class that was not asked for
+    return rows
+
+
+def test_prep_from_extracted_folder(tmp_path):
+    make_cifar_folder(tmp_path / "data", n_train=4, n_test=2)
+    rows = check_run(prep(tmp_path, tmp_path / "data"), 4, 2)
+    # source_index is the position in the official split array: classes interleave, 6 per round
+    assert sorted(int(r["source_index"]) for r in rows if r["split"] == "train" and r["label"] == "apple") == [0, 6, 12, 18]
+
+
+def test_prep_from_tgz_and_max_per_class(tmp_path):
+    make_cifar_tgz(tmp_path / "data", n_train=5, n_test=3)
+    out = prep(tmp_path, tmp_path / "data", "--max_per_class", 2)
+    check_run(out, 2, 2)
+    assert (tmp_path / "data" / "cifar-100-python" / "meta").exists()
+    assert not list((tmp_path / "data").glob(".extract.*"))
+
+
+@pytest.mark.parametrize("classes,bad", [("apple,foo", "foo"), ("Apple,pear", "Apple"), ("pear,pear", "duplicates")])
+def test_unknown_class_rejected_before_work(tmp_path, capsys, classes, bad):
+    make_cifar_folder(tmp_path / "data", n_train=1, n_test=1)
+    with pytest.raises(SystemExit) as e:
+        prep(tmp_path, tmp_path / "data", "--classes", classes)
+    assert bad in str(e.value) and "--classes" in str(e.value)
+    assert not (tmp_path / "run" / "manifest.csv").exists() and not (tmp_path / "run" / "images").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "escape"])
+def test_bad_archive_clear_error_no_half_output(tmp_path, kind):
+    data = tmp_path / "data"
+    tgz = make_cifar_tgz(data, n_train=2, n_test=1)
+    if kind == "truncated":
+        tgz.write_bytes(tgz.read_bytes()[: tgz.stat().st_size // 2])
+    elif kind == "garbage":
+        tgz.write_bytes(b"not a tarball at all" * 50)
+    else:
+        with tarfile.open(tgz, "w:gz") as tf:
+            info = tarfile.TarInfo("cifar-100-python/../../evil.txt")
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"evil"))
+    with pytest.raises(Exception) as e:
+        prep(tmp_path, data)
+    msg = str(e.value)
+    assert str(tgz) in msg and ("corrupt" in msg or "unsafe" in msg)
+    assert not (data / "cifar-100-python").exists() and not list(data.glob(".extract.*"))
+    assert not (tmp_path / "evil.txt").exists()
+    assert not (tmp_path / "run" / "manifest.csv").exists()
+
+
+def test_download_failure_names_url_and_manual_path(tmp_path, monkeypatch):
+    from flywheel import data as D
+    # 127.0.0.1:9 (discard port) refuses at once: no network is touched
+    monkeypatch.setattr(D, "CIFAR100_URL", "http://127.0.0.1:9/cifar-100-python.tar.gz")
+    with pytest.raises(D.DataError) as e:
+        D.ensure_cifar100(tmp_path / "data", url=D.CIFAR100_URL)
+    assert "http://127.0.0.1:9/cifar-100-python.tar.gz" in str(e.value)
+    assert str(tmp_path / "data" / "cifar-100-python.tar.gz") in str(e.value)
+    assert not list((tmp_path / "data").glob("*.part"))
+
+
+def test_rerun_idempotent_and_settings_change_regenerates(tmp_path):
+    make_cifar_folder(tmp_path / "data", n_train=2, n_test=1)
+    out = prep(tmp_path, tmp_path / "data")
+    p = next((out / "images" / "train" / "apple").iterdir())
+    mtime = p.stat().st_mtime_ns
+    assert read_json(out / "prep.json")["made"] == 15
+    prep(tmp_path, tmp_path / "data")
+    assert read_json(out / "prep.json")["made"] == 0 and p.stat().st_mtime_ns == mtime
+    sha_sharp = {r["path"]: r["sha256"] for r in read_csv(out / "manifest.csv")}
+    prep(tmp_path, tmp_path / "data", "--no_sharpen")
+    assert read_json(out / "prep.json")["made"] == 15
+    sha_plain = {r["path"]: r["sha256"] for r in read_csv(out / "manifest.csv")}
+    assert sha_plain.keys() == sha_sharp.keys() and sha_plain != sha_sharp
+    run_cli("--step", "prep", "--data_root", tmp_path / "data", "--out_dir", out, "--img_size", 24, "--no_sharpen")
+    with Image.open(p) as im:
+        assert im.size == (24, 24)
+
+
+def test_folder_dataset_with_unreadable_file(tmp_path):
+    root = make_image_folder(tmp_path / "mydata")
+    (root / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    out = tmp_path / "run"
+    run_cli("--step", "prep", "--dataset", "folder", "--data_root", root, "--out_dir", out, "--img_size", 32)
+    rows = read_csv(out / "manifest.csv")
+    assert {r["label"] for r in rows} == {"red", "green", "blue"}
+    assert sum(r["split"] == "train" for r in rows) == 12 and sum(r["split"] == "test" for r in rows) == 6
+    info = read_json(out / "prep.json")
+    assert len(info["skipped"]) == 1 and info["skipped"][0]["file"].endswith("broken.jpg")
+    for r in rows:
+        with Image.open(out / r["path"]) as im:
+            assert im.size == (32, 32)
+    with pytest.raises(SystemExit, match="purple"):
+        run_cli("--step", "prep", "--dataset", "folder", "--data_root", root, "--out_dir", out, "--classes", "red,purple")
