@@ -148,6 +148,10 @@ def validate(cfg: dict) -> dict:
     if not cfg["llm_base_url"].startswith(("http://", "https://")):
         bad("llm_base_url", f"must start with http:// or https://, got {cfg['llm_base_url']!r}")
     cfg["classes"] = resolve_classes(cfg)
+    if (cfg["teacher"] == "llm" and not cfg["dry_run"] and cfg["step"] in ("label", "cascade", "flywheel", "all")
+            and not os.environ.get(API_KEY_ENV, "").strip()):
+        print(NO_KEY_MESSAGE, file=sys.stderr)
+        raise SystemExit(EXIT_NO_KEY)
     return cfg
 
 
@@ -306,10 +310,223 @@ def _open_image(f):
         return im.convert("RGB")
 
 
+# ----------------------------------------------------------------------------- teacher + label
+API_KEY_ENV = "OPENROUTER_API_KEY"
+EXIT_NO_KEY, EXIT_TEACHER_FATAL, EXIT_GOLD_GATE = 2, 3, 4
+NO_KEY_MESSAGE = (
+    f"error: {API_KEY_ENV} is not set. Put it in the environment (export {API_KEY_ENV}=...) or in a .env file "
+    f"in the folder you run from (a line {API_KEY_ENV}=...). To run with no key: --teacher oracle "
+    f"--oracle_noise 0.1 (a SIMULATED teacher), or --dry_run to price the job, or point --llm_base_url at a "
+    f"local OpenAI-compatible server (vLLM, Ollama, LM Studio) and set the variable to any non-empty value.")
+
+
+def teacher_model_name(cfg):
+    return f"oracle(noise={cfg['oracle_noise']})" if cfg["teacher"] == "oracle" else cfg["llm_model"]
+
+
+def make_teacher(cfg, manifest):
+    """The LLM client, or the SIMULATED oracle. A missing key exits 2 before any work."""
+    from flywheel.teacher import LLMTeacher, OracleTeacher
+    if cfg["teacher"] == "oracle":
+        truth = {p: r["label"] for p, r in manifest.items()}
+        return OracleTeacher(truth, cfg["classes"], cfg["oracle_noise"], cfg["usd_per_call"], cfg["seed"])
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    if not key:
+        print(NO_KEY_MESSAGE, file=sys.stderr)
+        raise SystemExit(EXIT_NO_KEY)
+    return LLMTeacher(cfg["llm_base_url"], cfg["llm_model"], key, cfg["classes"], timeout=cfg["timeout"],
+                      max_retries=cfg["max_retries"], usd_per_mtok_in=cfg["usd_per_mtok_in"],
+                      usd_per_mtok_out=cfg["usd_per_mtok_out"])
+
+
+def make_qc(cfg):
+    from flywheel.labeling import QC
+    return QC(cfg["classes"], cfg["conf_thresh"], cfg["second_pass"], cfg["adaptive_thresh"], cfg["audit_frac"],
+              cfg["second_temp"], cfg["max_invalid"], cfg["seed"])
+
+
+def make_budget(cfg, ledger):
+    from flywheel.labeling import Budget
+    return Budget(cfg["max_usd"], ledger.total_cost(), cfg["usd_per_call"])
+
+
+def item(P, manifest, path):
+    return {"path": path, "file": str(P.out / path), "sha256": manifest[path]["sha256"]}
+
+
+def label_sample(cfg, manifest):
+    """-> (sample paths with gold first, {gold path: gold label}). Ground truth picks nothing here
+    except the --gold_n stand-in labels, which play a person checking those items."""
+    train = sorted(p for p, r in manifest.items() if r["split"] == "train")
+    order = train[:]
+    random.Random(cfg["seed"]).shuffle(order)  # a fixed order, so a larger --max_label extends the sample
+    gold = {}
+    if cfg["gold_csv"]:
+        for i, r in enumerate(read_csv(cfg["gold_csv"])):
+            p, lab = (r.get("path") or "").strip(), (r.get("label") or "").strip()
+            if p not in manifest or manifest[p]["split"] != "train":
+                raise SystemExit(f"error: --gold_csv row {i + 2}: path {p!r} is not a training image in "
+                                 f"{cfg['out_dir']}/manifest.csv (use paths like images/train/<class>/<file>.jpg)")
+            if lab not in cfg["classes"]:
+                raise SystemExit(f"error: --gold_csv row {i + 2}: label {lab!r} is not one of {cfg['classes']}")
+            gold[p] = lab
+    elif cfg["gold_n"]:
+        gold = {p: manifest[p]["label"] for p in order[:cfg["gold_n"]]}
+    if len(gold) > cfg["max_label"]:
+        raise SystemExit(f"error: {len(gold)} gold items exceed --max_label {cfg['max_label']}; gold items count "
+                         f"within the sample")
+    rest = [p for p in order if p not in gold][:max(0, cfg["max_label"] - len(gold))]
+    return list(gold) + rest, gold
+
+
+def plan_calls(items, model, ledger, qc):
+    """(fewest, most) calls still needed for items, from what the ledger already holds."""
+    from flywheel.ledger import call_key
+    from flywheel.teacher import PROMPT_VERSION
+    lo = hi = 0
+    for it in items:
+        p1 = ledger.ok(call_key(it["sha256"], 1, model, PROMPT_VERSION))
+        p2 = ledger.ok(call_key(it["sha256"], 2, model, PROMPT_VERSION))
+        if p1 is None:
+            lo, hi = lo + 1, hi + 1
+            always = qc.second_pass == "always"
+            lo, hi = lo + always, hi + 1
+        elif p2 is None and qc.second_needed(it["sha256"], float(p1["confidence"])):
+            lo, hi = lo + 1, hi + 1
+    return lo, hi
+
+
+def step_label(cfg, P):
+    """Sampled training images -> teacher (dual pass, QC) -> labels.jsonl -> review CSVs + summary."""
+    from flywheel.labeling import label_items
+    from flywheel.ledger import Ledger
+    from flywheel.teacher import FatalTeacherError
+    manifest = load_manifest(P)
+    sample, gold = label_sample(cfg, manifest)
+    items = [item(P, manifest, p) for p in sample]
+    ledger = Ledger(P.ledger)
+    qc = make_qc(cfg)
+    if cfg["dry_run"]:
+        lo, hi = plan_calls(items, teacher_model_name(cfg), ledger, qc)
+        print(f"dry run: {len(items)} images ({len(gold)} gold), {lo}-{hi} calls still needed "
+              f"({'adaptive second pass: the upper bound assumes every image needs it' if lo != hi else 'two passes each'}), "
+              f"estimated ${lo * cfg['usd_per_call']:.4f}-${hi * cfg['usd_per_call']:.4f} at "
+              f"--usd_per_call {cfg['usd_per_call']}; already spent ${ledger.total_cost():.4f} of --max_usd "
+              f"{cfg['max_usd']}. No call was made.")
+        return None
+    teacher = make_teacher(cfg, manifest)
+    budget = make_budget(cfg, ledger)
+    verdicts, gold_report = {}, None
+    try:
+        if gold:
+            gitems = [it for it in items if it["path"] in gold]
+            verdicts.update(label_items(gitems, teacher, ledger, qc, budget, "gold", cfg["max_workers"], "label gold"))
+            gold_report = gold_check(gold, verdicts, cfg["classes"])
+            log.info("gold check: teacher accuracy %.3f on %d gold items (--min_gold_acc %.2f)",
+                     gold_report["accuracy"], gold_report["n"], cfg["min_gold_acc"])
+            if gold_report["accuracy"] < cfg["min_gold_acc"]:
+                write_label_outputs(cfg, P, items, verdicts, ledger, teacher, manifest, gold_report, qc)
+                print(f"error: teacher accuracy on gold items is {gold_report['accuracy']:.3f} < --min_gold_acc "
+                      f"{cfg['min_gold_acc']}; stopping before labeling the rest. Confusions (true -> teacher: n): "
+                      + ", ".join(f"{k}: {v}" for k, v in gold_report["confusions"].items())
+                      + ". Check the prompt, the model and the class names.", file=sys.stderr)
+                raise SystemExit(EXIT_GOLD_GATE)
+        rest = [it for it in items if it["path"] not in gold]
+        verdicts.update(label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label"))
+    except FatalTeacherError as e:
+        write_label_outputs(cfg, P, items, verdicts, ledger, teacher, manifest, gold_report, qc)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_TEACHER_FATAL)
+    finally:
+        teacher.close()
+    summary = write_label_outputs(cfg, P, items, verdicts, ledger, teacher, manifest, gold_report, qc,
+                                  budget_stopped=budget.stopped)
+    ledger.close()
+    return summary
+
+
+def gold_check(gold, verdicts, classes):
+    """Teacher vs gold labels on the gold items; an unanswered item counts as wrong."""
+    from collections import Counter
+    n = len(gold)
+    right = sum(verdicts.get(p, ("", ""))[1] == lab for p, lab in gold.items())
+    conf = Counter(f"{lab} -> {verdicts.get(p, ('', '') )[1] or 'no answer'}" for p, lab in gold.items()
+                   if verdicts.get(p, ("", ""))[1] != lab)
+    per_class = {c: {d: sum(1 for p, lab in gold.items() if lab == c and verdicts.get(p, ("", ""))[1] == d)
+                     for d in classes + [""]} for c in classes}
+    return {"n": n, "accuracy": right / n if n else 0.0, "confusions": dict(conf.most_common()),
+            "per_class_confusion": per_class}
+
+
+def write_label_outputs(cfg, P, items, verdicts, ledger, teacher, manifest, gold_report, qc, budget_stopped=False):
+    """labels_llm.csv, review_labels.csv (keeping a person's edits) and label_summary.json, all from the
+    ledger, so a crashed or stopped run still leaves consistent files."""
+    from flywheel.labeling import ledger_verdict
+    from flywheel.ledger import REVIEW_FIELDS, STATUSES, merge_review
+    from flywheel.teacher import PROMPT_VERSION
+    vs = {it["path"]: ledger_verdict(it, teacher, ledger, qc) for it in items}
+    rows = [{"path": p, "llm_label": lab, "confidence": "" if c is None else f"{c:.4f}", "label_final": lab,
+             "status": st} for p, (st, lab, c, _) in vs.items()]
+    old = read_csv(P.review) if P.review.exists() else []
+    rows = merge_review(rows, old)
+    in_sample = set(vs)
+    kept = [o for o in old if o["path"] not in in_sample and (o.get("label_final") or "") != (o.get("llm_label") or "")]
+    if kept:
+        log.info("keeping %d edited review row(s) outside the current sample", len(kept))
+    write_csv(P.review, REVIEW_FIELDS, rows + kept)
+    write_csv(P.labels_llm, ["path", "llm_label", "confidence"], [r for r in rows if r["llm_label"]])
+
+    counts = {s: sum(v[0] == s for v in vs.values()) for s in STATUSES}
+    recs = [r for r in ledger.records if r.get("purpose") in ("label", "gold")]
+    paid = [r for r in recs if r.get("status") in ("ok", "invalid")]
+    two = [v for v in vs.values() if len(v[3]) == 2]
+    acc = [v for p, v in vs.items() if v[0] == "accepted"]
+    truth = {p: manifest[p]["label"] for p in vs}
+    p1 = [(p, v[3][0]["label"]) for p, v in vs.items() if v[3]]
+    summary = {
+        "source": teacher.source, "simulated": teacher.source == "oracle",
+        "model": teacher.model, "host": teacher.host, "prompt_version": PROMPT_VERSION,
+        "second_pass": qc.second_pass, "conf_thresh": qc.conf_thresh,
+        "requested_images": len(vs), **counts,
+        "calls": len(paid), "calls_pass1": sum(r.get("pass") == 1 for r in paid),
+        "calls_pass2": sum(r.get("pass") == 2 for r in paid),
+        "calls_error": sum(r.get("status") == "error" for r in recs),
+        "calls_invalid": sum(r.get("status") == "invalid" for r in recs),
+        "calls_per_image": len(paid) / len(vs) if vs else 0.0,
+        "calls_per_accepted": len(paid) / len(acc) if acc else None,
+        "agreement_rate": (sum(v[3][0]["label"] == v[3][1]["label"] for v in two) / len(two)) if two else None,
+        "prompt_tokens": sum(int(r.get("prompt_tokens") or 0) for r in recs),
+        "completion_tokens": sum(int(r.get("completion_tokens") or 0) for r in recs),
+        "cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in recs), 6),
+        "cost_estimated": any(r.get("cost_estimated") for r in paid),
+        "mean_cost_per_call_usd": (sum(float(r.get("cost_usd") or 0) for r in paid) / len(paid)) if paid else None,
+        "mean_latency_s": (sum(float(r.get("latency_s") or 0) for r in paid) / len(paid)) if paid else None,
+        "teacher_accuracy": (sum(v[1] == truth[p] for p, v in vs.items() if v[0] == "accepted") / len(acc)) if acc else None,
+        "pass1_accuracy": (sum(lab == truth[p] for p, lab in p1) / len(p1)) if p1 else None,
+        "gold_accuracy": gold_report["accuracy"] if gold_report else None,
+        "gold": gold_report,
+        "budget_stopped": bool(budget_stopped), "max_usd": cfg["max_usd"],
+        "ledger_bad_lines": ledger.bad_lines,
+        "note": ("teacher_accuracy and pass1_accuracy use the manifest's ground truth for measurement only; "
+                 "it never chose a label.") + (" SIMULATED teacher (oracle): labels are ground truth with "
+                                               "injected noise, costs are --usd_per_call estimates." if teacher.source == "oracle" else "")
+                 + (" Some costs are token-price estimates: the server reported no usage.cost." if any(r.get("cost_estimated") for r in paid) and teacher.source != "oracle" else ""),
+    }
+    write_json(P.label_summary, summary)
+    log.info("label: %d images: %s; %d paid calls, $%.4f%s; agreement %s; teacher accuracy %s -> %s, %s, %s",
+             len(vs), counts, len(paid), summary["cost_usd"], " (estimated)" if summary["cost_estimated"] else "",
+             _fmt(summary["agreement_rate"]), _fmt(summary["teacher_accuracy"]), P.review, P.labels_llm, P.label_summary)
+    return summary
+
+
+def _fmt(x, nd=3):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
 # ----------------------------------------------------------------------------- main
 
 def run_step(name, cfg, P):
-    return {"prep": step_prep}[name](cfg, P)
+    return {"prep": step_prep, "label": step_label}[name](cfg, P)
 
 
 def main(argv=None):
@@ -317,8 +534,8 @@ def main(argv=None):
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        from dotenv import load_dotenv
-        load_dotenv()  # OPENROUTER_API_KEY may live in .env; the environment wins
+        from dotenv import find_dotenv, load_dotenv
+        load_dotenv(find_dotenv(usecwd=True))  # OPENROUTER_API_KEY may live in ./.env; the environment wins
     except ImportError:
         pass
     cfg = validate(vars(args))

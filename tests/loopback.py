@@ -1,0 +1,134 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1, for tests and bench/ (no network).
+
+It answers each image with the label `truth[sha256(image bytes)]` (or `wrong_rate` of the time another
+one), counts requests per (image, pass) and can be scripted to fail: `server.script` is a queue of
+actions consumed one per request, e.g. {"status": 429, "headers": {"Retry-After": "1"}}.
+"""
+import base64
+import hashlib
+import json
+import random
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class LoopbackTeacher:
+    def __init__(self, truth=None, classes=None, latency_s=0.0, max_concurrency=None, wrong_rate=0.0,
+                 style="plain", confidence=0.93, cost=0.0001, report_cost=True, reject_response_format=False,
+                 seed=0):
+        self.truth, self.classes = dict(truth or {}), list(classes or [])
+        self.latency_s, self.max_concurrency, self.wrong_rate = latency_s, max_concurrency, wrong_rate
+        self.style, self.confidence, self.cost, self.report_cost = style, confidence, cost, report_cost
+        self.reject_response_format = reject_response_format
+        self.script = []                 # actions consumed one per request
+        self.requests = Counter()        # (sha256, pass) -> requests received
+        self.completed = Counter()       # (sha256, pass) -> 200 answers sent
+        self.auth_headers, self.bodies = [], []
+        self.rejected_429 = 0
+        self._inflight, self._lock, self._rng = 0, threading.Lock(), random.Random(seed)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                n = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(n) or b"{}")
+                server.handle(self, body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # ------------------------------------------------------------------ behaviour
+    @staticmethod
+    def image_sha(body):
+        for m in body.get("messages", []):
+            if isinstance(m.get("content"), list):
+                for part in m["content"]:
+                    if part.get("type") == "image_url":
+                        data = part["image_url"]["url"].split(",", 1)[1]
+                        return hashlib.sha256(base64.b64decode(data)).hexdigest()
+        return None
+
+    def _send(self, h, status, obj=None, headers=None, raw=None):
+        data = raw if raw is not None else json.dumps(obj).encode()
+        h.send_response(status)
+        h.send_header("content-type", "application/json")
+        h.send_header("content-length", str(len(data)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+        try:
+            h.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def handle(self, h, body):
+        sha = self.image_sha(body)
+        pass_no = 1 if float(body.get("temperature", 0)) == 0 else 2
+        with self._lock:
+            self.requests[(sha, pass_no)] += 1
+            self.auth_headers.append(h.headers.get("authorization"))
+            self.bodies.append({k: v for k, v in body.items() if k != "messages"})
+            action = self.script.pop(0) if self.script else None
+            over = self.max_concurrency is not None and self._inflight >= self.max_concurrency
+            if over:
+                self.rejected_429 += 1
+            else:
+                self._inflight += 1
+        if over:
+            return self._send(h, 429, {"error": {"message": "rate limited", "code": 429}}, {"Retry-After": "0.05"})
+        try:
+            if action and action.get("delay"):
+                time.sleep(action["delay"])
+            if action and "status" in action:
+                return self._send(h, action["status"], action.get("body", {"error": {"message": "scripted"}}),
+                                  action.get("headers"))
+            if action and "raw" in action:
+                return self._send(h, 200, raw=action["raw"].encode())
+            if self.reject_response_format and "response_format" in body:
+                return self._send(h, 400, {"error": {"message": "response_format is not supported"}})
+            if self.latency_s:
+                time.sleep(self.latency_s)
+            label = self.truth.get(sha, self.classes[0] if self.classes else "apple")
+            if self.wrong_rate and self._rng.random() < self.wrong_rate:
+                label = self._rng.choice([c for c in self.classes if c != label])
+            text = self.render(label, (action or {}).get("style", self.style))
+            usage = {"prompt_tokens": 400, "completion_tokens": 20, "total_tokens": 420}
+            if self.report_cost:
+                usage["cost"] = self.cost
+            with self._lock:
+                self.completed[(sha, pass_no)] += 1
+            self._send(h, 200, {"id": "x", "object": "chat.completion", "model": body.get("model"),
+                                "choices": [{"index": 0, "finish_reason": "stop",
+                                             "message": {"role": "assistant", "content": text}}],
+                                "usage": usage})
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    def render(self, label, style):
+        c = self.confidence
+        j = json.dumps({"label": label, "confidence": c, "why": "looks like it"})
+        return {"plain": j,
+                "fenced": f"```json\n{j}\n```",
+                "prose": f"Sure. Here is my answer: {j} Hope that helps!",
+                "variant": json.dumps({"label": label.replace("_", " ").title() + "s", "confidence": c}),
+                "string_conf": json.dumps({"label": label, "confidence": f"{int(c * 100)}%"}),
+                "outside": json.dumps({"label": "banana", "confidence": c}),
+                "nojson": "I think it is an apple."}[style]

@@ -1,0 +1,164 @@
+"""Teacher client against a real loopback OpenAI-compatible server: parsing, retries, fatal errors,
+response_format fallback; plus the pure parsing helpers and the oracle."""
+import hashlib
+import io
+import time
+
+import pytest
+from PIL import Image
+
+from flywheel import teacher as T
+from loopback import LoopbackTeacher
+
+CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
+JPEG = (lambda b: (Image.new("RGB", (8, 8), (200, 10, 10)).save(b, format="JPEG"), b.getvalue())[1])(io.BytesIO())
+SHA = hashlib.sha256(JPEG).hexdigest()
+
+
+def client(srv, **kw):
+    kw.setdefault("timeout", 5.0)
+    return T.LLMTeacher(srv.url, "test/model", "sk-test-SECRET", CLASSES, **kw)
+
+
+@pytest.fixture
+def srv():
+    with LoopbackTeacher(truth={SHA: "sweet_pepper"}, classes=CLASSES) as s:
+        yield s
+
+
+@pytest.mark.parametrize("style", ["plain", "fenced", "prose", "variant", "string_conf"])
+def test_reply_styles_parse(srv, style):
+    srv.style = style
+    a = client(srv).classify(JPEG, CLASSES, 0.0)
+    assert (a.status, a.label, a.confidence) == ("ok", "sweet_pepper", 0.93)
+    assert a.cost_usd == pytest.approx(0.0001) and not a.cost_estimated
+    assert (a.prompt_tokens, a.completion_tokens) == (400, 20)
+
+
+@pytest.mark.parametrize("style", ["outside", "nojson"])
+def test_invalid_replies_are_never_accepted(srv, style):
+    srv.style = style
+    a = client(srv).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "invalid" and a.label is None and a.error
+
+
+def test_happy_path_request_shape(srv):
+    a = client(srv).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "ok"
+    assert srv.auth_headers == ["Bearer sk-test-SECRET"]
+    assert srv.bodies[0]["response_format"] == {"type": "json_object"}
+    assert srv.requests[(SHA, 1)] == 1
+
+
+def test_429_retry_after_then_success(srv):
+    srv.script = [{"status": 429, "headers": {"Retry-After": "1"}}]
+    t0 = time.monotonic()
+    a = client(srv).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "ok" and time.monotonic() - t0 >= 0.95
+    assert srv.requests[(SHA, 1)] == 2
+
+
+def test_503_then_success(srv):
+    srv.script = [{"status": 503}, {"status": 502}]
+    a = client(srv).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "ok" and srv.requests[(SHA, 1)] == 3
+
+
+def test_retries_are_bounded(srv):
+    srv.script = [{"status": 500}] * 5
+    a = client(srv, max_retries=2).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "error" and "500" in a.error and srv.requests[(SHA, 1)] == 3
+
+
+@pytest.mark.parametrize("status,cause", [(401, "rejected"), (402, "no credits"), (403, "Forbidden")])
+def test_auth_and_credit_errors_stop_at_once(srv, status, cause):
+    srv.script = [{"status": status}]
+    with pytest.raises(T.FatalTeacherError, match=cause) as e:
+        client(srv).classify(JPEG, CLASSES, 0.0)
+    assert srv.requests[(SHA, 1)] == 1 and "SECRET" not in str(e.value)
+
+
+def test_other_4xx_reported_with_body(srv):
+    srv.script = [{"status": 404, "body": {"error": {"message": "no such model xyz"}}}] * 2
+    a = client(srv).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "error" and "404" in a.error and "no such model xyz" in a.error
+    assert srv.requests[(SHA, 1)] == 1  # not retried
+
+
+def test_timeout_then_success(srv):
+    srv.script = [{"delay": 1.0, "status": 200, "body": {"choices": []}}]
+    a = client(srv, timeout=0.3).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "ok" and srv.requests[(SHA, 1)] == 2
+
+
+def test_error_body_with_status_200_is_a_failed_call(srv):
+    srv.script = [{"status": 200, "body": {"error": {"message": "upstream overloaded", "code": 502}}}] * 9
+    a = client(srv, max_retries=1).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "error" and "upstream overloaded" in a.error and a.label is None
+
+
+def test_response_format_rejected_once_then_remembered(srv):
+    srv.reject_response_format = True
+    c = client(srv)
+    assert c.classify(JPEG, CLASSES, 0.0).status == "ok"
+    assert c.use_response_format is False
+    assert c.classify(JPEG, CLASSES, 0.0).status == "ok"
+    # 1 rejected + 1 without, then 1 without: the rejection is not paid for again
+    assert ["response_format" in b for b in srv.bodies] == [True, False, False]
+
+
+def test_connection_refused_is_an_error_not_a_crash():
+    c = T.LLMTeacher("http://127.0.0.1:9/v1", "m", "k", CLASSES, timeout=1.0, max_retries=1, sleep=lambda s: None)
+    a = c.classify(JPEG, CLASSES, 0.0)
+    assert a.status == "error" and "connection" in a.error
+
+
+def test_cost_estimated_when_server_reports_none(srv):
+    srv.report_cost = False
+    a = client(srv, usd_per_mtok_in=1.0, usd_per_mtok_out=10.0).classify(JPEG, CLASSES, 0.0)
+    assert a.cost_estimated and a.cost_usd == pytest.approx((400 * 1.0 + 20 * 10.0) / 1e6)
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+@pytest.mark.parametrize("raw,label", [("Apple", "apple"), ("APPLES", "apple"), ("sweet-pepper", "sweet_pepper"),
+                                       ("Sweet Peppers", "sweet_pepper"), (" mushrooms ", "mushroom"),
+                                       ("oranges", "orange"), ("pepper", None), ("banana", None), ("", None)])
+def test_normalize_label(raw, label):
+    assert T.normalize_label(raw, CLASSES) == label
+
+
+@pytest.mark.parametrize("raw,conf", [(0.7, 0.7), ("0.7", 0.7), ("70%", 0.7), (70, 0.7), (1, 1.0), ("100 %", 1.0)])
+def test_parse_confidence(raw, conf):
+    assert T.parse_confidence(raw) == pytest.approx(conf)
+
+
+@pytest.mark.parametrize("raw", ["high", None, True, -0.1, 250, "nan"])
+def test_parse_confidence_rejects(raw):
+    with pytest.raises(T.InvalidReply):
+        T.parse_confidence(raw)
+
+
+def test_extract_json_skips_braces_in_prose():
+    assert T.extract_json('I see {two} things: {"label": "pear", "confidence": 0.5, "why": "a } brace"}')["label"] == "pear"
+
+
+def test_retry_delay_caps_retry_after_and_backs_off():
+    assert T.retry_delay(0, "9999") == T.MAX_RETRY_AFTER_S
+    assert all(T.retry_delay(10) <= T.MAX_RETRY_DELAY_S for _ in range(50))
+
+
+def test_second_pass_order_differs_and_is_stable():
+    o = T.pass_class_order(CLASSES, 2, "abc")
+    assert sorted(o) == sorted(CLASSES) and o != CLASSES and o == T.pass_class_order(CLASSES, 2, "abc")
+
+
+def test_oracle_noise_rate_and_simulated_marking():
+    truth = {f"p{i}": CLASSES[i % 5] for i in range(4000)}
+    o = T.OracleTeacher(truth, CLASSES, noise=0.2, usd_per_call=0.001)
+    answers = [o.ask(p, None, p, 1, CLASSES, 0.0) for p in truth]
+    wrong = sum(a.label != truth[p] for a, p in zip(answers, truth)) / len(truth)
+    assert 0.17 < wrong < 0.23
+    assert all("SIMULATED" in a.raw and a.cost_estimated for a in answers)
+    assert o.ask("p1", None, "p1", 1, CLASSES, 0.0).label == answers[1].label  # deterministic
+    assert all(a.label == truth[p] for a, p in zip([T.OracleTeacher(truth, CLASSES, 0.0).ask(p, None, p, 1, CLASSES, 0) for p in list(truth)[:50]], truth))
