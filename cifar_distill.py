@@ -523,10 +523,183 @@ def _fmt(x, nd=3):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+# ----------------------------------------------------------------------------- student: train
+TRAIN_ROW_FIELDS = ["path", "label", "source", "split", "turn"]
+
+
+def training_rows(cfg, P, manifest, upto_turn=0):
+    """-> (train rows, val rows), each {path, label, source, split, turn}.
+
+    The label step's accepted rows and human edits are split (stratified, --seed) into train/val; the
+    val split depends only on them, so it stays the same across flywheel turns. Flywheel labels
+    (source escalation / human / simulated_human) from turns <= upto_turn go to train only.
+    """
+    from flywheel.ledger import training_labels
+    from flywheel.student import stratified_split
+    review = read_csv(P.need(P.review, "label"))
+    summary = read_json(P.label_summary) if P.label_summary.exists() else {}
+    try:
+        base = training_labels(review, cfg["classes"], summary.get("source", "llm"))
+    except ValueError as e:
+        raise SystemExit(f"error: {P.review}: {e}")
+    if len(base) < 2 * len(cfg["classes"]):
+        raise SystemExit(f"error: only {len(base)} usable labels in {P.review} (accepted rows and human edits); "
+                         f"label more images (--max_label) or review the rejected rows")
+    labels = [cfg["classes"].index(lab) for _, lab, _ in base]
+    tr, va = stratified_split(labels, cfg["val_frac"], cfg["seed"])
+    train = [{"path": base[i][0], "label": base[i][1], "source": base[i][2], "split": "train", "turn": 0} for i in tr]
+    val = [{"path": base[i][0], "label": base[i][1], "source": base[i][2], "split": "val", "turn": 0} for i in va]
+    if P.flywheel_labels.exists() and upto_turn > 0:
+        seen = {r["path"] for r in train + val}
+        for r in read_csv(P.flywheel_labels):
+            if int(r["turn"]) <= upto_turn and r["path"] not in seen:
+                train.append({**r, "split": "train"})
+                seen.add(r["path"])
+    leaked = [r["path"] for r in train + val if manifest[r["path"]]["split"] != "train"]
+    assert not leaked, f"test images in the training data: {leaked[:5]}"
+    return train, val
+
+
+def load_split(P, rows, classes, desc):
+    import numpy as np
+    from flywheel.student import decode_images
+    x = decode_images([P.out / r["path"] for r in rows], desc=desc)
+    y = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
+    return x, y
+
+
+def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
+    """review_labels.csv (+ flywheel labels) -> art/{last,best}.pt, mobilenet.pt, train_rows.csv."""
+    import torch
+    from flywheel.student import WeightsError, calibrate_checkpoint, pick_device, train_student
+    art = Path(art or P.artifacts)
+    art.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(P)
+    classes = cfg["classes"]
+    train, val = training_rows(cfg, P, manifest, upto_turn=turn)
+    write_csv(art / "train_rows.csv", TRAIN_ROW_FIELDS, train + val)
+    device = pick_device(cfg["device"])
+    x_tr, y_tr = load_split(P, train, classes, "decode train")
+    x_va, y_va = load_split(P, val, classes, "decode val")
+    epochs = cfg["flywheel_epochs"] or cfg["epochs"] if turn else cfg["epochs"]
+    tcfg = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights",
+                                "img_size", "device")}
+    tcfg.update(epochs=epochs, turn=turn, out_dir=str(P.out))
+    log.info("train: %d train / %d val images, %s, device %s, init %s", len(train), len(val),
+             json.dumps(_count(train + val, "source")), device, init or cfg["weights"])
+    try:
+        best = train_student(x_tr, y_tr, x_va, y_va, classes, tcfg, art, init or cfg["weights"], device,
+                             resume=cfg["resume"] if resume is None else resume)
+    except WeightsError as e:
+        raise SystemExit(f"error: {e}")
+    best = calibrate_checkpoint(best, x_va, y_va, device, art / "best.pt")
+    best["val_paths"] = [r["path"] for r in val]
+    from flywheel.student import save_checkpoint
+    save_checkpoint(art / "best.pt", best)
+    torch.save(best["model"], art / "mobilenet.pt")
+    log.info("train: best epoch %s val acc %.4f; temperature %.3f, val ECE %.4f -> %.4f; wrote %s, %s, %s",
+             best.get("best_epoch"), best["best_val_acc"], best["temperature"], best["val_ece_before"],
+             best["val_ece_after"], art / "last.pt", art / "best.pt", art / "mobilenet.pt")
+    return best
+
+
+def _count(rows, key):
+    from collections import Counter
+    return dict(Counter(r[key] for r in rows))
+
+
+# ----------------------------------------------------------------------------- eval + calibration
+COVERAGE_TARGETS = (0.90, 0.95, 0.99)
+
+
+def test_rows(manifest):
+    return [{"path": p, "label": r["label"]} for p, r in sorted(manifest.items()) if r["split"] == "test"]
+
+
+def student_probs(P, rows, best, device, desc):
+    """Calibrated probabilities [N, C] and uncalibrated logits for manifest rows, with the mean
+    student time per image in ms (batched, on `device`)."""
+    from flywheel.calibrate import softmax
+    from flywheel.student import decode_images, model_from_checkpoint, predict_logits
+    x = decode_images([P.out / r["path"] for r in rows], desc=desc)
+    model = model_from_checkpoint(best, device)
+    t0 = time.perf_counter()
+    logits = predict_logits(model, x, device, best["config"]["batch_size"], desc=desc)
+    ms = (time.perf_counter() - t0) * 1000 / max(len(rows), 1)
+    return softmax(logits, best["temperature"]), logits, ms
+
+
+def step_eval(cfg, P, art=None):
+    """best.pt + the official test split -> eval.json, test_predictions.csv (calibrated confidences)."""
+    import numpy as np
+    from flywheel.calibrate import (classification_metrics, coverage_precision, ece, reliability_bins, softmax,
+                                    threshold_for_precision)
+    from flywheel.student import load_checkpoint, pick_device
+    art = Path(art or P.artifacts)
+    best = load_checkpoint(P.need(art / "best.pt", "train"))
+    classes = best["classes"]
+    manifest = load_manifest(P)
+    rows = test_rows(manifest)
+    device = pick_device(cfg["device"])
+    probs, logits, ms = student_probs(P, rows, best, device, "eval test")
+    y = np.array([classes.index(r["label"]) for r in rows])
+    pred = probs.argmax(1)
+    m = classification_metrics(y, pred, classes)
+    p0 = softmax(logits)
+    conf0, conf1 = p0.max(1), probs.max(1)
+    # thresholds come from validation only; test just measures them
+    vp = softmax(best["val_logits"], best["temperature"])
+    vconf, vcorrect = vp.max(1), vp.argmax(1) == best["val_labels"]
+    cov = {}
+    for t in COVERAGE_TARGETS:
+        tau = threshold_for_precision(vconf, vcorrect, t)
+        c, prec = coverage_precision(conf1, pred == y, tau)
+        cov[f"{t:.2f}"] = {"tau": tau, "val_coverage": coverage_precision(vconf, vcorrect, tau)[0],
+                           "coverage": c, "precision": prec}
+    train_rows = read_csv(art / "train_rows.csv")
+    teacher_acc = sum(r["label"] == manifest[r["path"]]["label"] for r in train_rows) / max(len(train_rows), 1)
+    val_teacher = np.array([classes.index(r["label"]) for r in train_rows if r["split"] == "val"])
+    out = {**m, "classes": classes,
+           "ece_before": ece(conf0, p0.argmax(1) == y), "ece_after": ece(conf1, pred == y),
+           "temperature": best["temperature"],
+           "val_ece_before": best["val_ece_before"], "val_ece_after": best["val_ece_after"],
+           "coverage_at_precision": cov,
+           "teacher_accuracy": teacher_acc,
+           "student_teacher_agreement": float((vp.argmax(1) == val_teacher).mean()) if len(val_teacher) else None,
+           "n_train": sum(r["split"] == "train" for r in train_rows), "n_val": len(val_teacher), "n_test": len(rows),
+           "label_sources": _count(train_rows, "source"),
+           "best_epoch": best.get("best_epoch"), "best_val_acc": best["best_val_acc"],
+           "student_ms_per_image": ms, "device": str(device),
+           "reliability": {"before": reliability_bins(conf0, p0.argmax(1) == y),
+                           "after": reliability_bins(conf1, pred == y)},
+           "notes": "teacher_accuracy: training labels vs the manifest's ground truth (measured, never used). "
+                    "student_teacher_agreement: student vs teacher labels on the held-out validation split. "
+                    "Thresholds in coverage_at_precision were fitted on validation, then applied to test."}
+    write_json(art / "eval.json", out)
+    write_csv(art / "test_predictions.csv", ["path", "true", "pred", "confidence", "probs"],
+              [{"path": r["path"], "true": r["label"], "pred": classes[k], "confidence": f"{probs[i, k]:.6f}",
+                "probs": json.dumps([round(float(v), 6) for v in probs[i]])} for i, (r, k) in enumerate(zip(rows, pred))])
+    print_eval_table(out, art)
+    return out
+
+
+def print_eval_table(e, art):
+    lines = [f"{'class':<16}{'precision':>10}{'recall':>8}{'f1':>8}{'n':>6}"]
+    for c, r in e["report"].items():
+        lines.append(f"{c:<16}{r['precision']:>10.3f}{r['recall']:>8.3f}{r['f1']:>8.3f}{r['support']:>6d}")
+    lines.append(f"accuracy {e['accuracy']:.4f} | macro-F1 {e['macro_f1']:.4f} | ECE {e['ece_before']:.4f} -> "
+                 f"{e['ece_after']:.4f} (T={e['temperature']:.3f}) | teacher label acc {e['teacher_accuracy']:.4f}")
+    for t, c in e["coverage_at_precision"].items():
+        lines.append(f"target precision {t}: tau {c['tau']:.3f} -> test coverage {c['coverage']:.3f}, precision "
+                     f"{_fmt(c['precision'])}")
+    lines.append(f"wrote {art / 'eval.json'}, {art / 'test_predictions.csv'}")
+    print("\n".join(lines))
+
+
 # ----------------------------------------------------------------------------- main
 
 def run_step(name, cfg, P):
-    return {"prep": step_prep, "label": step_label}[name](cfg, P)
+    return {"prep": step_prep, "label": step_label, "train": step_train, "eval": step_eval}[name](cfg, P)
 
 
 def main(argv=None):

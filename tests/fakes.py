@@ -59,10 +59,12 @@ def py2_pickle(d: dict) -> bytes:
 
 
 def make_cifar_folder(root: Path, n_train=6, n_test=3, classes=("apple", "mushroom", "orange", "pear",
-                                                                 "sweet_pepper", "bear"), seed=0):
+                                                                 "sweet_pepper", "bear"), seed=0, mix=0.0):
     """root/cifar-100-python/{train,test,meta}; each image is its class colour plus small noise.
 
-    Classes interleave in the arrays (as in the real set), so a label-mapping error moves colours."""
+    Classes interleave in the arrays (as in the real set), so a label-mapping error moves colours.
+    mix > 0 blends each image with a random other class's colour (weight uniform in [0, mix]), so a
+    student is unsure of some images: what the cascade and flywheel tests need."""
     rng = np.random.default_rng(seed)
     names = cifar_distill.CIFAR100_FINE
     folder = Path(root) / "cifar-100-python"
@@ -72,7 +74,12 @@ def make_cifar_folder(root: Path, n_train=6, n_test=3, classes=("apple", "mushro
         labels = [names.index(c) for _ in range(n) for c in classes]
         data = np.zeros((len(labels), 3072), np.uint8)
         for j, lab in enumerate(labels):
-            rgb = np.array(COLOURS[names[lab]], np.int16)
+            rgb = np.array(COLOURS[names[lab]], np.float64)
+            if mix:
+                other = COLOURS[classes[rng.integers(len(classes))]]
+                a = rng.uniform(0, mix)
+                rgb = (1 - a) * rgb + a * np.array(other, np.float64)
+            rgb = rgb.astype(np.int16)
             hwc = np.clip(rgb + rng.integers(-8, 9, (32, 32, 3)), 0, 255).astype(np.uint8)
             data[j] = hwc.transpose(2, 0, 1).reshape(-1)  # R plane, G plane, B plane
         (folder / split).write_bytes(py2_pickle({"filenames": [f"x{j}.png".encode() for j in range(len(labels))],

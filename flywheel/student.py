@@ -1,0 +1,380 @@
+"""The student: torchvision MobileNetV3-Small with a new head, a uint8 tensor cache, batched tensor
+augmentation, a training loop with exact resume, and prediction.
+
+Data: JPEGs are decoded once (Pillow, in threads) into a uint8 tensor [N, 3, H, W]; each batch
+is gathered from it, moved to the device and augmented there in one vectorised affine warp (random
+resized crop + small rotation + flip) plus colour jitter, so the input pipeline costs a few percent
+of the model's own forward+backward (bench/train_throughput.py measures it).
+
+BatchNorm pitfall: torchvision's MobileNetV3 sets BN momentum 0.01, so a student trained from scratch
+for a few hundred steps still has running statistics near their initial values and predicts at chance
+in eval mode. From scratch we train with momentum 0.1 *and* re-estimate the statistics exactly (a
+cumulative average over up to BN_RECAL_IMAGES training images) before every validation and at the end.
+
+Checkpoints are one dict (CKPT_VERSION): model, optimizer, scheduler, epoch, best_val_acc, config,
+classes, model_args, RNG states, history, and after calibration the temperature and validation logits.
+"""
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+CKPT_VERSION = 1
+ARCH = "mobilenet_v3_small"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BN_MOMENTUM_SCRATCH = 0.1
+BN_RECAL_IMAGES = 512
+LABEL_SMOOTHING = 0.05
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- device + model
+
+def pick_device(name="auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SystemExit("error: --device mps but MPS is not available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def build_model(num_classes: int, weights="none") -> nn.Module:
+    """MobileNetV3-Small with a num_classes head. weights: imagenet | none | path to a checkpoint."""
+    from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
+    if weights == "imagenet":
+        w = MobileNet_V3_Small_Weights.IMAGENET1K_V1
+        try:
+            model = mobilenet_v3_small(weights=w)
+        except Exception as e:
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+            raise WeightsError(
+                f"could not download the ImageNet weights from {w.url} ({type(e).__name__}: {e}). Either train "
+                f"from scratch with --weights none, or download that file elsewhere and place it at {cache} "
+                f"(torch's cache; TORCH_HOME moves it), then rerun.") from e
+    else:
+        model = mobilenet_v3_small(weights=None)
+    model.classifier[3] = nn.Linear(model.classifier[3].in_features, num_classes)
+    if weights == "none":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = BN_MOMENTUM_SCRATCH
+    elif weights != "imagenet":
+        ck = torch.load(weights, map_location="cpu", weights_only=False)
+        sd = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
+        own = model.state_dict()
+        keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+        skipped = [k for k in sd if k not in keep]
+        model.load_state_dict(keep, strict=False)
+        log.info("initialised from %s (%d tensors; skipped %s)", weights, len(keep), skipped or "none")
+    return model
+
+
+# ----------------------------------------------------------------------------- data
+
+def decode_jpeg(path) -> torch.Tensor:
+    """One image file -> uint8 [3, H, W] RGB (Pillow releases the GIL while decoding, so threads scale)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(a.copy()).permute(2, 0, 1)
+
+
+def decode_images(files, workers=8, desc="decode") -> torch.Tensor:
+    """Image files -> uint8 [N, 3, H, W] (all the same size, as prep makes them), decoded once."""
+    files = list(files)
+    if not files:
+        return torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+    with ThreadPoolExecutor(workers) as ex:
+        imgs = list(tqdm(ex.map(decode_jpeg, files), total=len(files), desc=desc, unit="img", leave=False))
+    shapes = {tuple(i.shape) for i in imgs}
+    if len(shapes) != 1:
+        raise ValueError(f"images differ in size {sorted(shapes)[:3]}; rerun --step prep so they match")
+    return torch.stack(imgs)
+
+
+def normalize(x_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float [B, 3, H, W] in ImageNet normalisation."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x_u8.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x_u8.device).view(1, 3, 1, 1)
+    return (x_u8.float() / 255.0 - mean) / std
+
+
+def augment(x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Batched augmentation on the batch's device: one affine warp per image (random resized crop with
+    area 35-100% and aspect 3/4-4/3, rotation within +-10 degrees, horizontal flip) and colour jitter
+    (brightness/contrast/saturation +-20%). Random numbers come from `gen` (CPU), so runs repeat.
+    uint8 [B, 3, H, W] -> normalised float [B, 3, H, W]."""
+    B = x_u8.shape[0]
+    r = torch.rand((B, 8), generator=gen)
+    area = 0.35 + 0.65 * r[:, 0]
+    logr = (r[:, 1] * 2 - 1) * math.log(4 / 3)
+    aspect = torch.exp(logr)
+    w = torch.sqrt(area * aspect).clamp(max=1.0)        # crop width as a fraction of the image
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    tx = (r[:, 2] * 2 - 1) * (1 - w)                     # crop centre in [-1, 1] coordinates
+    ty = (r[:, 3] * 2 - 1) * (1 - h)
+    ang = (r[:, 4] * 2 - 1) * math.radians(10)
+    flip = torch.where(r[:, 5] < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([w * cos * flip, -h * sin, tx], 1),
+                         torch.stack([w * sin * flip, h * cos, ty], 1)], 1)  # [B, 2, 3]
+    dev = x_u8.device
+    x = x_u8.float() / 255.0
+    grid = F.affine_grid(theta.to(dev), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    jit = (0.8 + 0.4 * torch.rand((B, 3), generator=gen)).to(dev)   # brightness, contrast, saturation
+    x = x * jit[:, 0].view(B, 1, 1, 1)
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - m) * jit[:, 1].view(B, 1, 1, 1) + m
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = (x - gray) * jit[:, 2].view(B, 1, 1, 1) + gray
+    x = x.clamp(0, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def stratified_split(labels, val_frac, seed):
+    """Indices (train, val), stratified by label: each class gives round(n * val_frac) items to
+    validation, at least 1 when it has 2 or more.
+
+    >>> tr, va = stratified_split([0] * 10 + [1] * 5 + [2], 0.2, 0)
+    >>> sorted(np.asarray([0] * 10 + [1] * 5 + [2])[va].tolist()), len(tr)
+    ([0, 0, 1], 13)
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    tr, va = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * val_frac))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        else:
+            k = 0
+        va += idx[:k].tolist()
+        tr += idx[k:].tolist()
+    return np.array(sorted(tr), dtype=np.int64), np.array(sorted(va), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- inference
+
+def amp_context(device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def prepare_for_device(model, device):
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@torch.no_grad()
+def predict_logits(model, x_u8, device, batch_size=256, desc=None) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> float32 logits [N, C] (uncalibrated) in eval mode."""
+    model.eval()
+    out = []
+    starts = range(0, len(x_u8), batch_size)
+    for i in (tqdm(starts, desc=desc, unit="batch", leave=False) if desc else starts):
+        xb = x_u8[i:i + batch_size]
+        if device.type == "cuda":
+            xb = xb.pin_memory().to(device, non_blocking=True)
+        xb = normalize(xb.to(device))
+        if device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with amp_context(device):
+            out.append(model(xb).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.classifier[3].out_features), np.float32)
+
+
+@torch.no_grad()
+def recalibrate_bn(model, x_u8, device, n=BN_RECAL_IMAGES, batch_size=64):
+    """Replace BN running statistics by their exact average over up to n images (no augmentation)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    x = x_u8[:n]
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        if len(xb) < 2:
+            break
+        with amp_context(device):
+            model(normalize(xb.to(device)))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
+# ----------------------------------------------------------------------------- training
+
+def _rng_state(gen):
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state()}
+
+
+def _set_rng_state(st, gen):
+    torch.set_rng_state(st["torch"])
+    gen.set_state(st["gen"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    np.random.set_state(st["numpy"])
+
+
+def save_checkpoint(path, ckpt):
+    from flywheel.io import atomic_write_bytes
+    import io
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """The inverse of save_checkpoint; checks the version."""
+    ck = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ck, dict) or ck.get("version") != CKPT_VERSION:
+        raise SystemExit(f"error: {path} is not a cifar_distill checkpoint of version {CKPT_VERSION}; "
+                         f"retrain with --step train")
+    return ck
+
+
+def model_from_checkpoint(ck, device=None):
+    model = build_model(ck["model_args"]["num_classes"], "none")
+    model.load_state_dict(ck["model"])
+    model.eval()
+    return prepare_for_device(model, device) if device is not None else model
+
+
+def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, device, resume=False,
+                  _on_batch=None):
+    """Train, checkpoint each epoch to art_dir/last.pt, keep the best-validation model in best.pt.
+
+    x_* uint8 [N, 3, H, W]; y_* int64 [N]. cfg needs epochs, batch_size, lr, weight_decay, seed.
+    Returns the best checkpoint dict (without calibration; see calibrate_checkpoint).
+    """
+    art_dir = Path(art_dir)
+    last_p, best_p = art_dir / "last.pt", art_dir / "best.pt"
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    model = build_model(len(classes), init_weights)
+    from_scratch = init_weights == "none"
+    model = prepare_for_device(model, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    bs = min(cfg["batch_size"], len(x_tr))
+    steps_per_epoch = max(1, len(x_tr) // bs)  # drop the ragged last batch: BN needs >1 sample
+    total = cfg["epochs"] * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    crit = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    model_args = {"arch": ARCH, "num_classes": len(classes), "img_size": int(x_tr.shape[-1])}
+    start_epoch, best_acc, history = 0, -1.0, []
+    if resume:
+        if not last_p.exists():
+            raise SystemExit(f"error: --resume but {last_p} does not exist; train without --resume")
+        ck = load_checkpoint(last_p)
+        if ck["classes"] != list(classes) or ck["model_args"] != model_args:
+            raise SystemExit(f"error: --resume: {last_p} was trained on classes {ck['classes']} / {ck['model_args']}, "
+                             f"not {list(classes)} / {model_args}; train without --resume")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch, best_acc, history = ck["epoch"] + 1, ck["best_val_acc"], ck["history"]
+        _set_rng_state(ck["rng"], gen)
+        log.info("resumed from %s at epoch %d (best val acc %.4f)", last_p, start_epoch, best_acc)
+    x_tr_pinned = x_tr.pin_memory() if device.type == "cuda" else x_tr
+    y_tr_t = torch.as_tensor(y_tr)
+    for epoch in range(start_epoch, cfg["epochs"]):
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(x_tr), generator=gen)
+        loss_sum = correct = seen = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", leave=False)
+        for step in bar:
+            idx = perm[step * bs:(step + 1) * bs]
+            xb = x_tr_pinned[idx].to(device, non_blocking=True)
+            yb = y_tr_t[idx].to(device, non_blocking=True)
+            xb = augment(xb, gen)
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with amp_context(device):
+                out = model(xb)
+                loss = crit(out.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (out.argmax(1) == yb).sum().item()
+            seen += len(idx)
+            bar.set_postfix(loss=f"{loss.item():.4f}", avg=f"{loss_sum / seen:.4f}", refresh=False)
+            if _on_batch is not None:
+                _on_batch(epoch, step)
+        if from_scratch:
+            recalibrate_bn(model, x_tr, device)
+        val_logits = predict_logits(model, x_va, device, cfg["batch_size"])
+        val_acc = float((val_logits.argmax(1) == np.asarray(y_va)).mean()) if len(y_va) else 0.0
+        dt = time.time() - t0
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                        "val_acc": val_acc, "seconds": dt, "lr": sched.get_last_lr()[0]})
+        improved = val_acc > best_acc
+        log.info("epoch %3d/%d | train loss %.4f acc %.3f | val acc %.3f%s | %.1fs", epoch + 1, cfg["epochs"],
+                 history[-1]["train_loss"], history[-1]["train_acc"], val_acc, " *" if improved else "", dt)
+        ck = {"version": CKPT_VERSION, "model": model.state_dict(), "optimizer": opt.state_dict(),
+              "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if use_scaler else None,
+              "epoch": epoch, "best_val_acc": max(best_acc, val_acc), "config": dict(cfg), "classes": list(classes),
+              "model_args": model_args, "init_weights": str(init_weights), "rng": _rng_state(gen),
+              "history": history}
+        if improved:
+            best_acc = val_acc
+            ck["best_epoch"] = epoch + 1
+            save_checkpoint(best_p, {**ck, "optimizer": None, "scheduler": None, "scaler": None})
+        save_checkpoint(last_p, ck)
+    best = load_checkpoint(best_p)
+    best["history"] = history
+    return best
+
+
+def calibrate_checkpoint(best, x_va, y_va, device, path):
+    """Fit the temperature on validation logits; store T, ECE before/after and the logits in the checkpoint."""
+    from flywheel.calibrate import ece, fit_temperature, softmax
+    model = model_from_checkpoint(best, device)
+    logits = predict_logits(model, x_va, device, best["config"]["batch_size"])
+    y = np.asarray(y_va)
+    T = fit_temperature(logits, y) if len(y) else 1.0
+    p0, p1 = softmax(logits), softmax(logits, T)
+    best.update(temperature=T, val_logits=logits, val_labels=y,
+                val_ece_before=ece(p0.max(1), p0.argmax(1) == y), val_ece_after=ece(p1.max(1), p1.argmax(1) == y))
+    save_checkpoint(path, best)
+    return best
