@@ -696,10 +696,297 @@ def print_eval_table(e, art):
     print("\n".join(lines))
 
 
+# ----------------------------------------------------------------------------- cascade
+HUMAN_FIELDS = ["path", "split", "student_label", "student_conf", "llm_answers", "llm_status", "label_final",
+                "source", "turn"]
+
+
+def fit_tau(cfg, best):
+    """tau on the validation split: the lowest threshold reaching --target_precision, or the one
+    escalating at most --escalation_budget."""
+    from flywheel.calibrate import softmax, threshold_for_budget, threshold_for_precision, coverage_precision
+    vp = softmax(best["val_logits"], best["temperature"])
+    conf, correct = vp.max(1), vp.argmax(1) == best["val_labels"]
+    if cfg["escalation_budget"] is not None:
+        tau, rule = threshold_for_budget(conf, cfg["escalation_budget"]), f"escalation_budget={cfg['escalation_budget']}"
+    else:
+        tau, rule = threshold_for_precision(conf, correct, cfg["target_precision"]), f"target_precision={cfg['target_precision']}"
+    cov, prec = coverage_precision(conf, correct, tau)
+    return tau, rule, {"val_coverage": cov, "val_precision": prec}
+
+
+def pool_rows(P, manifest, upto_turn):
+    """The production stream: training images the teacher has not labeled, minus flywheel relabels."""
+    used = {r["path"] for r in read_csv(P.need(P.review, "label"))}
+    if P.flywheel_labels.exists():
+        used |= {r["path"] for r in read_csv(P.flywheel_labels) if int(r["turn"]) <= upto_turn}
+    return [{"path": p, "label": r["label"]} for p, r in sorted(manifest.items()) if r["split"] == "train" and p not in used]
+
+
+def student_id_of(best) -> str:
+    """A content id for a trained student (its validation logits), to key escalation records."""
+    import hashlib
+    return hashlib.sha256(best["val_logits"].tobytes()).hexdigest()[:16]
+
+
+def human_answers(P):
+    """{path: (label_final, source)} for human-review rows that have an answer."""
+    if not P.human_review.exists():
+        return {}
+    return {r["path"]: (r["label_final"].strip(), r.get("source") or "human")
+            for r in read_csv(P.human_review) if (r.get("label_final") or "").strip()}
+
+
+def step_cascade(cfg, P, art=None, turn=0):
+    """Route the test split and the unlabeled pool through student -> LLM -> human.
+    -> escalations.jsonl, human_review.csv, art/cascade.json, art/pool_predictions.csv"""
+    import numpy as np
+    from flywheel.calibrate import margin
+    from flywheel.cascade import EscalationLog, route_of, summarize, tau_sweep
+    from flywheel.labeling import label_items
+    from flywheel.ledger import Ledger
+    from flywheel.student import load_checkpoint, pick_device
+    from flywheel.teacher import FatalTeacherError
+    art = Path(art or P.artifacts)
+    best = load_checkpoint(P.need(art / "best.pt", "train"))
+    classes = best["classes"]
+    manifest = load_manifest(P)
+    tau, rule, val_stats = fit_tau(cfg, best)
+    sid = student_id_of(best)
+    log.info("cascade: tau = %.4f (%s; validation coverage %.3f, precision %s); student %s", tau, rule,
+             val_stats["val_coverage"], _fmt(val_stats["val_precision"]), sid)
+    device = pick_device(cfg["device"])
+    ledger, esc = Ledger(P.ledger), EscalationLog(P.escalations)
+    teacher, qc = make_teacher(cfg, manifest), make_qc(cfg)
+    budget = make_budget(cfg, ledger)
+    humans = human_answers(P)
+    label_summary = read_json(P.label_summary) if P.label_summary.exists() else {}
+    calls_per_item = label_summary.get("calls_per_image") or (2.0 if cfg["second_pass"] == "always" else 1.0)
+    same_model = [r for r in ledger.records if r.get("model") == teacher.model and r.get("status") in ("ok", "invalid")]
+    cost_per_call = (sum(float(r.get("cost_usd") or 0) for r in same_model) / len(same_model)) if same_model else cfg["usd_per_call"]
+    llm_call_ms = 1000 * (sum(float(r.get("latency_s") or 0) for r in same_model) / len(same_model)) if same_model else 0.0
+    streams = {"test": test_rows(manifest), "pool": pool_rows(P, manifest, turn)}
+    result = {"tau": tau, "tau_rule": rule, "target_precision": cfg["target_precision"],
+              "escalation_budget": cfg["escalation_budget"], **val_stats, "student_id": sid, "turn": turn,
+              "teacher": {"source": teacher.source, "model": teacher.model, "simulated": teacher.source == "oracle"},
+              "simulated_human": bool(cfg["simulate_human"]),
+              "inputs": {"calls_per_item_llm_only": calls_per_item, "cost_per_call_usd": cost_per_call,
+                         "llm_call_ms": llm_call_ms}}
+    human_rows = {r["path"]: r for r in (read_csv(P.human_review) if P.human_review.exists() else [])}
+    try:
+        for split, rows in streams.items():
+            if not rows:
+                result[split] = summarize([], 0, 0.0, calls_per_item, cost_per_call, 0.0, llm_call_ms)
+                continue
+            probs, _, student_ms = student_probs(P, rows, best, device, f"student {split}")
+            conf, pred = probs.max(1), probs.argmax(1)
+            by_path = {r["path"]: i for i, r in enumerate(rows)}
+            todo = [item(P, manifest, r["path"]) for i, r in enumerate(rows)
+                    if conf[i] < tau and esc.get(sid, split, r["path"]) is None]
+
+            def log_escalation(it, v, split=split):
+                i = by_path[it["path"]]
+                st, lab, c, recs = v
+                route = route_of(float(conf[i]), tau, st)
+                h_lab, h_src = None, None
+                if route == "human":
+                    if it["path"] in humans:
+                        h_lab, h_src = humans[it["path"]]
+                    elif cfg["simulate_human"]:
+                        h_lab, h_src = manifest[it["path"]]["label"], "simulated_human"
+                esc.append({"student_id": sid, "turn": turn, "split": split, "path": it["path"], "sha256": it["sha256"],
+                            "student_probs": [round(float(x), 6) for x in probs[i]], "student_pred": classes[pred[i]],
+                            "student_conf": round(float(conf[i]), 6), "tau": tau, "route": route, "llm_status": st,
+                            "llm_label": lab or None,
+                            "llm_answers": [{"pass": r["pass"], "label": r["label"], "confidence": r["confidence"],
+                                             "cost_usd": r.get("cost_usd", 0.0), "latency_s": r.get("latency_s", 0.0),
+                                             "source": r.get("source")} for r in recs],
+                            "llm_cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in recs), 6),
+                            "human_label": h_lab, "human_source": h_src})
+            label_items(todo, teacher, ledger, qc, budget, "cascade", cfg["max_workers"], f"cascade {split} LLM",
+                        on_done=log_escalation)
+            items, n_calls, cost = [], 0, 0.0
+            for i, r in enumerate(rows):
+                if conf[i] >= tau:
+                    items.append({"route": "student", "final": classes[pred[i]], "true": r["label"]})
+                    continue
+                e = esc.get(sid, split, r["path"])
+                n_calls += len(e["llm_answers"])
+                cost += e["llm_cost_usd"]
+                if e["route"] == "llm":
+                    final = e["llm_label"]
+                else:
+                    final = e["human_label"]
+                    if r["path"] in humans:  # an answer given since the record was written
+                        final = humans[r["path"]][0]
+                    old = human_rows.get(r["path"], {})
+                    human_rows[r["path"]] = {
+                        "path": r["path"], "split": split, "student_label": e["student_pred"],
+                        "student_conf": f"{e['student_conf']:.4f}",
+                        "llm_answers": "|".join(f"{a['label']}@{a['confidence']}" for a in e["llm_answers"]) or e["llm_status"],
+                        "llm_status": e["llm_status"],
+                        "label_final": old.get("label_final") or (e["human_label"] or ""),
+                        "source": old.get("source") if old.get("label_final") else (e["human_source"] or ""),
+                        "turn": turn}
+                items.append({"route": e["route"], "final": final, "true": r["label"]})
+            result[split] = summarize(items, n_calls, cost, calls_per_item, cost_per_call, student_ms, llm_call_ms)
+            result[split]["student_ms_per_item"] = student_ms
+            if split == "test":
+                esc_items = [x for x in items if x["route"] != "student" and x["final"] is not None]
+                esc_acc = (sum(x["final"] == x["true"] for x in esc_items) / len(esc_items)) if esc_items else \
+                    (label_summary.get("teacher_accuracy") or 1.0)
+                result["sweep"] = tau_sweep(conf, pred == np.array([classes.index(r["label"]) for r in rows]), esc_acc)
+                result["sweep_note"] = (f"accuracy at taus other than {tau:.3f} counts escalated items as right with "
+                                        f"the measured LLM+human route accuracy {esc_acc:.3f}; student_precision is exact")
+            else:
+                mg = margin(probs)
+                write_csv(art / "pool_predictions.csv", ["path", "pred", "confidence", "margin", "escalated"],
+                          [{"path": r["path"], "pred": classes[pred[i]], "confidence": f"{conf[i]:.6f}",
+                            "margin": f"{mg[i]:.6f}", "escalated": int(conf[i] < tau)} for i, r in enumerate(rows)])
+    except FatalTeacherError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_TEACHER_FATAL)
+    finally:
+        write_csv(P.human_review, HUMAN_FIELDS, list(human_rows.values()))
+        teacher.close()
+        esc.close()
+    result["budget_stopped"] = budget.stopped
+    write_json(art / "cascade.json", result)
+    for split in streams:
+        r = result[split]
+        log.info("cascade %s: n=%d routes %s | accuracy %s | LLM calls %d ($%.4f) vs LLM-only %d ($%.4f) | "
+                 "~%.0f ms/item%s", split, r["n"], {k: round(v, 3) for k, v in r["routes"].items()}, _fmt(r["accuracy"]),
+                 r["llm_calls"], r["cost_usd"], r["llm_only_calls"], r["llm_only_cost_usd"], r["mean_latency_ms"],
+                 f" | {r['human_pending']} awaiting a human in {P.human_review}" if r["human_pending"] else "")
+    log.info("cascade: wrote %s, %s, %s%s", art / "cascade.json", P.escalations, P.human_review,
+             " (SIMULATED human answers)" if cfg["simulate_human"] else "")
+    return result
+
+
+# ----------------------------------------------------------------------------- flywheel
+FLYWHEEL_LABEL_FIELDS = ["path", "label", "source", "turn"]
+
+
+def turn_entry(P, art, turn, cfg):
+    from flywheel.costs import cost_per_1k
+    from flywheel.ledger import Ledger
+    e, c = read_json(art / "eval.json"), read_json(art / "cascade.json")
+    rows = read_csv(art / "train_rows.csv")
+    t = c["test"]
+    per_item = (t["cost_usd"] / t["llm_calls"]) if t["llm_calls"] else c["inputs"]["cost_per_call_usd"]
+    calls_per_escalated = (t["llm_calls"] / (t["escalation_rate"] * t["n"])) if t["escalation_rate"] and t["n"] else \
+        c["inputs"]["calls_per_item_llm_only"]
+    spend = Ledger(P.ledger)
+    total = spend.total_cost()
+    spend.close()
+    return {"turn": turn, "n_labeled": len(rows), "spend_usd": round(total, 6), "accuracy": e["accuracy"],
+            "macro_f1": e["macro_f1"], "escalation_rate": t["escalation_rate"], "tau": c["tau"],
+            "cascade_accuracy": t["accuracy"],
+            "cost_per_1k_usd": round(cost_per_1k(t["escalation_rate"], calls_per_escalated * per_item), 6),
+            "llm_only_cost_per_1k_usd": round(1000 * c["inputs"]["calls_per_item_llm_only"] * c["inputs"]["cost_per_call_usd"], 6),
+            "label_sources": e["label_sources"], "simulated": c["teacher"]["simulated"] or c["simulated_human"]}
+
+
+def select_relabel(P, art, n, answered=()):
+    """Targeted relabeling, at most n pool items: those a person answered in human_review.csv first (their
+    work is never wasted), then escalated items where the LLM disagreed with the student, then the other
+    escalated ones, then the lowest-margin remaining pool items."""
+    preds = read_csv(P.need(art / "pool_predictions.csv", "cascade"))
+    best_sid = read_json(art / "cascade.json")["student_id"]
+    esc = {}
+    if P.escalations.exists():
+        for line in P.escalations.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("student_id") == best_sid and r.get("split") == "pool":
+                esc[r["path"]] = r
+    in_pool = {r["path"] for r in preds}
+    disagree = [p for p, r in esc.items() if p in in_pool and r.get("llm_label") and r["llm_label"] != r["student_pred"]]
+    other = [p for p in esc if p in in_pool and p not in set(disagree)]
+    rest = sorted((r for r in preds if r["path"] not in esc), key=lambda r: float(r["margin"]))
+    human = [p for p in answered if p in in_pool]
+    picked = list(dict.fromkeys(human + disagree + other + [r["path"] for r in rest]))[:n]
+    return picked, {"human_answered": len([p for p in picked if p in set(human)]),
+                    "disagreements": len([p for p in picked if p in set(disagree)]),
+                    "escalated": len([p for p in picked if p in esc]), "low_margin": len([p for p in picked if p not in esc])}
+
+
+def step_flywheel(cfg, P):
+    """Turns 1..--turns: relabel targeted pool items, retrain, recalibrate, re-evaluate, re-run the cascade.
+    -> artifacts/turn_<k>/, flywheel_labels.csv, artifacts/flywheel.json"""
+    from flywheel.labeling import label_items
+    from flywheel.ledger import Ledger
+    fly = read_json(P.flywheel) if P.flywheel.exists() else {"turns": []}
+    if not fly["turns"]:
+        if not P.cascade.exists():
+            step_cascade(cfg, P)
+        P.need(P.eval, "eval")
+        fly["turns"].append(turn_entry(P, P.artifacts, 0, cfg))
+        write_json(P.flywheel, fly)
+    manifest = load_manifest(P)
+    done = {t["turn"] for t in fly["turns"]}
+    for k in range(1, cfg["turns"] + 1):
+        if k in done:
+            log.info("flywheel turn %d already done (see %s); raise --turns for more", k, P.flywheel)
+            continue
+        prev = P.artifacts if k == 1 else P.artifacts / f"turn_{k - 1}"
+        art = P.artifacts / f"turn_{k}"
+        if not (prev / "cascade.json").exists():
+            step_cascade(cfg, P, prev, turn=k - 1)
+        picked, why = select_relabel(P, prev, cfg["relabel_n"],
+                                     [p for p, (_, src) in human_answers(P).items() if src != "simulated_human"])
+        assert all(manifest[p]["split"] == "train" for p in picked), "flywheel picked a test image"
+        ledger, teacher, qc = Ledger(P.ledger), make_teacher(cfg, manifest), make_qc(cfg)
+        budget = make_budget(cfg, ledger)
+        try:
+            verdicts = label_items([item(P, manifest, p) for p in picked], teacher, ledger, qc, budget, "flywheel",
+                                   cfg["max_workers"], f"flywheel turn {k} relabel")
+        finally:
+            teacher.close()
+            ledger.close()
+        humans = human_answers(P)
+        new = []
+        for p in picked:
+            if p in humans:
+                lab, src = humans[p]
+                if lab not in cfg["classes"]:
+                    raise SystemExit(f"error: {P.human_review}: label_final {lab!r} for {p} is not one of {cfg['classes']}")
+                new.append({"path": p, "label": lab, "source": "simulated_human" if src == "simulated_human" else "human", "turn": k})
+            elif verdicts[p][0] == "accepted":
+                new.append({"path": p, "label": verdicts[p][1], "source": "escalation", "turn": k})
+        old = read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []
+        old = [r for r in old if int(r["turn"]) != k]  # a crashed turn k is redone whole
+        write_csv(P.flywheel_labels, FLYWHEEL_LABEL_FIELDS, old + new)
+        log.info("flywheel turn %d: picked %d pool items %s; %d labeled (%s); budget stop: %s", k, len(picked), why,
+                 len(new), json.dumps(_count(new, "source")), budget.stopped)
+        init = cfg["weights"] if cfg["from_scratch"] else str(prev / "best.pt")
+        step_train(cfg, P, art=art, turn=k, init=init, resume=False)
+        rows = read_csv(art / "train_rows.csv")
+        assert all(manifest[r["path"]]["split"] == "train" for r in rows), "a test image entered training"
+        step_eval(cfg, P, art)
+        step_cascade(cfg, P, art, turn=k)
+        entry = turn_entry(P, art, k, cfg)
+        entry.update(new_labels=len(new), picked=why)
+        fly["turns"].append(entry)
+        write_json(P.flywheel, fly)
+    print_flywheel(fly)
+    return fly
+
+
+def print_flywheel(fly):
+    print(f"{'turn':>4} {'labeled':>8} {'spend $':>9} {'test acc':>9} {'macro-F1':>9} {'escalation':>11} {'$/1k':>9}")
+    for t in fly["turns"]:
+        print(f"{t['turn']:>4} {t['n_labeled']:>8} {t['spend_usd']:>9.4f} {t['accuracy']:>9.4f} {t['macro_f1']:>9.4f} "
+              f"{t['escalation_rate']:>11.3f} {t['cost_per_1k_usd']:>9.4f}")
+
+
 # ----------------------------------------------------------------------------- main
 
 def run_step(name, cfg, P):
-    return {"prep": step_prep, "label": step_label, "train": step_train, "eval": step_eval}[name](cfg, P)
+    return {"prep": step_prep, "label": step_label, "train": step_train, "eval": step_eval, "cascade": step_cascade,
+            "flywheel": step_flywheel}[name](cfg, P)
 
 
 def main(argv=None):

@@ -112,10 +112,11 @@ def _ask(item, pass_no, teacher, ledger, qc, budget, purpose, stop):
     return None
 
 
-def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, desc="label"):
+def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, desc="label", on_done=None):
     """Run dual-pass QC on items ({path, file, sha256}); every call goes through the ledger.
 
-    Returns {path: (status, label, confidence, pass records)}. Raises FatalTeacherError (after
+    Returns {path: (status, label, confidence, pass records)}; on_done(item, verdict) runs in the main
+    thread as each item finishes (the cascade logs escalations there, so a kill loses nothing). Raises FatalTeacherError (after
     letting calls in flight finish and land in the ledger) on 401/402/403.
     """
     stop = threading.Event()
@@ -144,6 +145,8 @@ def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, des
             it = f.result()
             v = ledger_verdict(it, teacher, ledger, qc)
             out[it["path"]] = v
+            if on_done is not None:
+                on_done(it, v)
             accepted += v[0] == "accepted"
             rate = (budget.calls - calls0) / max(time.monotonic() - t0, 1e-9)
             bar.set_postfix(accepted=accepted, usd=f"{budget.spent:.4f}", calls_s=f"{rate:.1f}", refresh=False)

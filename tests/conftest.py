@@ -1,5 +1,35 @@
+import shutil
 import sys
+import warnings
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+# a tiny run: 32px colour-coded images, blended so the student is unsure of some (see fakes.py)
+TINY = {"n_train": 50, "n_test": 16, "mix": 0.55}
+TRAIN_FLAGS = ["--weights", "none", "--epochs", 4, "--batch_size", 16]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """prep -> label (SIMULATED oracle teacher) -> train -> eval -> cascade (SIMULATED human), one epoch-ish.
+    Tests that change files copy it with `copy_run`."""
+    from fakes import make_cifar_folder, run_cli
+    d = tmp_path_factory.mktemp("tiny")
+    make_cifar_folder(d / "data", **TINY)
+    common = ["--out_dir", d / "run", "--data_root", d / "data", "--teacher", "oracle", "--simulate_human"]
+    run_cli("--step", "prep", *common, "--img_size", 32)
+    run_cli("--step", "label", *common, "--max_label", 120)
+    run_cli("--step", "train", *common, *TRAIN_FLAGS)
+    run_cli("--step", "eval", *common)
+    run_cli("--step", "cascade", *common)
+    return d
+
+
+@pytest.fixture
+def copy_run(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "t")
+    return tmp_path / "t"

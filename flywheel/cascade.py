@@ -1,0 +1,118 @@
+"""The cascade: route each item student -> LLM -> human, log every escalation, summarise the routes.
+
+Routing (tau from the validation split, never from test):
+  1. student calibrated confidence >= tau: the student's label;
+  2. else the LLM, through the same dual-pass QC and ledger as the label step (nothing is paid twice);
+  3. if the LLM is unsure (passes disagree, low confidence, invalid, failed or out of budget): a human.
+
+escalations.jsonl is append-only: one record per escalated item and student, written as each item
+finishes, so a killed cascade resumes where it stopped without re-logging or re-asking.
+"""
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ROUTES = ("student", "llm", "human")
+SWEEP_TAUS = [round(x, 2) for x in np.linspace(0.2, 1.0, 41)]
+
+
+class EscalationLog:
+    """escalations.jsonl: {(student_id, split, path): record}; tolerates a torn last line."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.records, self._lock = {}, threading.Lock()
+        if self.path.exists():
+            data = self.path.read_bytes()
+            for line in data.split(b"\n"):
+                if line.strip():
+                    try:
+                        r = json.loads(line)
+                        self.records[(r["student_id"], r["split"], r["path"])] = r
+                    except (ValueError, KeyError):
+                        log.warning("%s: skipped an incomplete line (a crash mid-write?)", self.path)
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def get(self, student_id, split, path):
+        return self.records.get((student_id, split, path))
+
+    def append(self, rec):
+        rec = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec}
+        with self._lock:
+            self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self.records[(rec["student_id"], rec["split"], rec["path"])] = rec
+        return rec
+
+    def close(self):
+        self._f.close()
+
+
+def route_of(student_conf, tau, llm_status):
+    """The route an item takes.
+
+    >>> route_of(0.9, 0.8, None), route_of(0.5, 0.8, "accepted"), route_of(0.5, 0.8, "disagreed")
+    ('student', 'llm', 'human')
+    """
+    if student_conf >= tau:
+        return "student"
+    return "llm" if llm_status == "accepted" else "human"
+
+
+def summarize(items, n_calls, cost_usd, calls_per_item, cost_per_call, student_ms, llm_call_ms):
+    """One split's cascade.json section. items: [{route, final, true}] where final is None for a
+    human item still waiting for an answer (excluded from accuracy, counted in human_pending).
+
+    >>> s = summarize([{"route": "student", "final": "a", "true": "a"}, {"route": "llm", "final": "b", "true": "a"}],
+    ...               n_calls=2, cost_usd=0.002, calls_per_item=2, cost_per_call=0.001, student_ms=5, llm_call_ms=1000)
+    >>> s["routes"], s["accuracy"], s["llm_only_calls"], s["mean_latency_ms"]
+    ({'student': 0.5, 'llm': 0.5, 'human': 0.0}, 0.5, 4, 1005.0)
+    """
+    n = len(items)
+    routes, route_acc = {}, {}
+    for r in ROUTES:
+        sub = [i for i in items if i["route"] == r]
+        routes[r] = len(sub) / n if n else 0.0
+        ans = [i for i in sub if i["final"] is not None]
+        route_acc[r] = (sum(i["final"] == i["true"] for i in ans) / len(ans)) if ans else None
+    answered = [i for i in items if i["final"] is not None]
+    return {"n": n, "routes": routes, "route_accuracy": route_acc,
+            "accuracy": (sum(i["final"] == i["true"] for i in answered) / len(answered)) if answered else None,
+            "human_pending": n - len(answered),
+            "escalation_rate": 1.0 - routes["student"] if n else 0.0,
+            "llm_calls": int(n_calls), "cost_usd": round(float(cost_usd), 6),
+            "llm_only_calls": int(round(n * calls_per_item)),
+            "llm_only_cost_usd": round(n * calls_per_item * cost_per_call, 6),
+            # the student sees every item; escalated items add their LLM calls, one after another
+            "mean_latency_ms": round(student_ms + (n_calls / n if n else 0.0) * llm_call_ms, 3)}
+
+
+def tau_sweep(conf, student_correct, escalated_acc, taus=SWEEP_TAUS):
+    """For each tau: escalation rate and overall accuracy, counting escalated items as right with
+    probability escalated_acc (the measured accuracy of the LLM+human routes), so the curve is an
+    estimate for taus other than the one actually run; student_precision is exact.
+
+    >>> tau_sweep(np.array([0.9, 0.5]), np.array([1, 0]), 1.0, [0.6])
+    [{'tau': 0.6, 'escalation_rate': 0.5, 'accuracy': 1.0, 'student_precision': 1.0}]
+    """
+    conf, ok = np.asarray(conf, np.float64), np.asarray(student_correct, np.float64)
+    out = []
+    for t in taus:
+        acc_m = conf >= t
+        n = len(conf)
+        esc = float((~acc_m).mean()) if n else 0.0
+        accuracy = (ok[acc_m].sum() + (~acc_m).sum() * escalated_acc) / n if n else None
+        out.append({"tau": float(t), "escalation_rate": esc, "accuracy": None if accuracy is None else float(accuracy),
+                    "student_precision": float(ok[acc_m].mean()) if acc_m.any() else None})
+    return out

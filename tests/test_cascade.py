@@ -1,0 +1,141 @@
+"""Cascade: routes add up, tau reaches the target on validation, ledger answers are reused (the
+loopback server counts every request), escalations.jsonl resumes after a kill."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import TINY, TRAIN_FLAGS
+from fakes import make_cifar_folder, run_cli
+from flywheel.calibrate import coverage_precision, softmax
+from flywheel.io import read_csv, read_json
+from flywheel.student import load_checkpoint
+from loopback import LoopbackTeacher
+
+KEY = "sk-test-cascade"
+CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
+
+
+def escalations(run):
+    return [json.loads(line) for line in (run / "escalations.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_routes_add_up_and_match_the_log(tiny_run):
+    run = tiny_run / "run"
+    c = read_json(run / "artifacts" / "cascade.json")
+    esc = escalations(run)
+    for split in ("test", "pool"):
+        s = c[split]
+        assert sum(s["routes"].values()) == pytest.approx(1.0)
+        n_esc = round((s["routes"]["llm"] + s["routes"]["human"]) * s["n"])
+        recs = [e for e in esc if e["split"] == split and e["student_id"] == c["student_id"]]
+        assert len(recs) == n_esc and all(e["student_conf"] < c["tau"] for e in recs)
+        assert s["llm_calls"] == sum(len(e["llm_answers"]) for e in recs)
+        assert s["cost_usd"] == pytest.approx(sum(e["llm_cost_usd"] for e in recs))
+        assert s["llm_only_calls"] == 2 * s["n"]  # dual pass on every item
+        assert s["human_pending"] == 0  # SIMULATED human answered them all
+    assert c["test"]["n"] == TINY["n_test"] * 5
+    assert c["pool"]["n"] == TINY["n_train"] * 5 - 120  # the pool is what the label step did not label
+    for e in esc:
+        assert set(e) >= {"student_probs", "route", "llm_answers", "llm_cost_usd", "human_label", "ts"}
+        if e["route"] == "human":
+            assert e["human_source"] == "simulated_human"
+    assert c["sweep"] and all(0 <= s["escalation_rate"] <= 1 for s in c["sweep"])
+    rates = [s["escalation_rate"] for s in c["sweep"]]
+    assert rates == sorted(rates)  # a higher tau never escalates less
+
+
+def test_tau_reaches_target_precision_on_validation(tiny_run):
+    run = tiny_run / "run"
+    c = read_json(run / "artifacts" / "cascade.json")
+    best = load_checkpoint(run / "artifacts" / "best.pt")
+    p = softmax(best["val_logits"], best["temperature"])
+    cov, prec = coverage_precision(p.max(1), p.argmax(1) == best["val_labels"], c["tau"])
+    assert c["tau"] <= 1.0, "the tiny student should reach 0.95 precision on part of validation"
+    assert prec >= 0.95 and cov == pytest.approx(c["val_coverage"])
+    # and it is the lowest such tau: the next lower validation confidence breaks the target
+    lower = sorted(x for x in p.max(1) if x < c["tau"])
+    if lower:
+        assert coverage_precision(p.max(1), p.argmax(1) == best["val_labels"], lower[-1])[1] < 0.95
+
+
+def test_escalation_budget_caps_the_rate(copy_run):
+    run = copy_run / "run"
+    run_cli("--step", "cascade", "--out_dir", run, "--data_root", copy_run / "data", "--teacher", "oracle",
+            "--simulate_human", "--escalation_budget", 0.2)
+    c = read_json(run / "artifacts" / "cascade.json")
+    best = load_checkpoint(run / "artifacts" / "best.pt")
+    p = softmax(best["val_logits"], best["temperature"])
+    assert (p.max(1) < c["tau"]).mean() <= 0.2 and c["tau_rule"].startswith("escalation_budget")
+
+
+@pytest.fixture(scope="module")
+def llm_run(tmp_path_factory):
+    """A tiny run labeled by the loopback LLM server (a real HTTP teacher), trained, not yet cascaded."""
+    d = tmp_path_factory.mktemp("llmrun")
+    make_cifar_folder(d / "data", **TINY)
+    run_cli("--step", "prep", "--out_dir", d / "run", "--data_root", d / "data", "--img_size", 32)
+    truth = {r["sha256"]: r["label"] for r in read_csv(d / "run" / "manifest.csv")}
+    import os
+    os.environ["OPENROUTER_API_KEY"] = KEY
+    try:
+        with LoopbackTeacher(truth, CLASSES, wrong_rate=0.15, seed=1) as srv:
+            run_cli("--step", "label", "--out_dir", d / "run", "--data_root", d / "data", "--llm_base_url", srv.url,
+                    "--max_label", 120, "--max_workers", 4)
+    finally:
+        del os.environ["OPENROUTER_API_KEY"]
+    run_cli("--step", "train", "--out_dir", d / "run", "--data_root", d / "data", *TRAIN_FLAGS)
+    return d, truth
+
+
+def cascade_llm(d, srv, *extra):
+    return run_cli("--step", "cascade", "--out_dir", d / "run", "--data_root", d / "data", "--llm_base_url", srv.url,
+                   "--max_workers", 4, *extra)
+
+
+def test_cascade_reuses_ledger_and_resumes_after_kill(llm_run, tmp_path, monkeypatch):
+    src, truth = llm_run
+    d = tmp_path / "c"
+    shutil.copytree(src, d)
+    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
+    from flywheel import cascade as Cmod
+    real_append = Cmod.EscalationLog.append
+    calls = {"n": 0}
+
+    def dying_append(self, rec):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return real_append(self, rec)
+    with LoopbackTeacher(truth, CLASSES, wrong_rate=0.15, seed=2) as srv:
+        monkeypatch.setattr(Cmod.EscalationLog, "append", dying_append)
+        with pytest.raises(KeyboardInterrupt):
+            cascade_llm(d, srv)
+        monkeypatch.setattr(Cmod.EscalationLog, "append", real_append)
+        n_logged = len(escalations(d / "run"))
+        assert n_logged == 5
+        before = dict(srv.requests)
+        cascade_llm(d, srv)
+        # every (image, pass) asked at most once over the kill, the resume and a third run
+        cascade_llm(d, srv)
+        assert max(srv.requests.values()) == 1, [k for k, v in srv.requests.items() if v > 1]
+        assert all(srv.requests[k] == v for k, v in before.items())
+    run = d / "run"
+    c = read_json(run / "artifacts" / "cascade.json")
+    esc = escalations(run)
+    keys = [(e["student_id"], e["split"], e["path"]) for e in esc]
+    assert len(keys) == len(set(keys))  # resumed, not re-logged
+    for split in ("test", "pool"):
+        n_esc = round((c[split]["routes"]["llm"] + c[split]["routes"]["human"]) * c[split]["n"])
+        assert sum(e["split"] == split for e in esc) == n_esc
+    # no key in anything the cascade wrote
+    for p in run.rglob("*"):
+        if p.is_file():
+            assert KEY.encode() not in p.read_bytes()
+    # without --simulate_human, human items wait in human_review.csv with an empty label_final
+    hr = read_csv(run / "human_review.csv")
+    assert list(hr[0]) == ["path", "split", "student_label", "student_conf", "llm_answers", "llm_status",
+                           "label_final", "source", "turn"]
+    assert all(r["label_final"] == "" for r in hr)
+    assert c["test"]["human_pending"] == sum(r["split"] == "test" for r in hr)
