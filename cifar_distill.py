@@ -982,11 +982,52 @@ def print_flywheel(fly):
               f"{t['escalation_rate']:>11.3f} {t['cost_per_1k_usd']:>9.4f}")
 
 
+# ----------------------------------------------------------------------------- export
+EXPORT_CHECK_IMAGES = 64
+
+
+def step_export(cfg, P):
+    """best.pt -> artifacts/mobilenet.onnx (calibrated logits, dynamic batch), mobilenet.ts, export.json,
+    each checked against PyTorch on real test images."""
+    import numpy as np
+    import torch
+    from flywheel.serve import (CalibratedStudent, export_onnx, export_torchscript, ort_session, preprocess_files,
+                                softmax_np)
+    from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, model_from_checkpoint
+    best = load_checkpoint(P.need(P.best, "train"))
+    size = best["model_args"]["img_size"]
+    wrapper = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval()
+    meta = {"classes": best["classes"], "temperature": best["temperature"], "img_size": size,
+            "input": "float32 [B,3,H,W] RGB, (x/255 - mean)/std", "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "output": "calibrated logits (logits / temperature)",
+            "source": "cifar_distill " + str(P.best)}
+    export_onnx(wrapper, P.onnx, size, meta)
+    export_torchscript(wrapper, P.ts, size)
+    rows = test_rows(load_manifest(P))[:EXPORT_CHECK_IMAGES]
+    if not rows:
+        raise SystemExit("error: no test images to check the export against; rerun --step prep")
+    x = preprocess_files([P.out / r["path"] for r in rows])
+    with torch.no_grad():
+        ref = softmax_np(wrapper(torch.from_numpy(x)).numpy())
+    outs = {"onnx": softmax_np(ort_session(P.onnx).run(None, {"input": x})[0]),
+            "torchscript": softmax_np(torch.jit.load(str(P.ts))(torch.from_numpy(x)).detach().numpy())}
+    result = {"n_images": len(rows), "temperature": best["temperature"], "classes": best["classes"]}
+    for name, path in (("onnx", P.onnx), ("torchscript", P.ts)):
+        result[name] = {"path": str(path), "max_abs_diff": float(np.abs(outs[name] - ref).max()),
+                        "agreement": float((outs[name].argmax(1) == ref.argmax(1)).mean()),
+                        "bytes": path.stat().st_size}
+    write_json(P.export, result)
+    log.info("export: ONNX max |dp| %.2e, agreement %.3f; TorchScript max |dp| %.2e, agreement %.3f on %d test "
+             "images -> %s, %s, %s", result["onnx"]["max_abs_diff"], result["onnx"]["agreement"],
+             result["torchscript"]["max_abs_diff"], result["torchscript"]["agreement"], len(rows), P.onnx, P.ts, P.export)
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 
 def run_step(name, cfg, P):
     return {"prep": step_prep, "label": step_label, "train": step_train, "eval": step_eval, "cascade": step_cascade,
-            "flywheel": step_flywheel}[name](cfg, P)
+            "flywheel": step_flywheel, "export": step_export}[name](cfg, P)
 
 
 def main(argv=None):

@@ -33,3 +33,13 @@ def tiny_run(tmp_path_factory):
 def copy_run(tiny_run, tmp_path):
     shutil.copytree(tiny_run, tmp_path / "t")
     return tmp_path / "t"
+
+
+@pytest.fixture(scope="session")
+def exported_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run with --step export done (the analysis scripts write next to it)."""
+    from fakes import run_cli
+    d = tmp_path_factory.mktemp("exported") / "t"
+    shutil.copytree(tiny_run, d)
+    run_cli("--step", "export", "--out_dir", d / "run", "--data_root", d / "data", "--teacher", "oracle")
+    return d / "run"

@@ -1,0 +1,159 @@
+"""Economics of this pipeline: when does a distilled student + cascade beat calling the LLM on every item?
+
+    uv run cost_breakeven.py --root cifar5_run                               # every input from a finished run
+    uv run cost_breakeven.py --llm_cost 0.0004 --escalation_rate 0.2 --labeling_usd 0.6 \
+        --student_cost_per_1k 0.002 --fixed_monthly_usd 20                   # plan before spending anything
+
+Inputs (a flag always wins over the run's artifacts):
+  LLM-only cost per item   --llm_cost, else the run's measured mean cost per call (labels.jsonl via
+                           label_summary.json) x --llm_calls_per_item (a production LLM-only service: 1)
+  escalated item cost      the cascade's measured LLM calls per escalated item x cost per call
+  escalation rate          --escalation_rate, else cascade.json (test split)
+  labeling spend           --labeling_usd, else label_summary.json cost_usd
+  student serving cost     --student_cost_per_1k, else --cpu_hour_usd / measured e2e throughput
+                           (ROOT/artifacts/speed.json from simple_speed_test.py, or --student_img_per_s)
+  fixed hosting            --fixed_monthly_usd
+Writes a table to stdout, and CSV, JSON and a cost-curve PNG (default prefix ROOT/artifacts/breakeven).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from flywheel.costs import breakeven_table, breakeven_volume, payback_months, student_cost_per_1k_from_throughput
+from flywheel.io import read_json, write_csv, write_json
+
+DEFAULT_VOLUMES = "1000,10000,100000,1000000,10000000"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=None, metavar="DIR", help="a finished run to read inputs from (default: none, flags only)")
+    p.add_argument("--llm_cost", type=float, default=None, metavar="USD", help="LLM-only cost per item (default: from the run)")
+    p.add_argument("--llm_calls_per_item", type=float, default=1.0, metavar="N", help="LLM calls per item when serving LLM-only (default: 1.0)")
+    p.add_argument("--escalated_item_cost", type=float, default=None, metavar="USD", help="LLM cost of one escalated item (default: from the run's cascade, else --llm_cost)")
+    p.add_argument("--escalation_rate", type=float, default=None, metavar="F", help="fraction of items the student escalates (default: from cascade.json)")
+    p.add_argument("--labeling_usd", type=float, default=None, metavar="USD", help="one-time labeling spend (default: from label_summary.json, else 0)")
+    p.add_argument("--student_cost_per_1k", type=float, default=None, metavar="USD", help="student serving cost per 1,000 items (default: derived from throughput)")
+    p.add_argument("--cpu_hour_usd", type=float, default=0.05, metavar="USD", help="price of the serving machine per hour (default: 0.05)")
+    p.add_argument("--student_img_per_s", type=float, default=None, metavar="N", help="student throughput (default: best e2e figure in ROOT/artifacts/speed.json)")
+    p.add_argument("--fixed_monthly_usd", type=float, default=0.0, metavar="USD", help="fixed monthly hosting of the student (default: 0.0)")
+    p.add_argument("--volumes", default=DEFAULT_VOLUMES, metavar="LIST", help=f"comma-separated monthly volumes (default: {DEFAULT_VOLUMES})")
+    p.add_argument("--volume", type=float, default=100_000, metavar="N", help="monthly volume for the headline payback figure (default: 100000)")
+    p.add_argument("--out_prefix", default=None, metavar="PATH", help="prefix for .csv/.json/.png (default: ROOT/artifacts/breakeven, or ./breakeven)")
+    p.add_argument("--json", default=None, metavar="PATH", help="JSON output path (default: OUT_PREFIX.json)")
+    return p
+
+
+def resolve_inputs(a):
+    """Flags first, then the run's artifacts; -> (inputs dict, sources dict). Fails naming the flag."""
+    art = Path(a.root) / "artifacts" if a.root else None
+    src = {}
+
+    def art_json(name):
+        if art is None:
+            return None
+        p = (Path(a.root) / name) if name == "label_summary.json" else (art / name)
+        return read_json(p) if p.exists() else None
+
+    ls, cas, speed = art_json("label_summary.json"), art_json("cascade.json"), art_json("speed.json")
+    per_call = (ls or {}).get("mean_cost_per_call_usd")
+    if a.llm_cost is not None:
+        llm_cost, src["llm_cost_per_item"] = a.llm_cost, "--llm_cost"
+    elif per_call:
+        llm_cost = per_call * a.llm_calls_per_item
+        src["llm_cost_per_item"] = f"label_summary.json mean cost per call ({'SIMULATED/estimated' if ls.get('cost_estimated') else 'measured'}) x {a.llm_calls_per_item} call(s)"
+    else:
+        raise SystemExit("error: no LLM cost: pass --llm_cost USD (per item), or --root a run whose label step ran")
+    if a.escalation_rate is not None:
+        esc, src["escalation_rate"] = a.escalation_rate, "--escalation_rate"
+    elif cas:
+        esc, src["escalation_rate"] = cas["test"]["escalation_rate"], "cascade.json (test split)"
+    else:
+        raise SystemExit("error: no escalation rate: pass --escalation_rate F, or --root a run whose cascade step ran")
+    if a.escalated_item_cost is not None:
+        esc_cost, src["escalated_item_cost"] = a.escalated_item_cost, "--escalated_item_cost"
+    elif cas and per_call and a.llm_cost is None and cas["test"]["escalation_rate"] and cas["test"]["llm_calls"]:
+        calls = cas["test"]["llm_calls"] / (cas["test"]["escalation_rate"] * cas["test"]["n"])
+        esc_cost, src["escalated_item_cost"] = calls * per_call, f"cascade.json: {calls:.2f} calls per escalated item"
+    else:
+        esc_cost, src["escalated_item_cost"] = llm_cost, "= LLM-only cost per item"
+    if a.labeling_usd is not None:
+        lab, src["labeling_usd"] = a.labeling_usd, "--labeling_usd"
+    elif ls:
+        lab, src["labeling_usd"] = ls["cost_usd"], "label_summary.json cost_usd"
+    else:
+        lab, src["labeling_usd"] = 0.0, "none given (0)"
+    if a.student_cost_per_1k is not None:
+        stu, src["student_cost_per_1k"] = a.student_cost_per_1k, "--student_cost_per_1k"
+    else:
+        ips = a.student_img_per_s
+        if ips is None and speed:
+            best = max(speed["results"], key=lambda r: r["e2e_img_per_s"])
+            ips = best["e2e_img_per_s"]
+            src["student_img_per_s"] = f"speed.json: {best['backend']} on {best['device']} e2e ({speed['img_size']}px)"
+        if ips is None:
+            raise SystemExit("error: no student serving cost: pass --student_cost_per_1k USD, or --student_img_per_s N, "
+                             "or run simple_speed_test.py on the run first")
+        src.setdefault("student_img_per_s", "--student_img_per_s")
+        stu = student_cost_per_1k_from_throughput(ips, a.cpu_hour_usd)
+        src["student_cost_per_1k"] = f"--cpu_hour_usd {a.cpu_hour_usd} / {ips:.1f} img/s"
+    for k, v in (("llm_cost_per_item", llm_cost), ("escalation_rate", esc), ("labeling_usd", lab), ("student_cost_per_1k", stu)):
+        if v < 0:
+            raise SystemExit(f"error: {k} must be >= 0, got {v}")
+    if not 0 <= esc <= 1:
+        raise SystemExit(f"error: --escalation_rate must be in [0, 1], got {esc}")
+    simulated = bool((ls or {}).get("simulated")) and a.llm_cost is None
+    return {"llm_cost_per_item": llm_cost, "escalated_item_cost": esc_cost, "escalation_rate": esc,
+            "labeling_usd": lab, "student_cost_per_1k": stu, "fixed_monthly_usd": a.fixed_monthly_usd,
+            "simulated_costs": simulated}, src
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    try:
+        volumes = [int(float(v)) for v in a.volumes.split(",") if v.strip()]
+        assert volumes and all(v > 0 for v in volumes)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --volumes must be positive numbers separated by commas, got {a.volumes!r}")
+    if a.fixed_monthly_usd < 0:
+        raise SystemExit("error: --fixed_monthly_usd must be >= 0")
+    inp, src = resolve_inputs(a)
+    rows = breakeven_table(volumes, inp["escalation_rate"], inp["llm_cost_per_item"], inp["student_cost_per_1k"],
+                           inp["fixed_monthly_usd"], inp["labeling_usd"], inp["escalated_item_cost"])
+    be = breakeven_volume(inp["escalation_rate"], inp["llm_cost_per_item"], inp["student_cost_per_1k"],
+                          inp["fixed_monthly_usd"], inp["escalated_item_cost"])
+    ref = breakeven_table([a.volume], inp["escalation_rate"], inp["llm_cost_per_item"], inp["student_cost_per_1k"],
+                          inp["fixed_monthly_usd"], inp["labeling_usd"], inp["escalated_item_cost"])[0]
+    pay = payback_months(inp["labeling_usd"], ref["savings_usd"])
+    if inp["simulated_costs"]:
+        print("NOTE: this run used the SIMULATED oracle teacher; its per-call cost is the --usd_per_call estimate.")
+    for k, v in inp.items():
+        shown = f"{v:.6g}" if isinstance(v, float) else str(v)
+        print(f"  {k:<22} {shown:<12} ({src.get(k, 'flag or default')})")
+    print(f"\n{'volume/month':>13}{'LLM-only $':>13}{'flywheel $':>13}{'savings $':>13}{'savings %':>11}  verdict")
+    for r in rows:
+        pct = f"{r['savings_pct']:.1f}%" if r["savings_pct"] is not None else "-"
+        print(f"{r['volume']:>13,}{r['llm_only_usd']:>13.2f}{r['flywheel_usd']:>13.2f}{r['savings_usd']:>13.2f}{pct:>11}  "
+              + (r["verdict"] if r["savings_usd"] >= 0 else f"flywheel costs ${r['extra_cost_usd']:.2f} more"))
+    if be is None:
+        print("\nbreakeven: never - each item costs at least as much through the cascade as through the LLM alone")
+    else:
+        print(f"\nbreakeven: {be:,.0f} items/month; below it the flywheel costs more than calling the LLM")
+    print(f"payback of ${inp['labeling_usd']:.4f} labeling at {a.volume:,.0f} items/month: "
+          + (f"{pay:.2f} months" if pay is not None else "never (no monthly savings at that volume)"))
+    prefix = Path(a.out_prefix) if a.out_prefix else ((Path(a.root) / "artifacts" / "breakeven") if a.root else Path("breakeven"))
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    out = {"inputs": {**inp, "sources": src, "volume_for_payback": a.volume}, "rows": rows,
+           "breakeven_volume": be, "payback_months": pay}
+    json_path = Path(a.json) if a.json else prefix.with_suffix(".json")
+    write_json(json_path, out)
+    write_csv(prefix.with_suffix(".csv"), list(rows[0]), rows)
+    from flywheel.plots import cost_curve
+    cost_curve(rows, be, prefix.with_suffix(".png"), "monthly cost: LLM only vs flywheel"
+               + (" (SIMULATED costs)" if inp["simulated_costs"] else ""))
+    print(f"wrote {json_path}, {prefix.with_suffix('.csv')}, {prefix.with_suffix('.png')}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Plots of a finished run, written next to its artifacts.
+
+    uv run plot_confusion.py                          # cifar5_run/artifacts
+    uv run plot_confusion.py --root my_run
+    uv run plot_confusion.py --root my_run --artifacts my_run/artifacts/turn_1
+
+Writes confusion_matrix.png (counts + row-normalised), reliability.png (before/after temperature
+scaling), per_class_f1.png, cascade_tradeoff.png (with the chosen tau), flywheel_turns.png (when turns
+exist) and classification_report.txt. eval.json is required; the others are drawn when present.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from flywheel.plots import plot_run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="cifar5_run", metavar="DIR", help="run folder (default: cifar5_run)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="artifacts folder to read and write (default: ROOT/artifacts)")
+    a = p.parse_args(argv)
+    art = Path(a.artifacts) if a.artifacts else Path(a.root) / "artifacts"
+    try:
+        out, missing = plot_run(art)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
+    for name, path in out.items():
+        print(f"wrote {path}")
+    for m in missing:
+        print(f"skipped {m}", file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Student inference speed on a run's test images, across backends and devices, measured in one run.
+
+    uv run simple_speed_test.py                                   # ONNX Runtime (the CPU deploy path) vs torch eager
+    uv run simple_speed_test.py --backend all --threads 2         # every backend
+    uv run simple_speed_test.py --backend all --compare_devices   # every backend on every available device
+
+Two figures per backend and device:
+  model-only  images/s at --batch_size on preprocessed tensors already in memory;
+  end to end  JPEG decode (threads) + preprocess + model, images/s at --batch_size, and p50/p95 latency
+              per image at batch 1.
+Warm-up runs come first; CUDA is synchronised around every timing. The speed-up column is against
+torch eager on the same device, measured in the same run (torch eager always runs as the baseline).
+Writes --json (default ROOT/artifacts/speed.json), which cost_breakeven.py and the report read.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifar_distill import Paths, load_manifest, test_rows
+from flywheel.io import write_json
+from flywheel.serve import ort_session, preprocess_files
+from flywheel.student import load_checkpoint, model_from_checkpoint
+
+BACKENDS = ["torch", "torch_channels_last", "torchscript", "onnxruntime"]
+WARMUP_ITERS = 3
+LATENCY_IMAGES = 50  # batch-1 latency samples
+
+
+def available_devices():
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs.append("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devs.append("mps")
+    return devs
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def make_runner(backend, device, P, best, threads):
+    """-> fn(float32 numpy [B,3,H,W]) -> calibrated logits numpy [B,C]."""
+    if backend == "onnxruntime":
+        if device != "cpu":
+            import onnxruntime as ort
+            if device != "cuda" or "CUDAExecutionProvider" not in ort.get_available_providers():
+                return None  # this onnxruntime build has no provider for the device
+        sess = ort_session(P.need(P.onnx, "export"), threads, device)
+        return lambda x: sess.run(None, {"input": x})[0]
+    dev = torch.device(device)
+    if backend == "torchscript":
+        m = torch.jit.load(str(P.need(P.ts, "export")), map_location=dev).eval()
+    else:
+        from flywheel.serve import CalibratedStudent
+        m = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval().to(dev)
+        if backend == "torch_channels_last":
+            m = m.to(memory_format=torch.channels_last)
+    cl = backend == "torch_channels_last"
+
+    @torch.no_grad()
+    def run(x):
+        t = torch.from_numpy(x).to(dev, non_blocking=True)
+        if cl:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return m(t).float().cpu().numpy()
+    return run
+
+
+def measure(run, device, files, batch_size, pool):
+    """-> dict of figures for one backend on one device."""
+    x = preprocess_files(files[:batch_size], pool)
+    for _ in range(WARMUP_ITERS):
+        run(x)
+    # model only: preprocessed batches already in memory
+    n_iters = max(1, len(files) // batch_size)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n_iters):
+        run(x)
+    sync(device)
+    model_ips = n_iters * len(x) / (time.perf_counter() - t0)
+    # end to end: decode the next batch in threads while the model runs the current one
+    sync(device)
+    t0 = time.perf_counter()
+    batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    nxt = pool.submit(preprocess_files, batches[0], None)
+    for i in range(len(batches)):
+        xb = nxt.result()
+        if i + 1 < len(batches):
+            nxt = pool.submit(preprocess_files, batches[i + 1], None)
+        run(xb)
+    sync(device)
+    e2e_ips = len(files) / (time.perf_counter() - t0)
+    lat = []
+    for f in files[:LATENCY_IMAGES]:
+        t0 = time.perf_counter()
+        run(preprocess_files([f]))
+        sync(device)
+        lat.append((time.perf_counter() - t0) * 1000)
+    return {"model_img_per_s": model_ips, "e2e_img_per_s": e2e_ips, "p50_ms_b1": float(np.percentile(lat, 50)),
+            "p95_ms_b1": float(np.percentile(lat, 95)), "n_images": len(files)}
+
+
+def machine_info():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+        ort_v = onnxruntime.__version__
+    except ImportError:
+        ort_v = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort_v,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="cifar5_run", metavar="DIR", help="run folder (default: cifar5_run)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="device to measure (default: cpu)")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS + ["all"],
+                   help="backend to measure; torch eager always runs too, as the baseline (default: onnxruntime)")
+    p.add_argument("--batch_size", type=int, default=32, metavar="N", help="batch size for throughput (default: 32)")
+    p.add_argument("--max_images", type=int, default=256, metavar="N", help="test images to time (default: 256)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads for torch and ORT, 0 = library default (default: 0)")
+    p.add_argument("--compare_devices", action="store_true", help="measure every available device (default: off)")
+    p.add_argument("--json", default=None, metavar="PATH", help="where to write the figures (default: ROOT/artifacts/speed.json)")
+    a = p.parse_args(argv)
+    if a.batch_size < 1 or a.max_images < 1 or a.threads < 0:
+        raise SystemExit("error: --batch_size and --max_images must be >= 1 and --threads >= 0")
+    devices = available_devices() if a.compare_devices else [a.device]
+    if a.device not in available_devices():
+        raise SystemExit(f"error: --device {a.device} is not available here (available: {available_devices()})")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    P = Paths(a.root)
+    best = load_checkpoint(P.need(P.best, "train"))
+    files = [P.out / r["path"] for r in test_rows(load_manifest(P))][:a.max_images]
+    if not files:
+        raise SystemExit(f"error: no test images in {P.manifest}; rerun --step prep")
+    backends = BACKENDS if a.backend == "all" else (["torch"] + ([a.backend] if a.backend != "torch" else []))
+    results = []
+    from tqdm import tqdm
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
+        for dev in devices:
+            for b in tqdm(backends, desc=f"speed {dev}", unit="backend"):
+                run = make_runner(b, dev, P, best, a.threads)
+                if run is None:
+                    print(f"skip {b} on {dev}: this onnxruntime build has no provider for it", file=sys.stderr)
+                    continue
+                results.append({"backend": b, "device": dev, "batch_size": a.batch_size,
+                                **measure(run, dev, files, a.batch_size, pool)})
+    base = {r["device"]: r for r in results if r["backend"] == "torch"}
+    for r in results:
+        r["speedup_vs_torch"] = r["model_img_per_s"] / base[r["device"]]["model_img_per_s"]
+        r["e2e_speedup_vs_torch"] = r["e2e_img_per_s"] / base[r["device"]]["e2e_img_per_s"]
+    info = machine_info()
+    size = best["model_args"]["img_size"]
+    print(f"{info['cpu']} | {info['cores']} cores | torch {info['torch']} | onnxruntime {info['onnxruntime']} | "
+          f"{size}px, batch {a.batch_size}, {len(files)} images")
+    print(f"{'backend':<20}{'device':<7}{'model img/s':>12}{'e2e img/s':>11}{'p50 ms b1':>11}{'p95 ms b1':>11}{'speed-up':>10}")
+    for r in results:
+        print(f"{r['backend']:<20}{r['device']:<7}{r['model_img_per_s']:>12.1f}{r['e2e_img_per_s']:>11.1f}"
+              f"{r['p50_ms_b1']:>11.2f}{r['p95_ms_b1']:>11.2f}{r['speedup_vs_torch']:>9.2f}x")
+    out = Path(a.json) if a.json else P.artifacts / "speed.json"
+    write_json(out, {"machine": info, "img_size": size, "results": results})
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
