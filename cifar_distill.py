@@ -584,7 +584,7 @@ def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
     epochs = cfg["flywheel_epochs"] or cfg["epochs"] if turn else cfg["epochs"]
     tcfg = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights",
                                 "img_size", "device")}
-    tcfg.update(epochs=epochs, turn=turn, out_dir=str(P.out))
+    tcfg.update(epochs=epochs, turn=turn, out_dir=str(P.out), img_size=int(x_tr.shape[-1]))  # as prepped, not the flag
     log.info("train: %d train / %d val images, %s, device %s, init %s", len(train), len(val),
              json.dumps(_count(train + val, "source")), device, init or cfg["weights"])
     try:
@@ -1023,11 +1023,166 @@ def step_export(cfg, P):
     return result
 
 
+# ----------------------------------------------------------------------------- report
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _usd(x):
+    return "n/a" if x is None else f"${x:.4f}"
+
+
+def step_report(cfg, P):
+    """Every artifact of the run -> report.md (plots embedded) and datacard.md. No number is typed by
+    hand: each comes from the JSON file named in its section."""
+    from flywheel.costs import breakeven_report
+    from flywheel.plots import plot_run
+    from flywheel.student import load_checkpoint
+    ls = read_json(P.need(P.label_summary, "label"))
+    ev = read_json(P.need(P.eval, "eval"))
+    prep = read_json(P.need(P.prep_json, "prep"))
+    cas = read_json(P.cascade) if P.cascade.exists() else None
+    fly = read_json(P.flywheel) if P.flywheel.exists() else None
+    speed = read_json(P.speed) if P.speed.exists() else None
+    exp = read_json(P.export) if P.export.exists() else None
+    best = load_checkpoint(P.need(P.best, "train"))
+    plots, _ = plot_run(P.artifacts)
+    sim_teacher = bool(ls.get("simulated"))
+    sim_human = bool(cas and cas.get("simulated_human"))
+    L = [f"# cifar_distill run report: `{P.out}`", ""]
+    if sim_teacher or sim_human:
+        L += ["> **SIMULATED PARTS — read every number below with this in mind.**"]
+        if sim_teacher:
+            L += [f"> - The teacher is the **oracle** (`{ls['model']}`): manifest ground truth with injected noise, "
+                  f"not an LLM. Its costs are `--usd_per_call` estimates, not money spent."]
+        if sim_human:
+            L += ["> - Human-review answers are **simulated** from ground truth (`--simulate_human`)."]
+        L += [""]
+    L += [f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from the artifacts under `{P.out}`; every number is read "
+          f"from the file named in its section.", "", "## Config (artifacts/best.pt)", "", "| key | value |", "|---|---|"]
+    c = best["config"]
+    for k in ("weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "seed", "img_size", "device"):
+        L.append(f"| {k} | {c.get(k)} |")
+    L += [f"| classes | {', '.join(best['classes'])} |", f"| teacher | {ls['source']}: {ls['model']} (prompt {ls['prompt_version']}) |",
+          f"| second pass | {ls['second_pass']}, accept at mean confidence >= {ls['conf_thresh']} |", ""]
+    L += ["## Data (prep.json)", "", "| split | " + " | ".join(prep["classes"]) + " | total |",
+          "|---|" + "---|" * (len(prep["classes"]) + 1)]
+    for split, counts in prep["counts"].items():
+        L.append(f"| {split} | " + " | ".join(str(counts[k]) for k in prep["classes"]) + f" | {sum(counts.values())} |")
+    L += ["", f"Images: {prep['settings']['img_size']}px, sharpen={prep['settings']['sharpen']}, source `{prep['source']}`; "
+          f"{len(prep['skipped'])} unreadable file(s) skipped.", ""]
+    L += ["## Teacher (label_summary.json)", "", "| metric | value |", "|---|---|",
+          f"| model | {ls['model']} |", f"| prompt version | {ls['prompt_version']} |",
+          f"| requested images | {ls['requested_images']} |", f"| accepted | {ls['accepted']} |",
+          f"| disagreed | {ls['disagreed']} |", f"| low confidence | {ls['low_confidence']} |",
+          f"| invalid | {ls['invalid']} |", f"| failed | {ls['failed']} |", f"| paid calls | {ls['calls']} |",
+          f"| spend | {_usd(ls['cost_usd'])}{' (estimated)' if ls['cost_estimated'] else ''} |",
+          f"| agreement rate | {_fmt(ls['agreement_rate'], 4)} |",
+          f"| accepted-label accuracy | {_fmt(ls['teacher_accuracy'], 4)} |",
+          f"| first-pass accuracy | {_fmt(ls['pass1_accuracy'], 4)} |",
+          f"| gold accuracy | {_fmt(ls['gold_accuracy'], 4)} |", ""]
+    L += ["## Student (eval.json, official test split)", "", "| metric | value |", "|---|---|",
+          f"| accuracy | {ev['accuracy']:.4f} |", f"| macro-F1 | {ev['macro_f1']:.4f} |",
+          f"| ECE before | {ev['ece_before']:.4f} |", f"| ECE after | {ev['ece_after']:.4f} |",
+          f"| temperature | {ev['temperature']:.4f} |", f"| n_train | {ev['n_train']} |", f"| n_val | {ev['n_val']} |",
+          f"| n_test | {ev['n_test']} |", f"| training labels vs truth | {ev['teacher_accuracy']:.4f} |",
+          f"| label sources | {', '.join(f'{k}: {v}' for k, v in ev['label_sources'].items())} |", "",
+          "Coverage at fixed precision (threshold fitted on validation, measured on test):", "",
+          "| target precision | tau | test coverage | test precision |", "|---|---|---|---|"]
+    for t, cv in ev["coverage_at_precision"].items():
+        L.append(f"| {t} | {cv['tau']:.4f} | {cv['coverage']:.4f} | {_fmt(cv['precision'], 4)} |")
+    L.append("")
+    if cas:
+        L += [f"## Cascade (cascade.json, tau = {cas['tau']:.4f} by {cas['tau_rule']})", "",
+              "| split | n | student | llm | human | accuracy | LLM calls | LLM-only calls | cost | LLM-only cost | ms/item |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for split in ("test", "pool"):
+            r = cas[split]
+            L.append(f"| {split} | {r['n']} | {_pct(r['routes']['student'])} | {_pct(r['routes']['llm'])} | "
+                     f"{_pct(r['routes']['human'])} | {_fmt(r['accuracy'], 4)} | {r['llm_calls']} | {r['llm_only_calls']} | "
+                     f"{_usd(r['cost_usd'])} | {_usd(r['llm_only_cost_usd'])} | {r['mean_latency_ms']:.1f} |")
+        L += ["", "Route accuracy on test: " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in cas["test"]["route_accuracy"].items())
+              + (f"; {cas['test']['human_pending']} item(s) still wait for a human in human_review.csv" if cas["test"]["human_pending"] else ""), ""]
+    if fly:
+        L += ["## Flywheel turns (flywheel.json)", "", "| turn | labeled | spend | test accuracy | macro-F1 | escalation rate | $ per 1k served |",
+              "|---|---|---|---|---|---|---|"]
+        for t in fly["turns"]:
+            L.append(f"| {t['turn']} | {t['n_labeled']} | {_usd(t['spend_usd'])} | {t['accuracy']:.4f} | {t['macro_f1']:.4f} | "
+                     f"{t['escalation_rate']:.4f} | {_usd(t['cost_per_1k_usd'])} |")
+        L.append("")
+    L += ["## Throughput and breakeven", ""]
+    if exp:
+        L += [f"Export (export.json): ONNX max |dp| {exp['onnx']['max_abs_diff']:.2e}, agreement {exp['onnx']['agreement']:.4f}; "
+              f"TorchScript max |dp| {exp['torchscript']['max_abs_diff']:.2e}, agreement {exp['torchscript']['agreement']:.4f}.", ""]
+    if speed:
+        m = speed["machine"]
+        L += [f"speed.json ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+              f"{speed['img_size']}px):", "", "| backend | device | model img/s | e2e img/s | p50 ms b1 | p95 ms b1 |",
+              "|---|---|---|---|---|---|"]
+        for r in speed["results"]:
+            L.append(f"| {r['backend']} | {r['device']} | {r['model_img_per_s']:.1f} | {r['e2e_img_per_s']:.1f} | "
+                     f"{r['p50_ms_b1']:.2f} | {r['p95_ms_b1']:.2f} |")
+        L.append("")
+    else:
+        L += ["No speed.json: run `uv run simple_speed_test.py --root " + str(P.out) + "` to measure throughput.", ""]
+    if cas:
+        be = breakeven_report([10_000, 100_000, 1_000_000], root=str(P.out),
+                              **({} if speed else {"student_cost_per_1k": 0.0}))
+        L += ["Breakeven (flywheel.costs with this run's inputs" + ("" if speed else "; student serving cost taken as 0: not measured")
+              + ", no fixed hosting; `cost_breakeven.py` explores other inputs):", "",
+              "| items/month | LLM-only | flywheel | savings | verdict |", "|---|---|---|---|---|"]
+        for r in be["rows"]:
+            L.append(f"| {r['volume']:,} | {_usd(r['llm_only_usd'])} | {_usd(r['flywheel_usd'])} | {_usd(r['savings_usd'])} | {r['verdict']} |")
+        L += ["", "Breakeven volume: " + ("never (an escalated item costs more than the LLM-only call it replaces, times the "
+                                          "escalation rate)" if be["breakeven_volume"] is None else f"{be['breakeven_volume']:,.0f} items/month"), ""]
+    L += ["## Plots", ""]
+    for name, path in plots.items():
+        if str(path).endswith(".png"):
+            L.append(f"![{name}]({Path(path).relative_to(P.out).as_posix()})")
+    atomic_write_bytes(P.report, ("\n".join(L) + "\n").encode())
+    write_datacard(P, ls, ev, prep, best, cas)
+    log.info("report: wrote %s, %s", P.report, P.datacard)
+    return P.report
+
+
+def write_datacard(P, ls, ev, prep, best, cas):
+    import numpy as np
+    cm = np.array(ev["confusion_matrix"])
+    off = [(cm[i, j], ev["classes"][i], ev["classes"][j]) for i in range(len(cm)) for j in range(len(cm)) if i != j and cm[i, j]]
+    top = sorted(off, reverse=True)[:3]
+    src = ev["label_sources"]
+    L = ["# Datacard", "",
+         f"**Dataset.** {'CIFAR-100 (python version), fine classes' if prep['settings']['dataset'] == 'cifar100' else 'image folder ' + prep['source']}: "
+         f"{', '.join(prep['classes'])}. Train/test counts: "
+         + "; ".join(f"{s}: {sum(c.values())}" for s, c in prep["counts"].items()) + ". "
+         f"Images upscaled to {prep['settings']['img_size']}px (bicubic{', unsharp mask' if prep['settings']['sharpen'] else ''}), JPEG q90.",
+         "", "**Label sources used for training** (artifacts/train_rows.csv): " + ", ".join(f"{k} {v}" for k, v in src.items()) + ".",
+         "", f"**Teacher.** {ls['model']} (source `{ls['source']}`{', SIMULATED' if ls.get('simulated') else ''}), prompt version "
+         f"{ls['prompt_version']}, {ls['calls']} paid calls, {_usd(ls['cost_usd'])}{' (estimated)' if ls['cost_estimated'] else ''}.",
+         "", "**Acceptance rules.** Each image gets two teacher passes: the classes in the given order at temperature 0, then "
+         "in another order at a temperature above 0" + (" (adaptive: the second pass only below the confidence threshold, plus an audit fraction)" if ls["second_pass"] == "adaptive" else "")
+         + f". A label is accepted when the passes agree and their mean confidence is >= {ls['conf_thresh']}. Replies that are "
+         "not JSON or name no listed class are invalid and never accepted. A person's edit of `label_final` in "
+         "review_labels.csv overrides the teacher (source `human`). Flywheel turns add pool items the cascade escalated "
+         "(source `escalation`) or a person answered (`human`; `simulated_human` offline). Test images never enter training.",
+         "", "**Provenance.** Every teacher call is a line of labels.jsonl with image sha256, pass, model, host, prompt "
+         "version, raw reply, tokens, cost and time; every escalation a line of escalations.jsonl.",
+         "", "**Known limitations.**",
+         "- CIFAR-100's own labels are noisy and some classes overlap visually (e.g. apple / orange / pear at 32px).",
+         f"- The sources are 32x32 pixels upscaled to {prep['settings']['img_size']}px: the teacher and the student see "
+         "interpolated detail, not real resolution.",
+         f"- Accepted teacher labels were {_fmt(ls['teacher_accuracy'], 4)} accurate against ground truth; the student learns "
+         "their errors too.",
+         "- Most frequent test confusions (true -> predicted: count): " + (", ".join(f"{a} -> {b}: {n}" for n, a, b in top) or "none") + ".",
+         f"- {'Everything here was produced with a SIMULATED teacher; rerun with a real LLM before drawing conclusions.' if ls.get('simulated') else 'A single teacher model: its biases are shared by both passes and are not caught by their agreement.'}"]
+    atomic_write_bytes(P.datacard, ("\n".join(L) + "\n").encode())
+
+
 # ----------------------------------------------------------------------------- main
 
 def run_step(name, cfg, P):
     return {"prep": step_prep, "label": step_label, "train": step_train, "eval": step_eval, "cascade": step_cascade,
-            "flywheel": step_flywheel, "export": step_export}[name](cfg, P)
+            "flywheel": step_flywheel, "export": step_export, "report": step_report}[name](cfg, P)
 
 
 def main(argv=None):

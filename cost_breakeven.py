@@ -19,8 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from flywheel.costs import breakeven_table, breakeven_volume, payback_months, student_cost_per_1k_from_throughput
-from flywheel.io import read_json, write_csv, write_json
+from flywheel.costs import BREAKEVEN_DEFAULTS, breakeven_report
+from flywheel.io import write_csv, write_json
 
 DEFAULT_VOLUMES = "1000,10000,100000,1000000,10000000"
 
@@ -34,7 +34,7 @@ def build_parser():
     p.add_argument("--escalation_rate", type=float, default=None, metavar="F", help="fraction of items the student escalates (default: from cascade.json)")
     p.add_argument("--labeling_usd", type=float, default=None, metavar="USD", help="one-time labeling spend (default: from label_summary.json, else 0)")
     p.add_argument("--student_cost_per_1k", type=float, default=None, metavar="USD", help="student serving cost per 1,000 items (default: derived from throughput)")
-    p.add_argument("--cpu_hour_usd", type=float, default=0.05, metavar="USD", help="price of the serving machine per hour (default: 0.05)")
+    p.add_argument("--cpu_hour_usd", type=float, default=BREAKEVEN_DEFAULTS["cpu_hour_usd"], metavar="USD", help="price of the serving machine per hour (default: 0.05)")
     p.add_argument("--student_img_per_s", type=float, default=None, metavar="N", help="student throughput (default: best e2e figure in ROOT/artifacts/speed.json)")
     p.add_argument("--fixed_monthly_usd", type=float, default=0.0, metavar="USD", help="fixed monthly hosting of the student (default: 0.0)")
     p.add_argument("--volumes", default=DEFAULT_VOLUMES, metavar="LIST", help=f"comma-separated monthly volumes (default: {DEFAULT_VOLUMES})")
@@ -42,70 +42,6 @@ def build_parser():
     p.add_argument("--out_prefix", default=None, metavar="PATH", help="prefix for .csv/.json/.png (default: ROOT/artifacts/breakeven, or ./breakeven)")
     p.add_argument("--json", default=None, metavar="PATH", help="JSON output path (default: OUT_PREFIX.json)")
     return p
-
-
-def resolve_inputs(a):
-    """Flags first, then the run's artifacts; -> (inputs dict, sources dict). Fails naming the flag."""
-    art = Path(a.root) / "artifacts" if a.root else None
-    src = {}
-
-    def art_json(name):
-        if art is None:
-            return None
-        p = (Path(a.root) / name) if name == "label_summary.json" else (art / name)
-        return read_json(p) if p.exists() else None
-
-    ls, cas, speed = art_json("label_summary.json"), art_json("cascade.json"), art_json("speed.json")
-    per_call = (ls or {}).get("mean_cost_per_call_usd")
-    if a.llm_cost is not None:
-        llm_cost, src["llm_cost_per_item"] = a.llm_cost, "--llm_cost"
-    elif per_call:
-        llm_cost = per_call * a.llm_calls_per_item
-        src["llm_cost_per_item"] = f"label_summary.json mean cost per call ({'SIMULATED/estimated' if ls.get('cost_estimated') else 'measured'}) x {a.llm_calls_per_item} call(s)"
-    else:
-        raise SystemExit("error: no LLM cost: pass --llm_cost USD (per item), or --root a run whose label step ran")
-    if a.escalation_rate is not None:
-        esc, src["escalation_rate"] = a.escalation_rate, "--escalation_rate"
-    elif cas:
-        esc, src["escalation_rate"] = cas["test"]["escalation_rate"], "cascade.json (test split)"
-    else:
-        raise SystemExit("error: no escalation rate: pass --escalation_rate F, or --root a run whose cascade step ran")
-    if a.escalated_item_cost is not None:
-        esc_cost, src["escalated_item_cost"] = a.escalated_item_cost, "--escalated_item_cost"
-    elif cas and per_call and a.llm_cost is None and cas["test"]["escalation_rate"] and cas["test"]["llm_calls"]:
-        calls = cas["test"]["llm_calls"] / (cas["test"]["escalation_rate"] * cas["test"]["n"])
-        esc_cost, src["escalated_item_cost"] = calls * per_call, f"cascade.json: {calls:.2f} calls per escalated item"
-    else:
-        esc_cost, src["escalated_item_cost"] = llm_cost, "= LLM-only cost per item"
-    if a.labeling_usd is not None:
-        lab, src["labeling_usd"] = a.labeling_usd, "--labeling_usd"
-    elif ls:
-        lab, src["labeling_usd"] = ls["cost_usd"], "label_summary.json cost_usd"
-    else:
-        lab, src["labeling_usd"] = 0.0, "none given (0)"
-    if a.student_cost_per_1k is not None:
-        stu, src["student_cost_per_1k"] = a.student_cost_per_1k, "--student_cost_per_1k"
-    else:
-        ips = a.student_img_per_s
-        if ips is None and speed:
-            best = max(speed["results"], key=lambda r: r["e2e_img_per_s"])
-            ips = best["e2e_img_per_s"]
-            src["student_img_per_s"] = f"speed.json: {best['backend']} on {best['device']} e2e ({speed['img_size']}px)"
-        if ips is None:
-            raise SystemExit("error: no student serving cost: pass --student_cost_per_1k USD, or --student_img_per_s N, "
-                             "or run simple_speed_test.py on the run first")
-        src.setdefault("student_img_per_s", "--student_img_per_s")
-        stu = student_cost_per_1k_from_throughput(ips, a.cpu_hour_usd)
-        src["student_cost_per_1k"] = f"--cpu_hour_usd {a.cpu_hour_usd} / {ips:.1f} img/s"
-    for k, v in (("llm_cost_per_item", llm_cost), ("escalation_rate", esc), ("labeling_usd", lab), ("student_cost_per_1k", stu)):
-        if v < 0:
-            raise SystemExit(f"error: {k} must be >= 0, got {v}")
-    if not 0 <= esc <= 1:
-        raise SystemExit(f"error: --escalation_rate must be in [0, 1], got {esc}")
-    simulated = bool((ls or {}).get("simulated")) and a.llm_cost is None
-    return {"llm_cost_per_item": llm_cost, "escalated_item_cost": esc_cost, "escalation_rate": esc,
-            "labeling_usd": lab, "student_cost_per_1k": stu, "fixed_monthly_usd": a.fixed_monthly_usd,
-            "simulated_costs": simulated}, src
 
 
 def main(argv=None):
@@ -117,17 +53,14 @@ def main(argv=None):
         raise SystemExit(f"error: --volumes must be positive numbers separated by commas, got {a.volumes!r}")
     if a.fixed_monthly_usd < 0:
         raise SystemExit("error: --fixed_monthly_usd must be >= 0")
-    inp, src = resolve_inputs(a)
-    rows = breakeven_table(volumes, inp["escalation_rate"], inp["llm_cost_per_item"], inp["student_cost_per_1k"],
-                           inp["fixed_monthly_usd"], inp["labeling_usd"], inp["escalated_item_cost"])
-    be = breakeven_volume(inp["escalation_rate"], inp["llm_cost_per_item"], inp["student_cost_per_1k"],
-                          inp["fixed_monthly_usd"], inp["escalated_item_cost"])
-    ref = breakeven_table([a.volume], inp["escalation_rate"], inp["llm_cost_per_item"], inp["student_cost_per_1k"],
-                          inp["fixed_monthly_usd"], inp["labeling_usd"], inp["escalated_item_cost"])[0]
-    pay = payback_months(inp["labeling_usd"], ref["savings_usd"])
+    out = breakeven_report(volumes, **{k: getattr(a, k) for k in BREAKEVEN_DEFAULTS})
+    inp, src, rows = out["inputs"], out["inputs"]["sources"], out["rows"]
+    be, pay = out["breakeven_volume"], out["payback_months"]
     if inp["simulated_costs"]:
         print("NOTE: this run used the SIMULATED oracle teacher; its per-call cost is the --usd_per_call estimate.")
     for k, v in inp.items():
+        if k in ("sources", "volume_for_payback"):
+            continue
         shown = f"{v:.6g}" if isinstance(v, float) else str(v)
         print(f"  {k:<22} {shown:<12} ({src.get(k, 'flag or default')})")
     print(f"\n{'volume/month':>13}{'LLM-only $':>13}{'flywheel $':>13}{'savings $':>13}{'savings %':>11}  verdict")
@@ -143,8 +76,6 @@ def main(argv=None):
           + (f"{pay:.2f} months" if pay is not None else "never (no monthly savings at that volume)"))
     prefix = Path(a.out_prefix) if a.out_prefix else ((Path(a.root) / "artifacts" / "breakeven") if a.root else Path("breakeven"))
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    out = {"inputs": {**inp, "sources": src, "volume_for_payback": a.volume}, "rows": rows,
-           "breakeven_volume": be, "payback_months": pay}
     json_path = Path(a.json) if a.json else prefix.with_suffix(".json")
     write_json(json_path, out)
     write_csv(prefix.with_suffix(".csv"), list(rows[0]), rows)

@@ -15,11 +15,15 @@ from pathlib import Path
 from flywheel.plots import plot_run
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="cifar5_run", metavar="DIR", help="run folder (default: cifar5_run)")
     p.add_argument("--artifacts", default=None, metavar="DIR", help="artifacts folder to read and write (default: ROOT/artifacts)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     art = Path(a.artifacts) if a.artifacts else Path(a.root) / "artifacts"
     try:
         out, missing = plot_run(art)

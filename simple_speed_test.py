@@ -133,7 +133,7 @@ def machine_info():
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="cifar5_run", metavar="DIR", help="run folder (default: cifar5_run)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="device to measure (default: cpu)")
@@ -144,7 +144,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads for torch and ORT, 0 = library default (default: 0)")
     p.add_argument("--compare_devices", action="store_true", help="measure every available device (default: off)")
     p.add_argument("--json", default=None, metavar="PATH", help="where to write the figures (default: ROOT/artifacts/speed.json)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     if a.batch_size < 1 or a.max_images < 1 or a.threads < 0:
         raise SystemExit("error: --batch_size and --max_images must be >= 1 and --threads >= 0")
     devices = available_devices() if a.compare_devices else [a.device]

@@ -50,13 +50,15 @@ class EscalationLog:
         rec = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec}
         with self._lock:
             self._f.write(json.dumps(rec) + "\n")
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            self._f.flush()  # in the OS page cache now: survives kill -9 (fsync on close covers power loss)
             self.records[(rec["student_id"], rec["split"], rec["path"])] = rec
         return rec
 
     def close(self):
-        self._f.close()
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
 
 
 def route_of(student_conf, tau, llm_status):

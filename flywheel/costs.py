@@ -8,6 +8,10 @@ The one-time labeling spend is paid back by the monthly savings. Below the break
 flywheel costs more; we say so rather than print a meaningless negative percentage.
 """
 import math
+from pathlib import Path
+from types import SimpleNamespace
+
+from flywheel.io import read_json
 
 
 def llm_only_monthly(volume, llm_cost_per_item):
@@ -94,3 +98,89 @@ def breakeven_table(volumes, escalation_rate, llm_cost_per_item, student_cost_pe
                      "verdict": "flywheel saves" if sav > 0 else ("break even" if math.isclose(sav, 0, abs_tol=1e-12) else "flywheel costs more"),
                      "payback_months": payback_months(labeling_spend, sav)})
     return rows
+
+
+# ----------------------------------------------------------------------------- inputs from a run
+BREAKEVEN_DEFAULTS = dict(root=None, llm_cost=None, llm_calls_per_item=1.0, escalated_item_cost=None,
+                          escalation_rate=None, labeling_usd=None, student_cost_per_1k=None, cpu_hour_usd=0.05,
+                          student_img_per_s=None, fixed_monthly_usd=0.0, volume=100_000)
+
+
+def resolve_inputs(a):
+    """Flags first, then the run's artifacts -> (inputs dict, sources dict). Fails naming the flag.
+    `a` has the attributes of BREAKEVEN_DEFAULTS (cost_breakeven.py's flags)."""
+    art = Path(a.root) / "artifacts" if a.root else None
+    src = {}
+
+    def art_json(name):
+        if art is None:
+            return None
+        p = (Path(a.root) / name) if name == "label_summary.json" else (art / name)
+        return read_json(p) if p.exists() else None
+
+    ls, cas, speed = art_json("label_summary.json"), art_json("cascade.json"), art_json("speed.json")
+    per_call = (ls or {}).get("mean_cost_per_call_usd")
+    if a.llm_cost is not None:
+        llm_cost, src["llm_cost_per_item"] = a.llm_cost, "--llm_cost"
+    elif per_call:
+        llm_cost = per_call * a.llm_calls_per_item
+        src["llm_cost_per_item"] = f"label_summary.json mean cost per call ({'SIMULATED/estimated' if ls.get('cost_estimated') else 'measured'}) x {a.llm_calls_per_item} call(s)"
+    else:
+        raise SystemExit("error: no LLM cost: pass --llm_cost USD (per item), or --root a run whose label step ran")
+    if a.escalation_rate is not None:
+        esc, src["escalation_rate"] = a.escalation_rate, "--escalation_rate"
+    elif cas:
+        esc, src["escalation_rate"] = cas["test"]["escalation_rate"], "cascade.json (test split)"
+    else:
+        raise SystemExit("error: no escalation rate: pass --escalation_rate F, or --root a run whose cascade step ran")
+    if a.escalated_item_cost is not None:
+        esc_cost, src["escalated_item_cost"] = a.escalated_item_cost, "--escalated_item_cost"
+    elif cas and per_call and a.llm_cost is None and cas["test"]["escalation_rate"] and cas["test"]["llm_calls"]:
+        calls = cas["test"]["llm_calls"] / (cas["test"]["escalation_rate"] * cas["test"]["n"])
+        esc_cost, src["escalated_item_cost"] = calls * per_call, f"cascade.json: {calls:.2f} calls per escalated item"
+    else:
+        esc_cost, src["escalated_item_cost"] = llm_cost, "= LLM-only cost per item"
+    if a.labeling_usd is not None:
+        lab, src["labeling_usd"] = a.labeling_usd, "--labeling_usd"
+    elif ls:
+        lab, src["labeling_usd"] = ls["cost_usd"], "label_summary.json cost_usd"
+    else:
+        lab, src["labeling_usd"] = 0.0, "none given (0)"
+    if a.student_cost_per_1k is not None:
+        stu, src["student_cost_per_1k"] = a.student_cost_per_1k, "--student_cost_per_1k"
+    else:
+        ips = a.student_img_per_s
+        if ips is None and speed:
+            best = max(speed["results"], key=lambda r: r["e2e_img_per_s"])
+            ips = best["e2e_img_per_s"]
+            src["student_img_per_s"] = f"speed.json: {best['backend']} on {best['device']} e2e ({speed['img_size']}px)"
+        if ips is None:
+            raise SystemExit("error: no student serving cost: pass --student_cost_per_1k USD, or --student_img_per_s N, "
+                             "or run simple_speed_test.py on the run first")
+        src.setdefault("student_img_per_s", "--student_img_per_s")
+        stu = student_cost_per_1k_from_throughput(ips, a.cpu_hour_usd)
+        src["student_cost_per_1k"] = f"--cpu_hour_usd {a.cpu_hour_usd} / {ips:.1f} img/s"
+    for k, v in (("llm_cost_per_item", llm_cost), ("escalation_rate", esc), ("labeling_usd", lab), ("student_cost_per_1k", stu)):
+        if v < 0:
+            raise SystemExit(f"error: {k} must be >= 0, got {v}")
+    if not 0 <= esc <= 1:
+        raise SystemExit(f"error: --escalation_rate must be in [0, 1], got {esc}")
+    simulated = bool((ls or {}).get("simulated")) and a.llm_cost is None
+    return {"llm_cost_per_item": llm_cost, "escalated_item_cost": esc_cost, "escalation_rate": esc,
+            "labeling_usd": lab, "student_cost_per_1k": stu, "fixed_monthly_usd": a.fixed_monthly_usd,
+            "simulated_costs": simulated}, src
+
+
+def breakeven_report(volumes, **overrides):
+    """Everything cost_breakeven.py prints, as a dict: inputs (with sources), rows, breakeven, payback."""
+    a = SimpleNamespace(**{**BREAKEVEN_DEFAULTS, **overrides})
+    inp, src = resolve_inputs(a)
+    args = (inp["escalation_rate"], inp["llm_cost_per_item"], inp["student_cost_per_1k"], inp["fixed_monthly_usd"],
+            inp["labeling_usd"], inp["escalated_item_cost"])
+    rows = breakeven_table(volumes, *args)
+    ref = breakeven_table([a.volume], *args)[0]
+    return {"inputs": {**inp, "sources": src, "volume_for_payback": a.volume}, "rows": rows,
+            "breakeven_volume": breakeven_volume(inp["escalation_rate"], inp["llm_cost_per_item"],
+                                                 inp["student_cost_per_1k"], inp["fixed_monthly_usd"],
+                                                 inp["escalated_item_cost"]),
+            "payback_months": payback_months(inp["labeling_usd"], ref["savings_usd"])}

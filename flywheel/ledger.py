@@ -1,7 +1,7 @@
 """The append-only JSONL ledger of teacher calls, per-image QC verdicts, and the review CSV round trip.
 
-One line per finished call, flushed and fsynced as written, so `kill -9` loses at most the call in
-flight. A call is keyed by (image sha256, pass, model, prompt version): a rerun re-asks nothing that
+One line per finished call, flushed as written (fsynced on close), so `kill -9` loses at most the
+calls in flight. A call is keyed by (image sha256, pass, model, prompt version): a rerun re-asks nothing that
 already has a valid answer under the same key, and a new model or prompt version asks again under new
 keys while old records stay. A truncated last line (a crash mid-write) is skipped with a warning.
 """
@@ -67,13 +67,15 @@ class Ledger:
         line = json.dumps(rec, ensure_ascii=False) + "\n"
         with self._lock:
             self._f.write(line)
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            self._f.flush()  # in the OS page cache now: survives kill -9 (fsync on close covers power loss)
             self._index(rec)
         return rec
 
     def close(self):
-        self._f.close()
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
 
     def ok(self, key):
         return self._ok.get(key)

@@ -1,7 +1,9 @@
 """The teacher: an OpenAI-compatible chat-completions client for a vision LLM, and the offline oracle.
 
 Retry policy (after openai-python's _base_client): retry timeouts, connection errors, 408, 409, 429
-and 5xx with exponential backoff and jitter, honouring Retry-After up to a cap; 401/402/403 stop the
+and 5xx with exponential backoff and jitter, honouring Retry-After up to a cap (a 429 waits the larger of
+Retry-After and the backoff, and has a 4x larger retry budget, so sustained rate limiting slows the run
+instead of failing images); 401/402/403 stop the
 run at once (retrying cannot fix a bad key or an empty wallet); any other 4xx is reported with its
 body. Every retry decision is logged at debug level. The API key is never logged or stored.
 
@@ -30,6 +32,7 @@ INITIAL_RETRY_DELAY_S = 0.5
 MAX_RETRY_DELAY_S = 8.0
 MAX_RETRY_AFTER_S = 60.0  # a Retry-After above this is capped: we would rather fail than hang
 RETRYABLE_STATUS = {408, 409, 429}
+RATE_LIMIT_RETRY_FACTOR = 4  # 429s get 4x --max_retries: sustained rate limiting is normal, not a failure
 FATAL_STATUS = {401: "the API key was rejected (401 Unauthorized)",
                 402: "the account has no credits left (402 Payment Required)",
                 403: "the key may not use this model or endpoint (403 Forbidden)"}
@@ -263,7 +266,7 @@ class LLMTeacher:
 
     def classify(self, image_jpeg: bytes, class_order, temperature: float) -> Answer:
         t0 = time.monotonic()
-        attempt, rf_retried = 0, False
+        attempt, n429, rf_retried = 0, 0, False
         last_error = ""
         while True:
             body = self._payload(image_jpeg, class_order, temperature)
@@ -312,6 +315,15 @@ class LLMTeacher:
                                   latency_s=time.monotonic() - t0)
             else:
                 retryable = True
+            if status == 429:
+                if n429 >= self.max_retries * RATE_LIMIT_RETRY_FACTOR:
+                    return Answer("error", error=last_error, http_status=status, latency_s=time.monotonic() - t0)
+                delay = max(retry_delay(min(n429, 10), retry_after), retry_delay(min(n429, 10)))
+                log.debug("rate limited: retry %d/%d in %.2fs (Retry-After %s)", n429 + 1,
+                          self.max_retries * RATE_LIMIT_RETRY_FACTOR, delay, retry_after)
+                n429 += 1
+                self._sleep(delay)
+                continue
             if not retryable or attempt >= self.max_retries:
                 return Answer("error", error=last_error, http_status=status, latency_s=time.monotonic() - t0)
             delay = retry_delay(attempt, retry_after)

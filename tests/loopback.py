@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import random
+import socket
 import threading
 import time
 from collections import Counter
@@ -16,17 +17,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class LoopbackTeacher:
     def __init__(self, truth=None, classes=None, latency_s=0.0, max_concurrency=None, wrong_rate=0.0,
-                 style="plain", confidence=0.93, cost=0.0001, report_cost=True, reject_response_format=False,
+                 style="plain", confidence=0.93, wrong_confidence=None, cost=0.0001, report_cost=True, reject_response_format=False,
                  seed=0):
         self.truth, self.classes = dict(truth or {}), list(classes or [])
         self.latency_s, self.max_concurrency, self.wrong_rate = latency_s, max_concurrency, wrong_rate
         self.style, self.confidence, self.cost, self.report_cost = style, confidence, cost, report_cost
+        self.wrong_confidence = confidence if wrong_confidence is None else wrong_confidence
         self.reject_response_format = reject_response_format
         self.script = []                 # actions consumed one per request
         self.requests = Counter()        # (sha256, pass) -> requests received
         self.completed = Counter()       # (sha256, pass) -> 200 answers sent
         self.auth_headers, self.bodies = [], []
         self.rejected_429 = 0
+        self.answers = self.wrong_answers = 0  # 200 answers sent, and how many carried a wrong label
         self._inflight, self._lock, self._rng = 0, threading.Lock(), random.Random(seed)
         server = self
 
@@ -35,6 +38,11 @@ class LoopbackTeacher:
 
             def log_message(self, *a):
                 pass
+
+            def setup(self):
+                super().setup()
+                # headers and body go out in two writes; without this, Nagle + delayed ACK add ~40 ms per call
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_POST(self):
                 n = int(self.headers.get("content-length", 0))
@@ -106,9 +114,15 @@ class LoopbackTeacher:
             if self.latency_s:
                 time.sleep(self.latency_s)
             label = self.truth.get(sha, self.classes[0] if self.classes else "apple")
-            if self.wrong_rate and self._rng.random() < self.wrong_rate:
-                label = self._rng.choice([c for c in self.classes if c != label])
-            text = self.render(label, (action or {}).get("style", self.style))
+            conf = self.confidence
+            with self._lock:
+                wrong = self.wrong_rate and self._rng.random() < self.wrong_rate
+                if wrong:
+                    label = self._rng.choice([c for c in self.classes if c != label])
+                    conf = self.wrong_confidence
+                self.answers += 1
+                self.wrong_answers += bool(wrong)
+            text = self.render(label, (action or {}).get("style", self.style), conf)
             usage = {"prompt_tokens": 400, "completion_tokens": 20, "total_tokens": 420}
             if self.report_cost:
                 usage["cost"] = self.cost
@@ -122,8 +136,8 @@ class LoopbackTeacher:
             with self._lock:
                 self._inflight -= 1
 
-    def render(self, label, style):
-        c = self.confidence
+    def render(self, label, style, c=None):
+        c = self.confidence if c is None else c
         j = json.dumps({"label": label, "confidence": c, "why": "looks like it"})
         return {"plain": j,
                 "fenced": f"```json\n{j}\n```",

@@ -162,3 +162,18 @@ def test_oracle_noise_rate_and_simulated_marking():
     assert all("SIMULATED" in a.raw and a.cost_estimated for a in answers)
     assert o.ask("p1", None, "p1", 1, CLASSES, 0.0).label == answers[1].label  # deterministic
     assert all(a.label == truth[p] for a, p in zip([T.OracleTeacher(truth, CLASSES, 0.0).ask(p, None, p, 1, CLASSES, 0) for p in list(truth)[:50]], truth))
+
+
+def test_sustained_429_slows_down_instead_of_failing(srv):
+    srv.script = [{"status": 429, "headers": {"Retry-After": "0"}}] * 6
+    slept = []
+    a = client(srv, max_retries=2, sleep=slept.append).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "ok" and srv.requests[(SHA, 1)] == 7  # 6 x 429 > max_retries, within the 429 budget
+    # backs off even when told Retry-After: 0 (delays 0.5, 1, 2, 4, 8, 8 s, minus up to 25% jitter)
+    assert all(x > 0.3 for x in slept) and slept[0] <= 0.5 and slept[-1] >= 6.0
+
+
+def test_429_budget_is_bounded(srv):
+    srv.script = [{"status": 429, "headers": {"Retry-After": "0"}}] * 50
+    a = client(srv, max_retries=1, sleep=lambda s: None).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "error" and "429" in a.error and srv.requests[(SHA, 1)] == 1 + T.RATE_LIMIT_RETRY_FACTOR
