@@ -670,6 +670,7 @@ def step_eval(cfg, P, art=None):
            "label_sources": _count(train_rows, "source"),
            "best_epoch": best.get("best_epoch"), "best_val_acc": best["best_val_acc"],
            "student_ms_per_image": ms, "device": str(device),
+           "calibration_warning": best.get("calibration_warning"),
            "reliability": {"before": reliability_bins(conf0, p0.argmax(1) == y),
                            "after": reliability_bins(conf1, pred == y)},
            "notes": "teacher_accuracy: training labels vs the manifest's ground truth (measured, never used). "
@@ -712,7 +713,9 @@ def fit_tau(cfg, best):
     else:
         tau, rule = threshold_for_precision(conf, correct, cfg["target_precision"]), f"target_precision={cfg['target_precision']}"
     cov, prec = coverage_precision(conf, correct, tau)
-    return tau, rule, {"val_coverage": cov, "val_precision": prec}
+    if tau > 1.0:
+        log.warning("no threshold reaches %s on the %d validation images: every item escalates to the LLM", rule, len(conf))
+    return tau, rule, {"val_coverage": cov, "val_precision": prec, "n_val": len(conf)}
 
 
 def pool_rows(P, manifest, upto_turn):
@@ -1086,7 +1089,10 @@ def step_report(cfg, P):
           f"| ECE before | {ev['ece_before']:.4f} |", f"| ECE after | {ev['ece_after']:.4f} |",
           f"| temperature | {ev['temperature']:.4f} |", f"| n_train | {ev['n_train']} |", f"| n_val | {ev['n_val']} |",
           f"| n_test | {ev['n_test']} |", f"| training labels vs truth | {ev['teacher_accuracy']:.4f} |",
-          f"| label sources | {', '.join(f'{k}: {v}' for k, v in ev['label_sources'].items())} |", "",
+          f"| label sources | {', '.join(f'{k}: {v}' for k, v in ev['label_sources'].items())} |", ""]
+    if ev.get("calibration_warning"):
+        L += [f"> **Calibration warning:** {ev['calibration_warning']}.", ""]
+    L += [
           "Coverage at fixed precision (threshold fitted on validation, measured on test):", "",
           "| target precision | tau | test coverage | test precision |", "|---|---|---|---|"]
     for t, cv in ev["coverage_at_precision"].items():

@@ -24,7 +24,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--noise", type=float, default=0.1, help="oracle label noise (default: 0.1)")
     p.add_argument("--per_class", type=int, default=80, help="synthetic training images per class (default: 80)")
-    p.add_argument("--max_label", type=int, default=150, help="images the teacher labels first (default: 150)")
+    p.add_argument("--max_label", type=int, default=200, help="images the teacher labels first (default: 200)")
     p.add_argument("--relabel_n", type=int, default=60, help="pool items relabeled in the turn (default: 60)")
     p.add_argument("--epochs", type=int, default=5, help="epochs per training (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
@@ -36,7 +36,7 @@ def main():
                   "--simulate_human", "--seed", a.seed, "--log_level", "WARNING"]
         run_cli("--step", "prep", *common, "--img_size", 32)
         run_cli("--step", "label", *common, "--max_label", a.max_label)
-        train = ["--weights", "none", "--epochs", a.epochs, "--batch_size", 16]
+        train = ["--weights", "none", "--epochs", a.epochs, "--batch_size", 16, "--val_frac", 0.25]
         run_cli("--step", "train", *common, *train)
         run_cli("--step", "eval", *common)
         run_cli("--step", "cascade", *common)

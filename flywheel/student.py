@@ -91,7 +91,7 @@ def decode_jpeg(path) -> torch.Tensor:
     """One image file -> uint8 [3, H, W] RGB (Pillow releases the GIL while decoding, so threads scale)."""
     from PIL import Image
     with Image.open(path) as im:
-        a = np.asarray(im.convert("RGB"))
+        a = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert() would copy: 2x the decode
     return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
 
@@ -371,8 +371,15 @@ def calibrate_checkpoint(best, x_va, y_va, device, path):
     logits = predict_logits(model, x_va, device, best["config"]["batch_size"])
     y = np.asarray(y_va)
     T = fit_temperature(logits, y) if len(y) else 1.0
+    warning = None
+    if T <= 0.0501 or T >= 19.99 or len(y) < 30:
+        warning = (f"temperature {T:.3f} fitted on only {len(y)} validation images"
+                   + (" is at the search bound (validation is perfectly separated or hopeless)" if T <= 0.0501 or T >= 19.99 else "")
+                   + ": calibrated confidences and every threshold fitted on them are unreliable; label more images "
+                     "or raise --val_frac")
+        log.warning(warning)
     p0, p1 = softmax(logits), softmax(logits, T)
-    best.update(temperature=T, val_logits=logits, val_labels=y,
+    best.update(temperature=T, val_logits=logits, val_labels=y, calibration_warning=warning,
                 val_ece_before=ece(p0.max(1), p0.argmax(1) == y), val_ece_after=ece(p1.max(1), p1.argmax(1) == y))
     save_checkpoint(path, best)
     return best

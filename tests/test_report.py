@@ -70,7 +70,7 @@ def commands_in(md_file, section=None):
         b = b.replace("\\\n", " ")
         for line in b.splitlines():
             line = line.split(" #", 1)[0].strip()
-            if line.startswith("uv run") and ".py" in line:
+            if line.startswith("uv run") and ".py" in line and not line.startswith(("uv run python", "uv run pytest")):
                 cmds.append(line)
     return cmds
 
