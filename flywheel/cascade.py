@@ -8,14 +8,12 @@ Routing (tau from the validation split, never from test):
 escalations.jsonl is append-only: one record per escalated item and student, written as each item
 finishes, so a killed cascade resumes where it stopped without re-logging or re-asking.
 """
-import json
 import logging
-import os
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
+
+from flywheel.io import JsonlAppender
 
 log = logging.getLogger(__name__)
 
@@ -27,38 +25,23 @@ class EscalationLog:
     """escalations.jsonl: {(student_id, split, path): record}; tolerates a torn last line."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        self.records, self._lock = {}, threading.Lock()
-        if self.path.exists():
-            data = self.path.read_bytes()
-            for line in data.split(b"\n"):
-                if line.strip():
-                    try:
-                        r = json.loads(line)
-                        self.records[(r["student_id"], r["split"], r["path"])] = r
-                    except (ValueError, KeyError):
-                        log.warning("%s: skipped an incomplete line (a crash mid-write?)", self.path)
-            if data and not data.endswith(b"\n"):
-                with open(self.path, "ab") as f:
-                    f.write(b"\n")
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._file = JsonlAppender(path, lambda r: isinstance(r, dict) and {"student_id", "split", "path"} <= set(r))
+        self.path = self._file.path
+        self.records = {self._key(r): r for r in self._file.records}
+
+    @staticmethod
+    def _key(r):
+        return r["student_id"], r["split"], r["path"]
 
     def get(self, student_id, split, path):
         return self.records.get((student_id, split, path))
 
     def append(self, rec):
         rec = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec}
-        with self._lock:
-            self._f.write(json.dumps(rec) + "\n")
-            self._f.flush()  # in the OS page cache now: survives kill -9 (fsync on close covers power loss)
-            self.records[(rec["student_id"], rec["split"], rec["path"])] = rec
-        return rec
+        return self._file.append(rec, on_written=lambda r: self.records.__setitem__(self._key(r), r))
 
     def close(self):
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+        self._file.close()
 
 
 def route_of(student_conf, tau, llm_status):

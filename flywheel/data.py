@@ -5,7 +5,6 @@ written by Python 2: dicts with *bytes* keys (b"data", b"fine_labels", b"fine_la
 `data` is an N x 3072 uint8 array: 1024 R values, then 1024 G, then 1024 B, row-major 32 x 32.
 Shortcut taken: the MD5 is checked on download only; an extracted folder is trusted as it is.
 """
-import hashlib
 import logging
 import pickle
 import shutil
@@ -32,11 +31,8 @@ class DataError(RuntimeError):
 # ----------------------------------------------------------------------------- archive
 
 def md5_file(path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from flywheel.io import hash_file
+    return hash_file(path, "md5")
 
 
 def download_cifar100(dest: Path, url: str = CIFAR100_URL, md5: str = CIFAR100_MD5):

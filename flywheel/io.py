@@ -63,12 +63,65 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
+def hash_file(path, algo="sha256") -> str:
+    h = hashlib.new(algo)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path) -> str:
+    return hash_file(path, "sha256")
+
+
+class JsonlAppender:
+    """An append-only JSONL file shared by threads: `records` are the complete lines already there
+    (a torn line from a crash is skipped and counted in `bad_lines`), `append` writes and flushes one
+    more. Flushed lines survive kill -9 (they are in the OS page cache); close() also fsyncs."""
+
+    def __init__(self, path, is_record=lambda r: isinstance(r, dict)):
+        import logging
+        import threading
+        self.path = Path(path)
+        self.records, self.bad_lines = [], 0
+        self._lock = threading.Lock()
+        if self.path.exists():
+            data = self.path.read_bytes()
+            lines = data.split(b"\n")
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    if not is_record(rec):
+                        raise ValueError
+                except ValueError:
+                    self.bad_lines += 1
+                    logging.getLogger(__name__).warning(
+                        "%s line %d is not a complete record (a crash mid-write?); skipped", self.path, i + 1)
+                    continue
+                self.records.append(rec)
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "ab") as f:  # our appends start on a fresh line
+                    f.write(b"\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def append(self, rec: dict, on_written=None) -> dict:
+        line = json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n"
+        with self._lock:
+            self._f.write(line)
+            self._f.flush()
+            if on_written is not None:
+                on_written(rec)
+        return rec
+
+    def close(self):
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
 
 
 def stable_unit(*parts) -> float:

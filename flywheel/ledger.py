@@ -5,13 +5,11 @@ calls in flight. A call is keyed by (image sha256, pass, model, prompt version):
 already has a valid answer under the same key, and a new model or prompt version asks again under new
 keys while old records stay. A truncated last line (a crash mid-write) is skipped with a warning.
 """
-import json
 import logging
-import os
-import threading
 import time
 from collections import defaultdict
-from pathlib import Path
+
+from flywheel.io import JsonlAppender
 
 log = logging.getLogger(__name__)
 
@@ -28,33 +26,13 @@ class Ledger:
     """labels.jsonl: read once, then appended to under a lock by many worker threads."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        self.records, self.bad_lines = [], 0
-        self._lock = threading.Lock()
-        self._ok = {}                       # key -> latest ok record
-        self._n = defaultdict(lambda: defaultdict(int))  # key -> status -> count
-        if self.path.exists():
-            with open(self.path, "rb") as f:
-                data = f.read()
-            lines = data.split(b"\n")
-            for i, line in enumerate(lines):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    assert isinstance(rec, dict) and "key" in rec
-                except (ValueError, AssertionError):
-                    self.bad_lines += 1
-                    log.warning("%s line %d is not a complete record (%s a crash mid-write?); skipped",
-                                self.path, i + 1, "last line:" if i == len(lines) - 1 else "")
-                    continue
-                self._index(rec)
-            if data and not data.endswith(b"\n"):
-                # a torn last line: start our appends on a fresh line so they stay parseable
-                with open(self.path, "ab") as f:
-                    f.write(b"\n")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._ok = {}                                     # key -> latest ok record
+        self._n = defaultdict(lambda: defaultdict(int))   # key -> status -> count
+        self._file = JsonlAppender(path, lambda r: isinstance(r, dict) and "key" in r)
+        self.path, self.bad_lines = self._file.path, self._file.bad_lines
+        self.records = []
+        for rec in self._file.records:
+            self._index(rec)
 
     def _index(self, rec):
         self.records.append(rec)
@@ -64,18 +42,10 @@ class Ledger:
 
     def append(self, rec: dict) -> dict:
         rec = {"v": LEDGER_VERSION, "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec}
-        line = json.dumps(rec, ensure_ascii=False) + "\n"
-        with self._lock:
-            self._f.write(line)
-            self._f.flush()  # in the OS page cache now: survives kill -9 (fsync on close covers power loss)
-            self._index(rec)
-        return rec
+        return self._file.append(rec, on_written=self._index)
 
     def close(self):
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+        self._file.close()
 
     def ok(self, key):
         return self._ok.get(key)
