@@ -1140,7 +1140,9 @@ def step_report(cfg, P):
         for r in be["rows"]:
             L.append(f"| {r['volume']:,} | {_usd(r['llm_only_usd'])} | {_usd(r['flywheel_usd'])} | {_usd(r['savings_usd'])} | {r['verdict']} |")
         L += ["", "Breakeven volume: " + ("never (an escalated item costs more than the LLM-only call it replaces, times the "
-                                          "escalation rate)" if be["breakeven_volume"] is None else f"{be['breakeven_volume']:,.0f} items/month"), ""]
+                                          "escalation rate)" if be["breakeven_volume"] is None else
+                                          "cheaper from the first item (no fixed hosting assumed)" if be["breakeven_volume"] == 0 else
+                                          f"{be['breakeven_volume']:,.0f} items/month"), ""]
     L += ["## Plots", ""]
     for name, path in plots.items():
         if str(path).endswith(".png"):

@@ -52,9 +52,12 @@ def export_onnx(wrapper, path, img_size, metadata: dict):
 
 
 def export_torchscript(wrapper, path, img_size):
+    """TorchScript still loads in C++ (libtorch) with no Python; torch 2.15 deprecates it, hence the filter."""
+    import warnings
     wrapper = wrapper.eval().cpu()
-    ts = torch.jit.trace(wrapper, torch.randn(2, 3, img_size, img_size))
-    ts = torch.jit.freeze(ts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ts = torch.jit.freeze(torch.jit.trace(wrapper, torch.randn(2, 3, img_size, img_size)))
     ts.save(str(path))
 
 

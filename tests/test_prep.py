@@ -126,3 +126,39 @@ def test_folder_dataset_with_unreadable_file(tmp_path):
             assert im.size == (32, 32)
     with pytest.raises(SystemExit, match="purple"):
         run_cli("--step", "prep", "--dataset", "folder", "--data_root", root, "--out_dir", out, "--classes", "red,purple")
+
+
+@pytest.fixture
+def archive_server(tmp_path):
+    """Serves tmp_path/srv over HTTP on 127.0.0.1 (a stand-in for the official download URL)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    srv_dir = tmp_path / "srv"
+    tgz = make_cifar_tgz(srv_dir, n_train=2, n_test=1)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(srv_dir))
+    handler.log_message = lambda *a: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/{tgz.name}", tgz
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_checks_md5_and_renames_into_place(tmp_path, archive_server):
+    from flywheel import data as D
+    url, tgz = archive_server
+    dest = tmp_path / "data" / "cifar-100-python.tar.gz"
+    D.download_cifar100(dest, url=url, md5=D.md5_file(tgz))
+    assert dest.read_bytes() == tgz.read_bytes() and not dest.with_name(dest.name + ".part").exists()
+    D.safe_extract(dest, dest.parent)
+    assert (dest.parent / "cifar-100-python" / "meta").exists()
+
+
+def test_download_with_wrong_md5_keeps_nothing(tmp_path, archive_server):
+    from flywheel import data as D
+    url, _ = archive_server
+    dest = tmp_path / "data" / "cifar-100-python.tar.gz"
+    with pytest.raises(D.DataError, match="MD5"):
+        D.download_cifar100(dest, url=url, md5="0" * 32)
+    assert not dest.exists() and not list(dest.parent.glob("*.part"))
