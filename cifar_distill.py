@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flywheel.io import read_csv, read_json, sha256_file, write_csv, write_json, atomic_write_bytes
+from flywheel.io import atomic_write_bytes, read_csv, read_json, read_jsonl, sha256_file, write_csv, write_json
 
 log = logging.getLogger("cifar_distill")
 
@@ -253,7 +253,7 @@ def step_prep(cfg, P):
         import shutil
         shutil.rmtree(P.images, ignore_errors=True)
 
-    # jobs: (split, class, source_index, loader) where loader() -> PIL image
+    # jobs: (split, class, source_index, loader, source name) where loader() -> PIL image
     jobs, skipped = [], []
     cap = cfg["max_per_class"] or None
     if cfg["dataset"] == "cifar100":
@@ -262,25 +262,24 @@ def step_prep(cfg, P):
             imgs, labels, names = load_cifar100_split(folder, split)
             for c in classes:
                 idx = np.flatnonzero(labels == names.index(c))[:cap]
-                jobs += [(split, c, int(i), (lambda a=imgs[i]: Image.fromarray(a))) for i in idx]
+                jobs += [(split, c, int(i), (lambda a=imgs[i]: Image.fromarray(a)), f"{split}[{i}]") for i in idx]
     else:
         tree = list_folder_dataset(cfg["data_root"])
         for split in ("train", "test"):
             for c in classes:
                 for i, f in enumerate(tree[split].get(c, [])[:cap]):
-                    jobs.append((split, c, i, (lambda f=f: _open_image(f)), ) + (f,))
+                    jobs.append((split, c, i, (lambda f=f: _open_image(f)), str(f)))
 
     rows = []
     made = kept = 0
-    for job in tqdm(jobs, desc="prep images", unit="img"):
-        split, c, i, loader = job[:4]
+    for split, c, i, loader, source in tqdm(jobs, desc="prep images", unit="img"):
         rel = Path("images") / split / c / f"{c}_{i:05d}.jpg"
         dst = P.out / rel
         if not dst.exists():
             try:
                 img = loader()
             except Exception as e:  # unreadable files are skipped and listed, never fatal
-                skipped.append({"file": str(job[4]) if len(job) > 4 else rel.as_posix(), "error": f"{type(e).__name__}: {e}"})
+                skipped.append({"file": source, "error": f"{type(e).__name__}: {e}"})
                 continue
             atomic_write_bytes(dst, jpeg_bytes(upscale(img, size, sharpen), 90))
             made += 1
@@ -321,7 +320,8 @@ NO_KEY_MESSAGE = (
 
 
 def teacher_model_name(cfg):
-    return f"oracle(noise={cfg['oracle_noise']})" if cfg["teacher"] == "oracle" else cfg["llm_model"]
+    from flywheel.teacher import oracle_model_name
+    return oracle_model_name(cfg["oracle_noise"]) if cfg["teacher"] == "oracle" else cfg["llm_model"]
 
 
 def make_teacher(cfg, manifest):
@@ -416,49 +416,49 @@ def step_label(cfg, P):
         return None
     teacher = make_teacher(cfg, manifest)
     budget = make_budget(cfg, ledger)
-    verdicts, gold_report = {}, None
+    gold_report = None
     try:
         if gold:
             gitems = [it for it in items if it["path"] in gold]
-            verdicts.update(label_items(gitems, teacher, ledger, qc, budget, "gold", cfg["max_workers"], "label gold"))
-            gold_report = gold_check(gold, verdicts, cfg["classes"])
+            verdicts = label_items(gitems, teacher, ledger, qc, budget, "gold", cfg["max_workers"], "label gold")
+            gold_report = gold_check(gold, {p: v[1] for p, v in verdicts.items()}, cfg["classes"])
             log.info("gold check: teacher accuracy %.3f on %d gold items (--min_gold_acc %.2f)",
                      gold_report["accuracy"], gold_report["n"], cfg["min_gold_acc"])
             if gold_report["accuracy"] < cfg["min_gold_acc"]:
-                write_label_outputs(cfg, P, items, verdicts, ledger, teacher, manifest, gold_report, qc)
+                write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc)
                 print(f"error: teacher accuracy on gold items is {gold_report['accuracy']:.3f} < --min_gold_acc "
                       f"{cfg['min_gold_acc']}; stopping before labeling the rest. Confusions (true -> teacher: n): "
                       + ", ".join(f"{k}: {v}" for k, v in gold_report["confusions"].items())
                       + ". Check the prompt, the model and the class names.", file=sys.stderr)
                 raise SystemExit(EXIT_GOLD_GATE)
         rest = [it for it in items if it["path"] not in gold]
-        verdicts.update(label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label"))
+        label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label")
     except FatalTeacherError as e:
-        write_label_outputs(cfg, P, items, verdicts, ledger, teacher, manifest, gold_report, qc)
+        write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_TEACHER_FATAL)
     finally:
         teacher.close()
-    summary = write_label_outputs(cfg, P, items, verdicts, ledger, teacher, manifest, gold_report, qc,
+    summary = write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc,
                                   budget_stopped=budget.stopped)
     ledger.close()
     return summary
 
 
-def gold_check(gold, verdicts, classes):
-    """Teacher vs gold labels on the gold items; an unanswered item counts as wrong."""
+def gold_check(gold, answers, classes):
+    """Teacher ({path: label, "" when unanswered}) vs gold labels; an unanswered item counts as wrong."""
     from collections import Counter
     n = len(gold)
-    right = sum(verdicts.get(p, ("", ""))[1] == lab for p, lab in gold.items())
-    conf = Counter(f"{lab} -> {verdicts.get(p, ('', '') )[1] or 'no answer'}" for p, lab in gold.items()
-                   if verdicts.get(p, ("", ""))[1] != lab)
-    per_class = {c: {d: sum(1 for p, lab in gold.items() if lab == c and verdicts.get(p, ("", ""))[1] == d)
-                     for d in classes + [""]} for c in classes}
+    got = {p: answers.get(p) or "" for p in gold}
+    right = sum(got[p] == lab for p, lab in gold.items())
+    conf = Counter(f"{lab} -> {got[p] or 'no answer'}" for p, lab in gold.items() if got[p] != lab)
+    per_class = {c: {d: sum(1 for p, lab in gold.items() if lab == c and got[p] == d) for d in classes + [""]}
+                 for c in classes}
     return {"n": n, "accuracy": right / n if n else 0.0, "confusions": dict(conf.most_common()),
             "per_class_confusion": per_class}
 
 
-def write_label_outputs(cfg, P, items, verdicts, ledger, teacher, manifest, gold_report, qc, budget_stopped=False):
+def write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc, budget_stopped=False):
     """labels_llm.csv, review_labels.csv (keeping a person's edits) and label_summary.json, all from the
     ledger, so a crashed or stopped run still leaves consistent files."""
     from flywheel.labeling import ledger_verdict
@@ -581,7 +581,7 @@ def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
     device = pick_device(cfg["device"])
     x_tr, y_tr = load_split(P, train, classes, "decode train")
     x_va, y_va = load_split(P, val, classes, "decode val")
-    epochs = cfg["flywheel_epochs"] or cfg["epochs"] if turn else cfg["epochs"]
+    epochs = (cfg["flywheel_epochs"] or cfg["epochs"]) if turn else cfg["epochs"]
     tcfg = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights",
                                 "img_size", "device")}
     tcfg.update(epochs=epochs, turn=turn, out_dir=str(P.out), img_size=int(x_tr.shape[-1]))  # as prepped, not the flag
@@ -592,10 +592,8 @@ def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
                              resume=cfg["resume"] if resume is None else resume)
     except WeightsError as e:
         raise SystemExit(f"error: {e}")
-    best = calibrate_checkpoint(best, x_va, y_va, device, art / "best.pt")
     best["val_paths"] = [r["path"] for r in val]
-    from flywheel.student import save_checkpoint
-    save_checkpoint(art / "best.pt", best)
+    best = calibrate_checkpoint(best, x_va, y_va, device, art / "best.pt")
     torch.save(best["model"], art / "mobilenet.pt")
     log.info("train: best epoch %s val acc %.4f; temperature %.3f, val ECE %.4f -> %.4f; wrote %s, %s, %s",
              best.get("best_epoch"), best["best_val_acc"], best["temperature"], best["val_ece_before"],
@@ -896,15 +894,8 @@ def select_relabel(P, art, n, answered=()):
     escalated ones, then the lowest-margin remaining pool items."""
     preds = read_csv(P.need(art / "pool_predictions.csv", "cascade"))
     best_sid = read_json(art / "cascade.json")["student_id"]
-    esc = {}
-    if P.escalations.exists():
-        for line in P.escalations.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if r.get("student_id") == best_sid and r.get("split") == "pool":
-                esc[r["path"]] = r
+    esc = {r["path"]: r for r in read_jsonl(P.escalations)[0]
+           if r.get("student_id") == best_sid and r.get("split") == "pool"}
     in_pool = {r["path"] for r in preds}
     disagree = [p for p, r in esc.items() if p in in_pool and r.get("llm_label") and r["llm_label"] != r["student_pred"]]
     other = [p for p in esc if p in in_pool and p not in set(disagree)]

@@ -75,36 +75,44 @@ def sha256_file(path) -> str:
     return hash_file(path, "sha256")
 
 
+def read_jsonl(path, is_record=lambda r: isinstance(r, dict)):
+    """-> (complete records, bad line count, whether the file ends in a torn line). A line that is not
+    a record (a crash mid-write) is skipped with a warning; a missing file is empty."""
+    import logging
+    path = Path(path)
+    if not path.exists():
+        return [], 0, False
+    data = path.read_bytes()
+    records, bad = [], 0
+    for i, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not is_record(rec):
+                raise ValueError
+        except ValueError:
+            bad += 1
+            logging.getLogger(__name__).warning(
+                "%s line %d is not a complete record (a crash mid-write?); skipped", path, i + 1)
+            continue
+        records.append(rec)
+    return records, bad, bool(data) and not data.endswith(b"\n")
+
+
 class JsonlAppender:
     """An append-only JSONL file shared by threads: `records` are the complete lines already there
     (a torn line from a crash is skipped and counted in `bad_lines`), `append` writes and flushes one
     more. Flushed lines survive kill -9 (they are in the OS page cache); close() also fsyncs."""
 
     def __init__(self, path, is_record=lambda r: isinstance(r, dict)):
-        import logging
         import threading
         self.path = Path(path)
-        self.records, self.bad_lines = [], 0
+        self.records, self.bad_lines, torn = read_jsonl(self.path, is_record)
         self._lock = threading.Lock()
-        if self.path.exists():
-            data = self.path.read_bytes()
-            lines = data.split(b"\n")
-            for i, line in enumerate(lines):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    if not is_record(rec):
-                        raise ValueError
-                except ValueError:
-                    self.bad_lines += 1
-                    logging.getLogger(__name__).warning(
-                        "%s line %d is not a complete record (a crash mid-write?); skipped", self.path, i + 1)
-                    continue
-                self.records.append(rec)
-            if data and not data.endswith(b"\n"):
-                with open(self.path, "ab") as f:  # our appends start on a fresh line
-                    f.write(b"\n")
+        if torn:
+            with open(self.path, "ab") as f:  # our appends start on a fresh line
+                f.write(b"\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
 

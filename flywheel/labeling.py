@@ -116,8 +116,8 @@ def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, des
     """Run dual-pass QC on items ({path, file, sha256}); every call goes through the ledger.
 
     Returns {path: (status, label, confidence, pass records)}; on_done(item, verdict) runs in the main
-    thread as each item finishes (the cascade logs escalations there, so a kill loses nothing). Raises FatalTeacherError (after
-    letting calls in flight finish and land in the ledger) on 401/402/403.
+    thread as each item finishes (the cascade logs escalations there, so a kill loses nothing).
+    Raises FatalTeacherError (after letting calls in flight finish and land in the ledger) on 401/402/403.
     """
     stop = threading.Event()
     fatal = []

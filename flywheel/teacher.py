@@ -356,6 +356,10 @@ def _short(text, n=300):
 
 
 # ----------------------------------------------------------------------------- oracle (SIMULATED)
+def oracle_model_name(noise) -> str:
+    """The oracle's model name in ledger keys: a different noise level asks again under new keys."""
+    return f"oracle(noise={noise})"
+
 
 class OracleTeacher:
     """SIMULATED teacher for offline runs: the manifest's ground truth with a fraction `noise` of wrong
@@ -370,7 +374,7 @@ class OracleTeacher:
 
     def __init__(self, truth: dict, classes, noise=0.1, usd_per_call=0.0002, seed=0):
         self.truth, self.classes, self.noise = truth, list(classes), noise
-        self.model = f"oracle(noise={noise})"
+        self.model = oracle_model_name(noise)
         self.usd_per_call, self.seed = usd_per_call, seed
         self.use_response_format = False
 
