@@ -785,6 +785,8 @@ def step_cascade(cfg, P, art=None, turn=0):
             todo = [item(P, manifest, r["path"]) for i, r in enumerate(rows)
                     if conf[i] < tau and esc.get(sid, split, r["path"]) is None]
 
+            unsettled = {}  # escalations with no LLM answer yet: routed to a human now, asked again next run
+
             def log_escalation(it, v, split=split):
                 i = by_path[it["path"]]
                 st, lab, c, recs = v
@@ -795,15 +797,19 @@ def step_cascade(cfg, P, art=None, turn=0):
                         h_lab, h_src = humans[it["path"]]
                     elif cfg["simulate_human"]:
                         h_lab, h_src = manifest[it["path"]]["label"], "simulated_human"
-                esc.append({"student_id": sid, "turn": turn, "split": split, "path": it["path"], "sha256": it["sha256"],
-                            "student_probs": [round(float(x), 6) for x in probs[i]], "student_pred": classes[pred[i]],
-                            "student_conf": round(float(conf[i]), 6), "tau": tau, "route": route, "llm_status": st,
-                            "llm_label": lab or None,
-                            "llm_answers": [{"pass": r["pass"], "label": r["label"], "confidence": r["confidence"],
-                                             "cost_usd": r.get("cost_usd", 0.0), "latency_s": r.get("latency_s", 0.0),
-                                             "source": r.get("source")} for r in recs],
-                            "llm_cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in recs), 6),
-                            "human_label": h_lab, "human_source": h_src})
+                rec = {"student_id": sid, "turn": turn, "split": split, "path": it["path"], "sha256": it["sha256"],
+                       "student_probs": [round(float(x), 6) for x in probs[i]], "student_pred": classes[pred[i]],
+                       "student_conf": round(float(conf[i]), 6), "tau": tau, "route": route, "llm_status": st,
+                       "llm_label": lab or None,
+                       "llm_answers": [{"pass": r["pass"], "label": r["label"], "confidence": r["confidence"],
+                                        "cost_usd": r.get("cost_usd", 0.0), "latency_s": r.get("latency_s", 0.0),
+                                        "source": r.get("source")} for r in recs],
+                       "llm_cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in recs), 6),
+                       "human_label": h_lab, "human_source": h_src}
+                if st == "failed":  # not asked (budget, stop) or transport errors: not settled, never logged
+                    unsettled[it["path"]] = rec
+                else:
+                    esc.append(rec)
             label_items(todo, teacher, ledger, qc, budget, "cascade", cfg["max_workers"], f"cascade {split} LLM",
                         on_done=log_escalation)
             items, n_calls, cost = [], 0, 0.0
@@ -811,7 +817,7 @@ def step_cascade(cfg, P, art=None, turn=0):
                 if conf[i] >= tau:
                     items.append({"route": "student", "final": classes[pred[i]], "true": r["label"]})
                     continue
-                e = esc.get(sid, split, r["path"])
+                e = esc.get(sid, split, r["path"]) or unsettled[r["path"]]
                 n_calls += len(e["llm_answers"])
                 cost += e["llm_cost_usd"]
                 if e["route"] == "llm":

@@ -139,3 +139,26 @@ def test_cascade_reuses_ledger_and_resumes_after_kill(llm_run, tmp_path, monkeyp
                            "label_final", "source", "turn"]
     assert all(r["label_final"] == "" for r in hr)
     assert c["test"]["human_pending"] == sum(r["split"] == "test" for r in hr)
+
+
+def test_cascade_budget_stop_then_higher_budget_asks_the_rest(llm_run, tmp_path, monkeypatch):
+    src, truth = llm_run
+    d = tmp_path / "b"
+    shutil.copytree(src, d)
+    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
+    spent = read_json(d / "run" / "label_summary.json")["cost_usd"]
+    with LoopbackTeacher(truth, CLASSES, wrong_rate=0.15, seed=2) as srv:
+        cascade_llm(d, srv, "--max_usd", spent + 0.0021, "--usd_per_call", 0.0001)
+        assert read_json(d / "run" / "artifacts" / "cascade.json")["budget_stopped"]
+        n_first = sum(srv.requests.values())
+        assert 0 < n_first <= 21
+        cascade_llm(d, srv, "--max_usd", 5)
+        assert max(srv.requests.values()) == 1  # the first run's answers were reused, not re-paid
+    c = read_json(d / "run" / "artifacts" / "cascade.json")
+    assert not c["budget_stopped"]
+    recs = [e for e in escalations(d / "run") if e["student_id"] == c["student_id"]]
+    # every escalated item got its LLM answers on the rerun: none is stuck as "never asked"
+    assert recs and all(e["llm_answers"] for e in recs)
+    for split in ("test", "pool"):
+        n_esc = round((c[split]["routes"]["llm"] + c[split]["routes"]["human"]) * c[split]["n"])
+        assert sum(e["split"] == split for e in recs) == n_esc
