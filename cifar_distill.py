@@ -1216,4 +1216,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from flywheel.data import DataError
+    try:
+        main()
+    except DataError as e:  # a data problem the user fixes: the message, not a traceback
+        raise SystemExit(f"error: {e}")

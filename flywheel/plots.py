@@ -123,7 +123,12 @@ def cost_curve(rows, breakeven, path, title="monthly cost"):
     if breakeven:
         ax.axvline(breakeven, color="gray", ls="--", label=f"breakeven {breakeven:,.0f}/month")
     ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=0.01)
+    costs = [r["llm_only_usd"] for r in rows] + [r["flywheel_usd"] for r in rows]
+    if min(costs) > 0:
+        ax.set_yscale("log")
+    else:  # a zero cost (no fixed hosting, nothing escalated) cannot sit on a log axis
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_ylim(bottom=0)
     ax.set_xlabel("items per month")
     ax.set_ylabel("USD per month")
     ax.set_title(title)
