@@ -1,13 +1,12 @@
 """A real OpenAI-compatible chat-completions server on 127.0.0.1, for tests and bench/ (no network).
 
-It answers each image with the label `truth[sha256(image bytes)]` (or `wrong_rate` of the time another
-one), counts requests per (image, pass) and can be scripted to fail: `server.script` is a queue of
+It answers each image with the label `truth[sha256(image bytes)]` (or, for a `wrong_rate` share of
+(image, pass) pairs chosen by hash, another one), counts requests per (image, pass) and can be scripted to fail: `server.script` is a queue of
 actions consumed one per request, e.g. {"status": 429, "headers": {"Retry-After": "1"}}.
 """
 import base64
 import hashlib
 import json
-import random
 import socket
 import threading
 import time
@@ -30,7 +29,7 @@ class LoopbackTeacher:
         self.auth_headers, self.bodies = [], []
         self.rejected_429 = 0
         self.answers = self.wrong_answers = 0  # 200 answers sent, and how many carried a wrong label
-        self._inflight, self._lock, self._rng = 0, threading.Lock(), random.Random(seed)
+        self._inflight, self._lock, self.seed = 0, threading.Lock(), seed
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -115,11 +114,15 @@ class LoopbackTeacher:
                 time.sleep(self.latency_s)
             label = self.truth.get(sha, self.classes[0] if self.classes else "apple")
             conf = self.confidence
+            # wrong answers depend on (seed, image, pass) only, not on the order threads arrive in, so a
+            # run labels the same way every time
+            u = self._unit("wrong", sha, pass_no)
+            wrong = bool(self.wrong_rate) and u < self.wrong_rate
+            if wrong:
+                others = [c for c in self.classes if c != label]
+                label = others[int(self._unit("which", sha, pass_no) * len(others))]
+                conf = self.wrong_confidence
             with self._lock:
-                wrong = self.wrong_rate and self._rng.random() < self.wrong_rate
-                if wrong:
-                    label = self._rng.choice([c for c in self.classes if c != label])
-                    conf = self.wrong_confidence
                 self.answers += 1
                 self.wrong_answers += bool(wrong)
             text = self.render(label, (action or {}).get("style", self.style), conf)
@@ -135,6 +138,10 @@ class LoopbackTeacher:
         finally:
             with self._lock:
                 self._inflight -= 1
+
+    def _unit(self, *parts):
+        h = hashlib.sha256("|".join(map(str, (self.seed,) + parts)).encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64
 
     def render(self, label, style, c=None):
         c = self.confidence if c is None else c

@@ -105,7 +105,7 @@ def test_cascade_reuses_ledger_and_resumes_after_kill(llm_run, tmp_path, monkeyp
 
     def dying_append(self, rec):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == 3:
             raise KeyboardInterrupt("simulated kill")
         return real_append(self, rec)
     with LoopbackTeacher(truth, CLASSES, wrong_rate=0.15, seed=2) as srv:
@@ -114,7 +114,7 @@ def test_cascade_reuses_ledger_and_resumes_after_kill(llm_run, tmp_path, monkeyp
             cascade_llm(d, srv)
         monkeypatch.setattr(Cmod.EscalationLog, "append", real_append)
         n_logged = len(escalations(d / "run"))
-        assert n_logged == 5
+        assert n_logged == 2
         before = dict(srv.requests)
         cascade_llm(d, srv)
         # every (image, pass) asked at most once over the kill, the resume and a third run
@@ -148,10 +148,10 @@ def test_cascade_budget_stop_then_higher_budget_asks_the_rest(llm_run, tmp_path,
     monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
     spent = read_json(d / "run" / "label_summary.json")["cost_usd"]
     with LoopbackTeacher(truth, CLASSES, wrong_rate=0.15, seed=2) as srv:
-        cascade_llm(d, srv, "--max_usd", spent + 0.0021, "--usd_per_call", 0.0001)
+        cascade_llm(d, srv, "--max_usd", spent + 0.00051, "--usd_per_call", 0.0001)
         assert read_json(d / "run" / "artifacts" / "cascade.json")["budget_stopped"]
         n_first = sum(srv.requests.values())
-        assert 0 < n_first <= 21
+        assert 0 < n_first <= 5
         cascade_llm(d, srv, "--max_usd", 5)
         assert max(srv.requests.values()) == 1  # the first run's answers were reused, not re-paid
     c = read_json(d / "run" / "artifacts" / "cascade.json")
