@@ -30,10 +30,11 @@ import os
 import random
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, NamedTuple
 
-from flywheel.io import atomic_write_bytes, read_csv, read_json, read_jsonl, sha256_file, write_csv, write_json
+from flywheel.io import (RunLock, RunLockHeld, atomic_write_bytes, read_csv, read_json, read_jsonl, sha256_file,
+                         write_csv, write_json)
 
 log = logging.getLogger("cifar_distill")
 
@@ -147,7 +148,16 @@ def validate(cfg: dict) -> dict:
         bad("gold_csv", f"file {cfg['gold_csv']!r} does not exist")
     if not cfg["llm_base_url"].startswith(("http://", "https://")):
         bad("llm_base_url", f"must start with http:// or https://, got {cfg['llm_base_url']!r}")
+    flag_classes = cfg["classes"]
     cfg["classes"] = resolve_classes(cfg)
+    made = Path(cfg["out_dir"]) / "classes.json"
+    if cfg["step"] not in ("prep", "all") and made.exists():
+        prepped = read_json(made)
+        if flag_classes is None:
+            cfg["classes"] = prepped  # later steps follow what prep made
+        elif cfg["classes"] != prepped:
+            bad("classes", f"is {cfg['classes']} but prep made {prepped} ({made}); rerun --step prep with these "
+                           f"--classes first, or drop the flag")
     if (cfg["teacher"] == "llm" and not cfg["dry_run"] and cfg["step"] in ("label", "cascade", "flywheel", "all")
             and not os.environ.get(API_KEY_ENV, "").strip()):
         print(NO_KEY_MESSAGE, file=sys.stderr)
@@ -157,7 +167,7 @@ def validate(cfg: dict) -> dict:
 
 def resolve_classes(cfg):
     """The class list, checked against the data source before any work."""
-    from flywheel.data import DataError, ensure_cifar100, cifar100_fine_names, list_folder_dataset, CIFAR100_DIR
+    from flywheel.data import DataError, cifar100_fine_names, cifar100_location, list_folder_dataset
     given = [c.strip() for c in cfg["classes"].split(",") if c.strip()] if cfg["classes"] else None
     if given is not None and len(set(given)) != len(given):
         raise SystemExit(f"error: --classes has duplicates: {cfg['classes']!r}")
@@ -166,7 +176,7 @@ def resolve_classes(cfg):
     if cfg["dataset"] == "cifar100":
         classes = given or CIFAR5.split(",")
         # the 100 fine names: from the archive when it is there, else the built-in list
-        folder = Path(cfg["data_root"]) / CIFAR100_DIR
+        folder, _ = cifar100_location(cfg["data_root"])
         names = cifar100_fine_names(folder) if (folder / "meta").exists() else CIFAR100_FINE
         unknown = [c for c in classes if c not in names]
         if unknown:
@@ -243,7 +253,8 @@ def step_prep(cfg, P):
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
-    from flywheel.data import ensure_cifar100, list_folder_dataset, load_cifar100_split, upscale, jpeg_bytes
+    from flywheel.data import (ensure_cifar100, folder_image_name, jpeg_bytes, list_folder_dataset, load_cifar100_split,
+                               upscale)
     classes, size, sharpen = cfg["classes"], cfg["img_size"], not cfg["no_sharpen"]
     settings = {"dataset": cfg["dataset"], "img_size": size, "sharpen": sharpen, "jpeg_quality": 90}
     old = read_json(P.prep_json) if P.prep_json.exists() else None
@@ -253,7 +264,6 @@ def step_prep(cfg, P):
         import shutil
         shutil.rmtree(P.images, ignore_errors=True)
 
-    # jobs: (split, class, source_index, loader, source name) where loader() -> PIL image
     jobs, skipped = [], []
     cap = cfg["max_per_class"] or None
     if cfg["dataset"] == "cifar100":
@@ -262,44 +272,89 @@ def step_prep(cfg, P):
             imgs, labels, names = load_cifar100_split(folder, split)
             for c in classes:
                 idx = np.flatnonzero(labels == names.index(c))[:cap]
-                jobs += [(split, c, int(i), (lambda a=imgs[i]: Image.fromarray(a)), f"{split}[{i}]") for i in idx]
+                jobs += [PrepJob(split, c, f"{c}_{i:05d}.jpg", int(i), (lambda a=imgs[i]: Image.fromarray(a)),
+                                 f"{split}[{i}]") for i in idx]
     else:
         tree = list_folder_dataset(cfg["data_root"])
         for split in ("train", "test"):
             for c in classes:
-                for i, f in enumerate(tree[split].get(c, [])[:cap]):
-                    jobs.append((split, c, i, (lambda f=f: _open_image(f)), str(f)))
+                files = tree[split].get(c, [])
+                if split == "train" and len(files) < MIN_CLASS_IMAGES:
+                    log.warning("class %r has only %d training image(s) in %s; the student and its validation "
+                                "need more (at least %d)", c, len(files), Path(cfg["data_root"]) / split / c,
+                                MIN_CLASS_IMAGES)
+                # the output name comes from the file's own name, so adding a file renames nothing
+                jobs += [PrepJob(split, c, folder_image_name(f.name), f.name, (lambda f=f: _open_image(f)), str(f))
+                         for f in files[:cap]]
 
     rows = []
     made = kept = 0
-    for split, c, i, loader, source in tqdm(jobs, desc="prep images", unit="img"):
-        rel = Path("images") / split / c / f"{c}_{i:05d}.jpg"
+    for job in tqdm(jobs, desc="prep images", unit="img"):
+        rel = Path("images") / job.split / job.cls / job.name
         dst = P.out / rel
         if not dst.exists():
             try:
-                img = loader()
+                img = job.load()
             except Exception as e:  # unreadable files are skipped and listed, never fatal
-                skipped.append({"file": source, "error": f"{type(e).__name__}: {e}"})
+                skipped.append({"file": job.source, "error": f"{type(e).__name__}: {e}"})
                 continue
             atomic_write_bytes(dst, jpeg_bytes(upscale(img, size, sharpen), 90))
             made += 1
         else:
             kept += 1
-        rows.append({"path": rel.as_posix(), "split": split, "label": c, "source_index": i,
+        rows.append({"path": rel.as_posix(), "split": job.split, "label": job.cls, "source_index": job.source_index,
                      "sha256": sha256_file(dst)})
     if not rows:
         raise SystemExit(f"error: prep found no images for classes {classes} under {cfg['data_root']}")
+    rows, dups = drop_cross_split_duplicates(rows)
+    if dups:
+        log.warning("prep: %d training image(s) are byte-identical to a test image and are kept out of training "
+                    "(listed in %s): %s", len(dups), P.prep_json,
+                    ", ".join(d["train"] for d in dups[:5]) + (" ..." if len(dups) > 5 else ""))
     write_csv(P.manifest, ["path", "split", "label", "source_index", "sha256"], rows)
     write_json(P.classes, classes)
     counts = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in classes} for s in ("train", "test")}
     write_json(P.prep_json, {"settings": settings, "classes": classes, "counts": counts, "made": made,
-                             "kept": kept, "skipped": skipped, "source": str(cfg["data_root"])})
+                             "kept": kept, "skipped": skipped, "cross_split_duplicates": dups,
+                             "source": str(cfg["data_root"])})
     if skipped:
         log.warning("prep skipped %d unreadable file(s): %s", len(skipped),
                     ", ".join(s["file"] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     log.info("prep: %d images (%d made, %d already there) -> %s; manifest -> %s; per split/class %s",
              len(rows), made, kept, P.images, P.manifest, json.dumps(counts))
     return counts
+
+
+MIN_CLASS_IMAGES = 10
+
+
+class PrepJob(NamedTuple):
+    split: str
+    cls: str
+    name: str            # output file name under images/<split>/<class>/
+    source_index: object  # CIFAR: index in the official split array; folder: the source file name
+    load: Callable        # () -> PIL image
+    source: str           # for error messages
+
+
+def drop_cross_split_duplicates(rows):
+    """-> (rows without training images whose bytes also appear in the test split, [{train, test}]).
+    A test image seen in training would inflate every test figure.
+
+    >>> rows = [{"path": "a", "split": "train", "sha256": "1"}, {"path": "b", "split": "test", "sha256": "1"},
+    ...         {"path": "c", "split": "train", "sha256": "2"}]
+    >>> kept, dups = drop_cross_split_duplicates(rows)
+    >>> [r["path"] for r in kept], dups
+    (['b', 'c'], [{'train': 'a', 'test': 'b'}])
+    """
+    test = {}
+    for r in rows:
+        if r["split"] == "test":
+            test.setdefault(r["sha256"], r["path"])
+    dups = [{"train": r["path"], "test": test[r["sha256"]]} for r in rows
+            if r["split"] == "train" and r["sha256"] in test]
+    drop = {d["train"] for d in dups}
+    return [r for r in rows if r["path"] not in drop], dups
 
 
 def _open_image(f):
@@ -346,8 +401,10 @@ def make_qc(cfg):
 
 
 def make_budget(cfg, ledger):
+    """Every call is reserved at the higher of --usd_per_call and the dearest call this model has cost."""
     from flywheel.labeling import Budget
-    return Budget(cfg["max_usd"], ledger.total_cost(), cfg["usd_per_call"])
+    return Budget(cfg["max_usd"], ledger.total_cost(), cfg["usd_per_call"],
+                  known_price=ledger.max_cost_per_call(teacher_model_name(cfg)))
 
 
 def item(P, manifest, path):
@@ -381,12 +438,10 @@ def label_sample(cfg, manifest):
 
 def plan_calls(items, model, ledger, qc):
     """(fewest, most) calls still needed for items, from what the ledger already holds."""
-    from flywheel.ledger import call_key
-    from flywheel.teacher import PROMPT_VERSION
     lo = hi = 0
     for it in items:
-        p1 = ledger.ok(call_key(it["sha256"], 1, model, PROMPT_VERSION))
-        p2 = ledger.ok(call_key(it["sha256"], 2, model, PROMPT_VERSION))
+        p1 = ledger.ok(qc.call(it["sha256"], 1, model).key)
+        p2 = ledger.ok(qc.call(it["sha256"], 2, model).key)
         if p1 is None:
             lo, hi = lo + 1, hi + 1
             always = qc.second_pass == "always"
@@ -414,9 +469,13 @@ def step_label(cfg, P):
               f"--usd_per_call {cfg['usd_per_call']}; already spent ${ledger.total_cost():.4f} of --max_usd "
               f"{cfg['max_usd']}. No call was made.")
         return None
+    check_review_file(P)
     teacher = make_teacher(cfg, manifest)
     budget = make_budget(cfg, ledger)
     gold_report = None
+    person_gold = gold if cfg["gold_csv"] else {}  # hand-checked labels train as source gold; --gold_n only measures
+    outputs = lambda **kw: write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc,  # noqa: E731
+                                               person_gold, **kw)
     try:
         if gold:
             gitems = [it for it in items if it["path"] in gold]
@@ -425,7 +484,7 @@ def step_label(cfg, P):
             log.info("gold check: teacher accuracy %.3f on %d gold items (--min_gold_acc %.2f)",
                      gold_report["accuracy"], gold_report["n"], cfg["min_gold_acc"])
             if gold_report["accuracy"] < cfg["min_gold_acc"]:
-                write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc)
+                outputs()
                 print(f"error: teacher accuracy on gold items is {gold_report['accuracy']:.3f} < --min_gold_acc "
                       f"{cfg['min_gold_acc']}; stopping before labeling the rest. Confusions (true -> teacher: n): "
                       + ", ".join(f"{k}: {v}" for k, v in gold_report["confusions"].items())
@@ -434,15 +493,27 @@ def step_label(cfg, P):
         rest = [it for it in items if it["path"] not in gold]
         label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label")
     except FatalTeacherError as e:
-        write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc)
+        outputs(budget_stopped=budget.stopped)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_TEACHER_FATAL)
+    except KeyboardInterrupt:
+        outputs(budget_stopped=budget.stopped, interrupted=True)  # the files match what was paid
+        raise
     finally:
         teacher.close()
-    summary = write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc,
-                                  budget_stopped=budget.stopped)
-    ledger.close()
-    return summary
+        ledger.close()
+    return outputs(budget_stopped=budget.stopped)
+
+
+def check_review_file(P):
+    """A review_labels.csv a spreadsheet saved must still have the columns the pipeline reads."""
+    from flywheel.io import read_csv_header
+    from flywheel.ledger import check_review_columns
+    if P.review.exists():
+        try:
+            check_review_columns(read_csv_header(P.review), str(P.review))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
 
 
 def gold_check(gold, answers, classes):
@@ -458,26 +529,31 @@ def gold_check(gold, answers, classes):
             "per_class_confusion": per_class}
 
 
-def write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc, budget_stopped=False):
-    """labels_llm.csv, review_labels.csv (keeping a person's edits) and label_summary.json, all from the
-    ledger, so a crashed or stopped run still leaves consistent files."""
-    from flywheel.labeling import ledger_verdict
-    from flywheel.ledger import REVIEW_FIELDS, STATUSES, merge_review
+def write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc, person_gold=None,
+                        budget_stopped=False, interrupted=False):
+    """labels_llm.csv, review_labels.csv (keeping what a person decided) and label_summary.json, all
+    from the ledger, so a crashed, stopped or interrupted run still leaves files that match what was paid.
+    person_gold: {path: label} from --gold_csv, written as status gold rows (they train as source gold)."""
+    from flywheel.labeling import current_keys, ledger_verdict
+    from flywheel.ledger import GOLD, REVIEW_FIELDS, STATUSES, is_person_row, merge_review
     from flywheel.teacher import PROMPT_VERSION
+    person_gold = person_gold or {}
     vs = {it["path"]: ledger_verdict(it, teacher, ledger, qc) for it in items}
-    rows = [{"path": p, "llm_label": lab, "confidence": "" if c is None else f"{c:.4f}", "label_final": lab,
-             "status": st} for p, (st, lab, c, _) in vs.items()]
+    rows = [{"path": p, "llm_label": lab, "confidence": "" if c is None else f"{c:.4f}",
+             "label_final": person_gold.get(p, lab), "status": GOLD if p in person_gold else st}
+            for p, (st, lab, c, _) in vs.items()]
     old = read_csv(P.review) if P.review.exists() else []
     rows = merge_review(rows, old)
     in_sample = set(vs)
-    kept = [o for o in old if o["path"] not in in_sample and (o.get("label_final") or "") != (o.get("llm_label") or "")]
+    kept = [o for o in old if o["path"] not in in_sample and is_person_row(o)]
     if kept:
-        log.info("keeping %d edited review row(s) outside the current sample", len(kept))
+        log.info("keeping %d review row(s) a person decided outside the current sample", len(kept))
     write_csv(P.review, REVIEW_FIELDS, rows + kept)
     write_csv(P.labels_llm, ["path", "llm_label", "confidence"], [r for r in rows if r["llm_label"]])
 
     counts = {s: sum(v[0] == s for v in vs.values()) for s in STATUSES}
-    recs = [r for r in ledger.records if r.get("purpose") in ("label", "gold")]
+    keys = current_keys(items, teacher, qc)  # this model, prompt and sample only: not every ledger line
+    recs = [r for r in ledger.records if r["key"] in keys]
     paid = [r for r in recs if r.get("status") in ("ok", "invalid")]
     two = [v for v in vs.values() if len(v[3]) == 2]
     acc = [v for p, v in vs.items() if v[0] == "accepted"]
@@ -505,7 +581,7 @@ def write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, q
         "pass1_accuracy": (sum(lab == truth[p] for p, lab in p1) / len(p1)) if p1 else None,
         "gold_accuracy": gold_report["accuracy"] if gold_report else None,
         "gold": gold_report,
-        "budget_stopped": bool(budget_stopped), "max_usd": cfg["max_usd"],
+        "budget_stopped": bool(budget_stopped), "interrupted": bool(interrupted), "max_usd": cfg["max_usd"],
         "ledger_bad_lines": ledger.bad_lines,
         "note": ("teacher_accuracy and pass1_accuracy use the manifest's ground truth for measurement only; "
                  "it never chose a label.") + (" SIMULATED teacher (oracle): labels are ground truth with "
@@ -530,12 +606,12 @@ TRAIN_ROW_FIELDS = ["path", "label", "source", "split", "turn"]
 def training_rows(cfg, P, manifest, upto_turn=0):
     """-> (train rows, val rows), each {path, label, source, split, turn}.
 
-    The label step's accepted rows and human edits are split (stratified, --seed) into train/val; the
-    val split depends only on them, so it stays the same across flywheel turns. Flywheel labels
+    The label step's accepted rows and a person's rows are split into train/val by a hash of (--seed,
+    image sha256), so the val split stays the same across flywheel turns and label edits. Flywheel labels
     (source escalation / human / simulated_human) from turns <= upto_turn go to train only.
     """
     from flywheel.ledger import training_labels
-    from flywheel.student import stratified_split
+    from flywheel.student import hash_split
     review = read_csv(P.need(P.review, "label"))
     summary = read_json(P.label_summary) if P.label_summary.exists() else {}
     try:
@@ -546,7 +622,8 @@ def training_rows(cfg, P, manifest, upto_turn=0):
         raise SystemExit(f"error: only {len(base)} usable labels in {P.review} (accepted rows and human edits); "
                          f"label more images (--max_label) or review the rejected rows")
     labels = [cfg["classes"].index(lab) for _, lab, _ in base]
-    tr, va = stratified_split(labels, cfg["val_frac"], cfg["seed"])
+    # validation by a hash of (seed, image sha256): an edited label or a new image moves nothing else
+    tr, va = hash_split([manifest[p]["sha256"] for p, _, _ in base], labels, cfg["val_frac"], cfg["seed"])
     train = [{"path": base[i][0], "label": base[i][1], "source": base[i][2], "split": "train", "turn": 0} for i in tr]
     val = [{"path": base[i][0], "label": base[i][1], "source": base[i][2], "split": "val", "turn": 0} for i in va]
     if P.flywheel_labels.exists() and upto_turn > 0:
@@ -570,21 +647,20 @@ def load_split(P, rows, classes, desc):
 
 def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
     """review_labels.csv (+ flywheel labels) -> art/{last,best}.pt, mobilenet.pt, train_rows.csv."""
-    import torch
-    from flywheel.student import WeightsError, calibrate_checkpoint, pick_device, train_student
+    from flywheel.student import WeightsError, calibrate_checkpoint, pick_device, save_torch, train_student
     art = Path(art or P.artifacts)
     art.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(P)
     classes = cfg["classes"]
     train, val = training_rows(cfg, P, manifest, upto_turn=turn)
-    write_csv(art / "train_rows.csv", TRAIN_ROW_FIELDS, train + val)
     device = pick_device(cfg["device"])
     x_tr, y_tr = load_split(P, train, classes, "decode train")
     x_va, y_va = load_split(P, val, classes, "decode val")
     epochs = (cfg["flywheel_epochs"] or cfg["epochs"]) if turn else cfg["epochs"]
     tcfg = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights",
                                 "img_size", "device")}
-    tcfg.update(epochs=epochs, turn=turn, out_dir=str(P.out), img_size=int(x_tr.shape[-1]))  # as prepped, not the flag
+    tcfg.update(epochs=epochs, turn=turn, out_dir=str(P.out), img_size=int(x_tr.shape[-1]),  # as prepped, not the flag
+                rows={r["path"]: [r["label"], r["split"]] for r in train + val})  # --resume refuses if these change
     log.info("train: %d train / %d val images, %s, device %s, init %s", len(train), len(val),
              json.dumps(_count(train + val, "source")), device, init or cfg["weights"])
     try:
@@ -594,7 +670,8 @@ def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
         raise SystemExit(f"error: {e}")
     best["val_paths"] = [r["path"] for r in val]
     best = calibrate_checkpoint(best, x_va, y_va, device, art / "best.pt")
-    torch.save(best["model"], art / "mobilenet.pt")
+    write_csv(art / "train_rows.csv", TRAIN_ROW_FIELDS, train + val)  # the rows best.pt was trained on
+    save_torch(best["model"], art / "mobilenet.pt")
     log.info("train: best epoch %s val acc %.4f; temperature %.3f, val ECE %.4f -> %.4f; wrote %s, %s, %s",
              best.get("best_epoch"), best["best_val_acc"], best["temperature"], best["val_ece_before"],
              best["val_ece_after"], art / "last.pt", art / "best.pt", art / "mobilenet.pt")
@@ -632,9 +709,9 @@ def step_eval(cfg, P, art=None):
     import numpy as np
     from flywheel.calibrate import (classification_metrics, coverage_precision, ece, reliability_bins, softmax,
                                     threshold_for_precision)
-    from flywheel.student import load_checkpoint, pick_device
+    from flywheel.student import load_student, pick_device
     art = Path(art or P.artifacts)
-    best = load_checkpoint(P.need(art / "best.pt", "train"))
+    best = load_student(art / "best.pt")
     classes = best["classes"]
     manifest = load_manifest(P)
     rows = test_rows(manifest)
@@ -744,12 +821,13 @@ def step_cascade(cfg, P, art=None, turn=0):
     import numpy as np
     from flywheel.calibrate import margin
     from flywheel.cascade import EscalationLog, route_of, summarize, tau_sweep
+    from flywheel.costs import LLM_ONLY_CALLS_PER_ITEM
     from flywheel.labeling import label_items
     from flywheel.ledger import Ledger
-    from flywheel.student import load_checkpoint, pick_device
+    from flywheel.student import load_student, pick_device
     from flywheel.teacher import FatalTeacherError
     art = Path(art or P.artifacts)
-    best = load_checkpoint(P.need(art / "best.pt", "train"))
+    best = load_student(art / "best.pt")
     classes = best["classes"]
     manifest = load_manifest(P)
     tau, rule, val_stats = fit_tau(cfg, best)
@@ -762,7 +840,7 @@ def step_cascade(cfg, P, art=None, turn=0):
     budget = make_budget(cfg, ledger)
     humans = human_answers(P)
     label_summary = read_json(P.label_summary) if P.label_summary.exists() else {}
-    calls_per_item = label_summary.get("calls_per_image") or (2.0 if cfg["second_pass"] == "always" else 1.0)
+    calls_per_item = LLM_ONLY_CALLS_PER_ITEM
     same_model = [r for r in ledger.records if r.get("model") == teacher.model and r.get("status") in ("ok", "invalid")]
     cost_per_call = (sum(float(r.get("cost_usd") or 0) for r in same_model) / len(same_model)) if same_model else cfg["usd_per_call"]
     llm_call_ms = 1000 * (sum(float(r.get("latency_s") or 0) for r in same_model) / len(same_model)) if same_model else 0.0
@@ -933,6 +1011,10 @@ def step_flywheel(cfg, P):
             continue
         prev = P.artifacts if k == 1 else P.artifacts / f"turn_{k - 1}"
         art = P.artifacts / f"turn_{k}"
+        if not pool_rows(P, manifest, k - 1):
+            log.info("flywheel turn %d skipped: no unlabeled training images are left to relabel (every one is "
+                     "labeled already); label fewer (--max_label) or add images to grow the pool", k)
+            break
         if not (prev / "cascade.json").exists():
             step_cascade(cfg, P, prev, turn=k - 1)
         picked, why = select_relabel(P, prev, cfg["relabel_n"],
@@ -993,8 +1075,8 @@ def step_export(cfg, P):
     import torch
     from flywheel.serve import (CalibratedStudent, export_onnx, export_torchscript, ort_session, preprocess_files,
                                 softmax_np)
-    from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, model_from_checkpoint
-    best = load_checkpoint(P.need(P.best, "train"))
+    from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_student, model_from_checkpoint
+    best = load_student(P.best)
     size = best["model_args"]["img_size"]
     wrapper = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval()
     meta = {"classes": best["classes"], "temperature": best["temperature"], "img_size": size,
@@ -1037,7 +1119,7 @@ def step_report(cfg, P):
     hand: each comes from the JSON file named in its section."""
     from flywheel.costs import breakeven_report
     from flywheel.plots import plot_run
-    from flywheel.student import load_checkpoint
+    from flywheel.student import load_student
     ls = read_json(P.need(P.label_summary, "label"))
     ev = read_json(P.need(P.eval, "eval"))
     prep = read_json(P.need(P.prep_json, "prep"))
@@ -1045,7 +1127,7 @@ def step_report(cfg, P):
     fly = read_json(P.flywheel) if P.flywheel.exists() else None
     speed = read_json(P.speed) if P.speed.exists() else None
     exp = read_json(P.export) if P.export.exists() else None
-    best = load_checkpoint(P.need(P.best, "train"))
+    best = load_student(P.best)
     plots, _ = plot_run(P.artifacts)
     sim_teacher = bool(ls.get("simulated"))
     sim_human = bool(cas and cas.get("simulated_human"))
@@ -1190,10 +1272,17 @@ def run_step(name, cfg, P):
             "flywheel": step_flywheel, "export": step_export, "report": step_report}[name](cfg, P)
 
 
+SPENDING_STEPS = ("label", "cascade", "flywheel", "all")  # they pay through the ledger: one process at a time
+EXIT_INTERRUPTED = 130
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if args.log_level != "DEBUG":  # httpx logs every request at INFO: the progress bar is the output
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from dotenv import find_dotenv, load_dotenv
         load_dotenv(find_dotenv(usecwd=True))  # OPENROUTER_API_KEY may live in ./.env; the environment wins
@@ -1206,13 +1295,48 @@ def main(argv=None):
         import torch
         torch.set_num_threads(cfg["num_threads"])
     steps = STEPS if cfg["step"] == "all" else [cfg["step"]]
-    for s in steps:
-        t0 = time.time()
-        log.info("=== step %s ===", s)
-        run_step(s, cfg, P)
-        log.info("=== step %s done in %.1fs ===", s, time.time() - t0)
-        if cfg["step"] == "all" and s == "label" and cfg["dry_run"]:
-            break
+    lock = RunLock(P.out, cfg["step"]) if cfg["step"] in SPENDING_STEPS and not cfg["dry_run"] else None
+    with _sigterm_as_interrupt():
+        try:
+            if lock is not None:
+                lock.acquire()
+            for s in steps:
+                t0 = time.time()
+                log.info("=== step %s ===", s)
+                run_step(s, cfg, P)
+                log.info("=== step %s done in %.1fs ===", s, time.time() - t0)
+                if cfg["step"] == "all" and s == "label" and cfg["dry_run"]:
+                    break
+        except RunLockHeld as e:
+            raise SystemExit(f"error: {e}")
+        except KeyboardInterrupt:
+            # the step already let calls in flight land and rewrote its outputs from what was paid
+            print(f"interrupted: stopped step {cfg['step']}; everything paid for is in {P.ledger}, and a rerun of "
+                  f"the same command resumes without paying twice.", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM (what `kill` and process managers send) stops a step the way Ctrl-C does."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        import signal
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
 
 
 if __name__ == "__main__":

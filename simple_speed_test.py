@@ -27,7 +27,7 @@ import torch
 from cifar_distill import Paths, load_manifest, test_rows
 from flywheel.io import write_json
 from flywheel.serve import ort_session, preprocess_files
-from flywheel.student import load_checkpoint, model_from_checkpoint
+from flywheel.student import load_student, model_from_checkpoint
 
 BACKENDS = ["torch", "torch_channels_last", "torchscript", "onnxruntime"]
 WARMUP_ITERS = 3
@@ -157,7 +157,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     P = Paths(a.root)
-    best = load_checkpoint(P.need(P.best, "train"))
+    best = load_student(P.best)
     files = [P.out / r["path"] for r in test_rows(load_manifest(P))][:a.max_images]
     if not files:
         raise SystemExit(f"error: no test images in {P.manifest}; rerun --step prep")

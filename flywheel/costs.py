@@ -13,6 +13,10 @@ from types import SimpleNamespace
 
 from flywheel.io import read_json
 
+# The one definition of the LLM-only baseline: a production service that calls the LLM once per item.
+# (The label step's QC asks twice; that is a labeling cost, not what serving LLM-only would pay.)
+LLM_ONLY_CALLS_PER_ITEM = 1
+
 
 def llm_only_monthly(volume, llm_cost_per_item):
     """USD per month when every item goes to the LLM.
@@ -101,7 +105,7 @@ def breakeven_table(volumes, escalation_rate, llm_cost_per_item, student_cost_pe
 
 
 # ----------------------------------------------------------------------------- inputs from a run
-BREAKEVEN_DEFAULTS = dict(root=None, llm_cost=None, llm_calls_per_item=1.0, escalated_item_cost=None,
+BREAKEVEN_DEFAULTS = dict(root=None, llm_cost=None, llm_calls_per_item=float(LLM_ONLY_CALLS_PER_ITEM), escalated_item_cost=None,
                           escalation_rate=None, labeling_usd=None, student_cost_per_1k=None, cpu_hour_usd=0.05,
                           student_img_per_s=None, fixed_monthly_usd=0.0, volume=100_000)
 

@@ -97,16 +97,34 @@ def safe_extract(tgz: Path, into: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cifar100_location(data_root):
+    """-> (extracted folder, archive path) for --data_root given as the folder holding them, the archive
+    itself, or the extracted cifar-100-python folder.
+
+    >>> [str(p) for p in cifar100_location("data")]
+    ['data/cifar-100-python', 'data/cifar-100-python.tar.gz']
+    >>> [str(p) for p in cifar100_location("dl/c100.tar.gz")]
+    ['dl/cifar-100-python', 'dl/c100.tar.gz']
+    """
+    p = Path(data_root)
+    if p.name.endswith((".tar.gz", ".tgz")):
+        return p.parent / CIFAR100_DIR, p
+    if p.name == CIFAR100_DIR and p.is_dir():
+        return p, p.parent / CIFAR100_TGZ
+    if p.is_file():
+        raise DataError(f"--data_root {p} is a file but not a .tar.gz; pass the CIFAR-100 archive "
+                        f"({CIFAR100_TGZ}), its extracted {CIFAR100_DIR}/ folder, or the folder holding either")
+    return p / CIFAR100_DIR, p / CIFAR100_TGZ
+
+
 def ensure_cifar100(data_root: Path, url: str = CIFAR100_URL) -> Path:
     """Return the extracted folder: use it if present, else extract the tar.gz, else download it."""
-    data_root = Path(data_root)
-    folder = data_root / CIFAR100_DIR
+    folder, tgz = cifar100_location(data_root)
     if folder.is_dir():
         return folder
-    tgz = data_root / CIFAR100_TGZ
     if not tgz.exists():
         download_cifar100(tgz, url)
-    safe_extract(tgz, data_root)
+    safe_extract(tgz, folder.parent)
     return folder
 
 
@@ -168,14 +186,33 @@ def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
+def folder_image_name(name: str) -> str:
+    """Output JPEG name for a source file, from its own name (so adding a file renames nothing).
+
+    >>> folder_image_name("cat 01.jpg"), folder_image_name("cat01.PNG"), folder_image_name("x.jpeg")
+    ('cat 01.jpg', 'cat01.PNG.jpg', 'x.jpeg')
+    """
+    return name if Path(name).suffix.lower() in (".jpg", ".jpeg") else name + ".jpg"
+
+
 def list_folder_dataset(root: Path):
-    """DIR/{train,test}/<class>/* -> {split: {class: [files sorted]}}; classes are subfolder names."""
+    """DIR/{train,test}/<class>/* -> {split: {class: [files sorted]}}; classes are subfolder names.
+    An empty class folder is an error (it would silently become a class with no images)."""
     root = Path(root)
     out = {}
     for split in ("train", "test"):
         d = root / split
         if not d.is_dir():
             raise DataError(f"--dataset folder expects {d}/<class>/<images>; {d} does not exist.")
-        out[split] = {c.name: sorted(p for p in c.iterdir() if p.is_file() and not p.name.startswith("."))
-                      for c in sorted(d.iterdir()) if c.is_dir()}
+        out[split] = {}
+        for c in sorted(x for x in d.iterdir() if x.is_dir() and not x.name.startswith(".")):
+            files = sorted(p for p in c.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not files:
+                raise DataError(f"class folder {c} is empty; add its images or remove the folder.")
+            names = {}
+            for f in files:
+                other = names.setdefault(folder_image_name(f.name), f)
+                if other != f:
+                    raise DataError(f"{other} and {f} would both be saved as {folder_image_name(f.name)}; rename one.")
+            out[split][c.name] = files
     return out

@@ -1,7 +1,11 @@
 """Small file helpers shared by every step: atomic writes, CSV/JSON round trips, hashing.
 
 Every file a step writes is either append-only (ledgers) or written to a temp name in the same folder
-and renamed into place, so a crash never leaves a half-written file that looks complete.
+and renamed into place, so a crash never leaves a half-written file that looks complete. Files get the
+permissions the user's umask gives (mkstemp alone would leave them 0600).
+
+RunLock: one process at a time may spend through a run folder (fcntl.flock on OUT/run.lock; the
+kernel drops it when the holder dies, even by kill -9).
 """
 import csv
 import hashlib
@@ -11,11 +15,21 @@ import tempfile
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()  # what open() would give a new file
+
+
 def atomic_write_bytes(path, data: bytes):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -59,8 +73,18 @@ def write_csv(path, fieldnames, rows):
 
 
 def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """Rows as dicts; a UTF-8 BOM and CRLF line endings (a spreadsheet's save) are fine, and header
+    names are stripped of surrounding spaces."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        r = csv.DictReader(f)
+        if r.fieldnames:
+            r.fieldnames = [(h or "").strip() for h in r.fieldnames]
+        return list(r)
+
+
+def read_csv_header(path) -> list:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [(h or "").strip() for h in next(csv.reader(f), [])]
 
 
 def hash_file(path, algo="sha256") -> str:
@@ -140,3 +164,59 @@ def stable_unit(*parts) -> float:
     """
     h = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64
+
+
+class RunLockHeld(RuntimeError):
+    """Another live process holds the run folder's lock; the message names it and the fix."""
+
+
+class RunLock:
+    """An exclusive, non-blocking flock on OUT/run.lock for as long as the `with` block runs. The file
+    says who holds it (pid, step, start time), so a second run can name the holder.
+
+    >>> import tempfile; d = tempfile.mkdtemp()
+    >>> with RunLock(d, "label"):
+    ...     try:
+    ...         RunLock(d, "cascade").acquire()
+    ...     except RunLockHeld as e:
+    ...         print(str(e).split(";")[0].split(" (pid")[0])
+    another cifar_distill process holds the run folder's lock
+    """
+
+    def __init__(self, out_dir, step):
+        self.path = Path(out_dir) / "run.lock"
+        self.step, self._f = step, None
+
+    def acquire(self):
+        import fcntl
+        import time
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            pid = holder.split()[0] if holder != "unknown" else "?"
+            raise RunLockHeld(
+                f"another cifar_distill process holds the run folder's lock ({holder}; {self.path}); two "
+                f"processes on one run folder would pay for the same answers twice. Wait for it to finish, stop it "
+                f"(kill {pid}), or use another --out_dir.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} step={self.step} since={time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def release(self):
+        if self._f is not None:
+            self._f.close()  # closing drops the flock; the file stays (deleting it would race a waiter)
+            self._f = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

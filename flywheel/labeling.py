@@ -5,33 +5,48 @@ reused everywhere (the ledger key does not include why it was asked).
 
 Pass 1 lists the classes in the given order at temperature 0; pass 2 lists them in another order at
 a temperature above 0, so that agreement between the passes means something.
+
+Work runs in a bounded window (at most 2 x max_workers images queued or in flight, so a million-image
+pool is never submitted up front) on daemon threads. On Ctrl-C, SIGTERM, a fatal teacher error or an
+unexpected exception in a worker, nothing new starts: queued images are dropped, calls in flight get
+INTERRUPT_GRACE_S seconds to land in the ledger, and the exception goes up to the step, which rewrites
+its outputs from what was paid.
 """
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import NamedTuple
 
 from tqdm import tqdm
 
 from flywheel.io import stable_unit
 from flywheel.ledger import call_key, image_verdict
-from flywheel.teacher import PROMPT_VERSION, FatalTeacherError, pass_class_order
+from flywheel.teacher import PROMPT_VERSION, pass_class_order, question_hash
 
 log = logging.getLogger(__name__)
 
+INTERRUPT_GRACE_S = 10.0  # after Ctrl-C, how long calls already sent may take to land in the ledger
+
 
 class Budget:
-    """Hard USD cap: a call may start only if spend + calls in flight + this call cannot pass it.
+    """Hard USD cap: a call may start only if spend + calls in flight + this call cannot pass it, each
+    call reserved at the higher of the estimate and the dearest price observed (from the ledger and from
+    the first answers of this run), so a 20x low --usd_per_call overshoots by at most the calls in flight.
 
     >>> b = Budget(max_usd=1.0, spent=0.5, est_per_call=0.2)
     >>> b.reserve(), b.reserve(), b.reserve()
     (True, True, False)
     >>> b.settle(0.1); round(b.spent, 3)
     0.6
+    >>> b = Budget(max_usd=1.0, spent=0.0, est_per_call=0.01)   # the real price is 40x the estimate
+    >>> [b.reserve() for _ in range(3)], b.settle(0.4), b.reserve()  # 0.4 spent + 2 in flight + 1 at 0.4 > 1
+    ([True, True, True], None, False)
     """
 
-    def __init__(self, max_usd, spent, est_per_call):
-        self.max_usd, self.spent, self.est = float(max_usd), float(spent), float(est_per_call)
+    def __init__(self, max_usd, spent, est_per_call, known_price=0.0):
+        self.max_usd, self.spent = float(max_usd), float(spent)
+        self.est = max(float(est_per_call), float(known_price or 0.0))
         self.inflight, self.calls, self.run_spent, self.stopped = 0, 0, 0.0, False
         self._lock = threading.Lock()
 
@@ -49,9 +64,16 @@ class Budget:
             self.spent += float(cost or 0)
             self.run_spent += float(cost or 0)
             self.calls += 1
-            # learn the real price: the estimate never drops below what calls have cost on average
-            if self.calls >= 5:
-                self.est = max(self.est, self.run_spent / self.calls)
+            self.est = max(self.est, float(cost or 0))  # learn the real price from the first answer
+
+
+class Call(NamedTuple):
+    """One question to the teacher about one image: its ledger key and what is sent."""
+    key: str
+    pass_no: int
+    class_order: list
+    temperature: float
+    question: str
 
 
 class QC:
@@ -63,6 +85,13 @@ class QC:
         self.adaptive_thresh, self.audit_frac, self.second_temp = adaptive_thresh, audit_frac, second_temp
         self.max_invalid, self.seed = max_invalid, seed
 
+    def call(self, sha, pass_no, model) -> Call:
+        """The question pass `pass_no` asks about image `sha`, keyed by what is actually sent."""
+        order = pass_class_order(self.classes, pass_no, sha)
+        temp = 0.0 if pass_no == 1 else self.second_temp
+        q = question_hash(order, temp)
+        return Call(call_key(sha, pass_no, model, q), pass_no, order, temp, q)
+
     def second_needed(self, sha, p1_conf) -> bool:
         if self.second_pass == "always":
             return True
@@ -72,7 +101,7 @@ class QC:
 
 def ledger_verdict(item, teacher, ledger, qc):
     """(status, label, confidence, [pass records]) for one image from the ledger alone."""
-    keys = [call_key(item["sha256"], p, teacher.model, PROMPT_VERSION) for p in (1, 2)]
+    keys = [qc.call(item["sha256"], p, teacher.model).key for p in (1, 2)]
     p1, p2 = ledger.ok(keys[0]), ledger.ok(keys[1])
     need2 = p1 is not None and qc.second_needed(item["sha256"], float(p1["confidence"]))
     st, lab, conf = image_verdict(p1, p2, need2, qc.conf_thresh,
@@ -80,31 +109,36 @@ def ledger_verdict(item, teacher, ledger, qc):
     return st, lab, conf, [r for r in (p1, p2 if need2 else None) if r is not None]
 
 
+def current_keys(items, teacher, qc):
+    """Every ledger key the current model, prompt and QC would use for these items (both passes)."""
+    return {qc.call(it["sha256"], p, teacher.model).key for it in items for p in (1, 2)}
+
+
 def _ask(item, pass_no, teacher, ledger, qc, budget, purpose, stop):
     """Ask one pass until it has a valid answer, within the invalid-reply bound. -> ok record or None."""
-    key = call_key(item["sha256"], pass_no, teacher.model, PROMPT_VERSION)
-    if (rec := ledger.ok(key)) is not None:
+    call = qc.call(item["sha256"], pass_no, teacher.model)
+    if (rec := ledger.ok(call.key)) is not None:
         return rec
-    order = pass_class_order(qc.classes, pass_no, item["sha256"])
-    temp = 0.0 if pass_no == 1 else qc.second_temp
-    while ledger.count(key, "invalid") <= qc.max_invalid:
+    while ledger.count(call.key, "invalid") <= qc.max_invalid:
         if stop.is_set() or not budget.reserve():
             return None
         try:
-            a = teacher.ask(item["path"], item["file"], item["sha256"], pass_no, order, temp)
+            a = teacher.ask(item["path"], item["file"], item["sha256"], pass_no, call.class_order, call.temperature)
         except BaseException:
             budget.settle(0.0)
             raise
         budget.settle(a.cost_usd)
+        if a.status == "error" and stop.is_set() and not a.http_status:
+            return None  # never sent (stopped before a retry): nothing to record
         rec = ledger.append({
-            "key": key, "path": item["path"], "sha256": item["sha256"], "pass": pass_no,
+            "key": call.key, "path": item["path"], "sha256": item["sha256"], "pass": pass_no,
             "model": teacher.model, "host": teacher.host, "prompt_version": PROMPT_VERSION,
-            "source": teacher.source, "purpose": purpose, "status": a.status, "label": a.label,
-            "confidence": a.confidence, "why": a.why, "raw": a.raw, "error": a.error,
+            "question": call.question, "source": teacher.source, "purpose": purpose, "status": a.status,
+            "label": a.label, "confidence": a.confidence, "why": a.why, "raw": a.raw, "error": a.error,
             "http_status": a.http_status, "prompt_tokens": a.prompt_tokens,
             "completion_tokens": a.completion_tokens, "cost_usd": a.cost_usd,
             "cost_estimated": a.cost_estimated, "latency_s": round(a.latency_s, 4),
-            "temperature": temp, "class_order": order})
+            "temperature": call.temperature, "class_order": call.class_order})
         if a.status == "ok":
             return rec
         if a.status == "error":
@@ -112,48 +146,120 @@ def _ask(item, pass_no, teacher, ledger, qc, budget, purpose, stop):
     return None
 
 
-def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, desc="label", on_done=None):
+class _Pool:
+    """Daemon worker threads fed one item at a time: a process that must exit (Ctrl-C, after the grace)
+    is never held up by a call still waiting on the network, as ThreadPoolExecutor's exit join would."""
+
+    def __init__(self, fn, n):
+        self.todo, self.done = queue.Queue(), queue.Queue()
+        for i in range(n):
+            threading.Thread(target=self._loop, args=(fn,), daemon=True, name=f"teacher-{i}").start()
+        self.n = n
+
+    def _loop(self, fn):
+        while (it := self.todo.get()) is not None:
+            try:
+                self.done.put((it, fn(it), None))
+            except BaseException as e:  # reported to the main thread, which stops everything
+                self.done.put((it, None, e))
+
+    def submit(self, it):
+        self.todo.put(it)
+
+    def get(self, timeout):
+        return self.done.get(timeout=timeout)
+
+    def close(self):
+        for _ in range(self.n):
+            self.todo.put(None)
+
+
+def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, desc="label", on_done=None,
+                grace_s=INTERRUPT_GRACE_S):
     """Run dual-pass QC on items ({path, file, sha256}); every call goes through the ledger.
 
     Returns {path: (status, label, confidence, pass records)}; on_done(item, verdict) runs in the main
     thread as each item finishes (the cascade logs escalations there, so a kill loses nothing).
-    Raises FatalTeacherError (after letting calls in flight finish and land in the ledger) on 401/402/403.
+    Raises FatalTeacherError on 401/402/403 or a dead endpoint, a worker's unexpected exception, or the
+    KeyboardInterrupt (Ctrl-C, SIGTERM) that arrived, after dropping queued items and letting calls in
+    flight land in the ledger (at most grace_s seconds).
     """
-    stop = threading.Event()
-    fatal = []
-    t0 = time.monotonic()
-    calls0 = budget.calls
+    stop = getattr(teacher, "stop", None) or threading.Event()
+    stop.clear()
+    t0, calls0 = time.monotonic(), budget.calls
+    out, errors = {}, []
+    counts = {"accepted": 0, "failed": 0}
 
-    def work(item):
+    def work(it):
         if stop.is_set():
-            return item
-        try:
-            p1 = _ask(item, 1, teacher, ledger, qc, budget, purpose, stop)
-            if p1 is not None and qc.second_needed(item["sha256"], float(p1["confidence"])):
-                _ask(item, 2, teacher, ledger, qc, budget, purpose, stop)
-        except FatalTeacherError as e:
-            fatal.append(e)
-            stop.set()
-        return item
+            return False
+        p1 = _ask(it, 1, teacher, ledger, qc, budget, purpose, stop)
+        if p1 is not None and qc.second_needed(it["sha256"], float(p1["confidence"])):
+            _ask(it, 2, teacher, ledger, qc, budget, purpose, stop)
+        return True
 
-    out = {}
-    accepted = 0
-    with ThreadPoolExecutor(max_workers=max_workers) as ex, \
-            tqdm(total=len(items), desc=desc, unit="img") as bar:
-        futs = [ex.submit(work, it) for it in items]
-        for f in as_completed(futs):
-            it = f.result()
+    pool = _Pool(work, max_workers)
+    todo, pending = iter(items), 0
+
+    def feed():
+        nonlocal pending
+        while pending < 2 * max_workers and not stop.is_set() and (it := next(todo, None)) is not None:
+            pool.submit(it)
+            pending += 1
+
+    bar = tqdm(total=len(items), desc=desc, unit="img")
+    try:
+        feed()
+        while pending:
+            try:
+                it, ran, err = pool.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            pending -= 1
+            if err is not None:
+                errors.append(err)
+                stop.set()  # nothing new starts; in-flight calls still land
+                continue
+            if not ran:
+                continue
             v = ledger_verdict(it, teacher, ledger, qc)
             out[it["path"]] = v
             if on_done is not None:
                 on_done(it, v)
-            accepted += v[0] == "accepted"
+            counts["accepted"] += v[0] == "accepted"
+            counts["failed"] += v[0] == "failed"
             rate = (budget.calls - calls0) / max(time.monotonic() - t0, 1e-9)
-            bar.set_postfix(accepted=accepted, usd=f"{budget.spent:.4f}", calls_s=f"{rate:.1f}", refresh=False)
+            bar.set_postfix(accepted=counts["accepted"], failed=counts["failed"], usd=f"{budget.spent:.4f}",
+                            calls_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
-    if fatal:
-        raise fatal[0]
+            feed()
+    except BaseException:  # Ctrl-C / SIGTERM in the main thread, or on_done failed
+        stop.set()
+        _drain(pool, pending, grace_s)
+        raise
+    finally:
+        pool.close()
+        bar.close()
+    if errors:
+        raise errors[0]
     if budget.stopped:
         log.warning("budget stop: spend $%.4f of --max_usd $%.2f; no new calls started. Rerun with a higher "
                     "--max_usd to resume where this stopped.", budget.spent, budget.max_usd)
     return out
+
+
+def _drain(pool, pending, grace_s):
+    """Wait up to grace_s for the calls in flight to land in the ledger; a second Ctrl-C stops waiting."""
+    deadline = time.monotonic() + grace_s
+    try:
+        while pending and time.monotonic() < deadline:
+            try:
+                pool.get(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
+                pending -= 1
+            except queue.Empty:
+                pass
+    except KeyboardInterrupt:
+        pass
+    if pending:
+        log.warning("%d teacher call(s) still in flight after %.0fs were abandoned; a rerun asks them again",
+                    pending, grace_s)

@@ -150,28 +150,41 @@ def augment(x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x - mean) / std
 
 
-def stratified_split(labels, val_frac, seed):
-    """Indices (train, val), stratified by label: each class gives round(n * val_frac) items to
-    validation, at least 1 when it has 2 or more.
+def hash_split(keys, labels, val_frac, seed):
+    """Indices (train, val): item i is in validation when stable_unit(seed, "val", keys[i]) < val_frac,
+    keys being image sha256s. An item's split depends on itself alone, so editing one label or adding
+    images moves nothing else. A class of 2+ items that drew no validation item gives its lowest-hash one.
 
-    >>> tr, va = stratified_split([0] * 10 + [1] * 5 + [2], 0.2, 0)
-    >>> sorted(np.asarray([0] * 10 + [1] * 5 + [2])[va].tolist()), len(tr)
-    ([0, 0, 1], 13)
+    >>> keys = [f"img{i}" for i in range(8)]
+    >>> tr, va = hash_split(keys, [0, 0, 0, 0, 1, 1, 1, 1], 0.25, 0)
+    >>> va.tolist(), len(tr)
+    [1, 2, 4, 5], 4
+    >>> tr2, va2 = hash_split(keys, [0, 0, 0, 1, 1, 1, 1, 1], 0.25, 0)  # relabel item 3: nothing moves
+    >>> va2.tolist() == va.tolist()
+    True
     """
+    from flywheel.io import stable_unit
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    tr, va = [], []
+    u = np.array([stable_unit(seed, "val", k) for k in keys])
+    val = u < val_frac
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        k = int(round(len(idx) * val_frac))
-        if len(idx) >= 2:
-            k = min(max(k, 1), len(idx) - 1)
-        else:
-            k = 0
-        va += idx[:k].tolist()
-        tr += idx[k:].tolist()
-    return np.array(sorted(tr), dtype=np.int64), np.array(sorted(va), dtype=np.int64)
+        if len(idx) >= 2 and not val[idx].any():
+            val[idx[np.argmin(u[idx])]] = True
+    return np.flatnonzero(~val).astype(np.int64), np.flatnonzero(val).astype(np.int64)
+
+
+def rows_diff(old: dict, new: dict) -> str:
+    """How two {path: [label, split]} training sets differ, in words; "" when they are the same.
+
+    >>> rows_diff({"a": ["x", "train"], "b": ["y", "val"]}, {"a": ["z", "train"], "c": ["y", "train"]})
+    '1 added, 1 removed, 1 relabeled or moved'
+    """
+    added = len(new.keys() - old.keys())
+    removed = len(old.keys() - new.keys())
+    changed = sum(list(old[k]) != list(new[k]) for k in old.keys() & new.keys())
+    return ", ".join(f"{n} {w}" for n, w in ((added, "added"), (removed, "removed"), (changed, "relabeled or moved"))
+                     if n)
 
 
 # ----------------------------------------------------------------------------- inference
@@ -246,10 +259,15 @@ def _set_rng_state(st, gen):
 
 
 def save_checkpoint(path, ckpt):
+    save_torch(ckpt, path)
+
+
+def save_torch(obj, path):
+    """torch.save through a temp file and a rename: a crash never leaves a half-written checkpoint."""
     from flywheel.io import atomic_write_bytes
     import io
     buf = io.BytesIO()
-    torch.save(ckpt, buf)
+    torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -259,6 +277,20 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ck, dict) or ck.get("version") != CKPT_VERSION:
         raise SystemExit(f"error: {path} is not a cifar_distill checkpoint of version {CKPT_VERSION}; "
                          f"retrain with --step train")
+    return ck
+
+
+def load_student(path, map_location="cpu"):
+    """A trained, calibrated student (best.pt): what eval, cascade, export and serving read."""
+    path = Path(path)
+    if not path.exists():
+        resume = (path.parent / "last.pt").exists()
+        raise SystemExit(f"error: {path} is missing; run `uv run cifar_distill.py --step train"
+                         f"{' --resume' if resume else ''}` first" + (" (an interrupted training left last.pt)" if resume else ""))
+    ck = load_checkpoint(path, map_location)
+    if "temperature" not in ck:
+        raise SystemExit(f"error: {path} has no temperature: training stopped before calibration. Run "
+                         f"`uv run cifar_distill.py --step train --resume` to finish it.")
     return ck
 
 
@@ -277,7 +309,9 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
     Returns the best checkpoint dict (without calibration; see calibrate_checkpoint).
     """
     art_dir = Path(art_dir)
-    last_p, best_p = art_dir / "last.pt", art_dir / "best.pt"
+    # the best epoch so far goes to best_epoch.pt; only calibrate_checkpoint writes best.pt, so best.pt is
+    # always complete and calibrated (an interrupted run keeps the previous one, or has none)
+    last_p, best_p = art_dir / "last.pt", art_dir / "best_epoch.pt"
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -303,6 +337,10 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
         if ck["classes"] != list(classes) or ck["model_args"] != model_args:
             raise SystemExit(f"error: --resume: {last_p} was trained on classes {ck['classes']} / {ck['model_args']}, "
                              f"not {list(classes)} / {model_args}; train without --resume")
+        changed = rows_diff(ck["config"].get("rows") or {}, cfg.get("rows") or {})
+        if changed:
+            raise SystemExit(f"error: --resume: the training rows changed since {last_p} was written ({changed}); "
+                             f"resuming would mix two data sets. Train without --resume.")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

@@ -5,7 +5,12 @@ and 5xx with exponential backoff and jitter, honouring Retry-After up to a cap (
 Retry-After and the backoff, and has a 4x larger retry budget, so sustained rate limiting slows the run
 instead of failing images); 401/402/403 stop the
 run at once (retrying cannot fix a bad key or an empty wallet); any other 4xx is reported with its
-body. Every retry decision is logged at debug level. The API key is never logged or stored.
+body. Every retry decision is logged at debug level. The API key is never logged or stored: every
+error text passes through `redact` first (a server or h11 may echo the Authorization header).
+
+A dead endpoint fails fast: a run of consecutive transport failures across all threads (connection
+refused, DNS, TLS, connect timeouts) trips a circuit breaker that stops the step (FatalTeacherError).
+A stop event (Ctrl-C) cuts retry waits short and starts no new attempt.
 
 Shortcut taken: one image per request (no batching of images into one prompt), so that each answer
 maps to exactly one ledger record and one price.
@@ -26,13 +31,20 @@ from flywheel.io import stable_unit
 
 log = logging.getLogger(__name__)
 
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v1"  # kept in records for humans; the ledger key uses question_hash, not this
 DEFAULT_TIMEOUT_S = 60.0
 INITIAL_RETRY_DELAY_S = 0.5
 MAX_RETRY_DELAY_S = 8.0
 MAX_RETRY_AFTER_S = 60.0  # a Retry-After above this is capped: we would rather fail than hang
 RETRYABLE_STATUS = {408, 409, 429}
 RATE_LIMIT_RETRY_FACTOR = 4  # 429s get 4x --max_retries: sustained rate limiting is normal, not a failure
+MAX_RATE_LIMIT_WAIT_S = 120.0  # wall-clock cap on one call's 429 waits: no 20-minute stalls behind a storm
+MAX_TOKENS = 300
+# circuit breaker: this many consecutive transport failures (any thread), or at least
+# BREAKER_MIN_FAILURES of them spanning BREAKER_SPAN_S seconds, stop the step. With 10 workers and a
+# refused connection that is well under a second; with one worker and 10 s connect timeouts, ~30 s.
+BREAKER_FAILURES = 8
+BREAKER_MIN_FAILURES, BREAKER_SPAN_S = 3, 20.0
 FATAL_STATUS = {401: "the API key was rejected (401 Unauthorized)",
                 402: "the account has no credits left (402 Payment Required)",
                 403: "the key may not use this model or endpoint (403 Forbidden)"}
@@ -75,6 +87,22 @@ class Answer:
 
 def build_prompt(class_order) -> str:
     return USER_PROMPT.format(class_list="\n".join(f"- {c}" for c in class_order))
+
+
+def question_hash(class_order, temperature, max_tokens=MAX_TOKENS) -> str:
+    """A hash of everything that shapes the answer except the image and the model: the system and
+    user text as rendered (so the class list and its order), the temperature and max_tokens. The
+    ledger keys answers on it, so a changed prompt or class list never reuses another question's answer.
+
+    >>> question_hash(["a", "b"], 0.0) == question_hash(["a", "b"], 0)
+    True
+    >>> len({question_hash(["a", "b"], 0.0), question_hash(["b", "a"], 0.0), question_hash(["a", "b"], 0.7)})
+    3
+    """
+    import hashlib
+    spec = json.dumps({"system": SYSTEM_PROMPT, "user": build_prompt(class_order),
+                       "temperature": float(temperature), "max_tokens": int(max_tokens)}, sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
 def pass_class_order(classes, pass_no: int, key: str):
@@ -145,35 +173,23 @@ def parse_confidence(x) -> float:
 
 
 def extract_json(text: str) -> dict:
-    """The first JSON object in `text`: bare, in a ``` fence, or surrounded by prose."""
+    """The first JSON object in `text`: bare, in a ``` fence, or surrounded by prose. A real JSON
+    decoder (raw_decode from each `{`) reads it, so escaped quotes and braces in strings are fine.
+
+    >>> extract_json('Sure: {"label": "pear", "why": "about 3\\" wide {ish}"} done')["why"]
+    'about 3" wide {ish}'
+    """
+    decoder = json.JSONDecoder()
     fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.S | re.I)
-    candidates = [fence.group(1)] if fence else []
-    candidates.append(text)
-    for cand in candidates:
+    for cand in ([fence.group(1)] if fence else []) + [text]:
         start = cand.find("{")
         while start != -1:
-            depth, in_str, esc = 0, False, False
-            for i in range(start, len(cand)):
-                ch = cand[i]
-                if in_str:
-                    esc = (ch == "\\") and not esc
-                    if ch == '"' and not esc:
-                        in_str = False
-                    continue
-                if ch == '"':
-                    in_str = True
-                elif ch == "{":
-                    depth += 1
-                elif ch == "}":
-                    depth -= 1
-                    if depth == 0:
-                        try:
-                            obj = json.loads(cand[start:i + 1])
-                            if isinstance(obj, dict):
-                                return obj
-                        except json.JSONDecodeError:
-                            pass
-                        break
+            try:
+                obj, _ = decoder.raw_decode(cand, start)
+                if isinstance(obj, dict):
+                    return obj
+            except json.JSONDecodeError:
+                pass
             start = cand.find("{", start + 1)
     raise InvalidReply("no JSON object in the reply")
 
@@ -198,22 +214,87 @@ def parse_reply(text: str, classes):
 
 # ----------------------------------------------------------------------------- HTTP client
 
-def retry_delay(attempt: int, retry_after: str = None, rng=random) -> float:
-    """Seconds to wait before retry `attempt` (0-based): Retry-After when given (capped), else
-    exponential backoff with up to 25% jitter downwards.
+def retry_after_s(headers, now=None):
+    """Seconds the server asked us to wait, or None: `retry-after-ms`, then `Retry-After` as seconds or
+    as an HTTP date. Capped at MAX_RETRY_AFTER_S.
 
-    >>> retry_delay(0, "3")
+    >>> retry_after_s({"retry-after-ms": "1500"}), retry_after_s({"retry-after": "3"})
+    (1.5, 3.0)
+    >>> retry_after_s({"retry-after": "Wed, 21 Oct 2026 07:28:10 GMT"}, now=1792567680.0)
+    10.0
+    >>> retry_after_s({"retry-after": "soon"}) is None
+    True
+    """
+    from email.utils import parsedate_to_datetime
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    wait = None
+    try:
+        if headers.get("retry-after-ms"):
+            wait = float(headers["retry-after-ms"]) / 1000.0
+    except ValueError:
+        pass
+    ra = headers.get("retry-after")
+    if wait is None and ra:
+        try:
+            wait = float(ra)
+        except ValueError:
+            try:
+                wait = parsedate_to_datetime(ra).timestamp() - (time.time() if now is None else now)
+            except (TypeError, ValueError, IndexError):
+                wait = None
+    return None if wait is None else min(max(wait, 0.0), MAX_RETRY_AFTER_S)
+
+
+def retry_delay(attempt: int, retry_after: float = None, rng=random) -> float:
+    """Seconds to wait before retry `attempt` (0-based): the server's Retry-After when given (seconds,
+    already parsed and capped by retry_after_s), else exponential backoff with up to 25% jitter downwards.
+
+    >>> retry_delay(0, 3.0)
     3.0
     >>> 0.375 <= retry_delay(0) <= 0.5 and 3.0 <= retry_delay(3) <= 4.0
     True
     """
-    if retry_after:
-        try:
-            return min(max(float(retry_after), 0.0), MAX_RETRY_AFTER_S)
-        except ValueError:
-            pass  # an HTTP date: fall back to backoff
+    if retry_after is not None:
+        return min(max(float(retry_after), 0.0), MAX_RETRY_AFTER_S)
     base = min(INITIAL_RETRY_DELAY_S * 2 ** attempt, MAX_RETRY_DELAY_S)
     return base * (1 - 0.25 * rng.random())
+
+
+def redact(text: str, secret: str) -> str:
+    """`text` with the secret (the API key) replaced, for every error message and log line.
+
+    >>> redact("bad header b'Bearer sk-123'", "sk-123")
+    "bad header b'Bearer ***'"
+    """
+    return text.replace(secret, "***") if secret and text else text
+
+
+class CircuitBreaker:
+    """Counts consecutive transport failures across threads; any HTTP response resets it.
+
+    >>> b = CircuitBreaker(failures=3, min_failures=2, span_s=100.0)
+    >>> [b.failure(now=t) for t in (0.0, 1.0)] + [b.failure(now=2.0)]
+    [False, False, True]
+    >>> b.success(); b.failure(now=3.0), b.failure(now=200.0)
+    (False, True)
+    """
+
+    def __init__(self, failures=BREAKER_FAILURES, min_failures=BREAKER_MIN_FAILURES, span_s=BREAKER_SPAN_S):
+        self.failures, self.min_failures, self.span_s = failures, min_failures, span_s
+        self.n, self.since = 0, None
+        self._lock = threading.Lock()
+
+    def success(self):
+        with self._lock:
+            self.n, self.since = 0, None
+
+    def failure(self, now=None) -> bool:
+        """Record one failure; True when the breaker trips."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self.n += 1
+            self.since = now if self.since is None else self.since
+            return self.n >= self.failures or (self.n >= self.min_failures and now - self.since >= self.span_s)
 
 
 def price_usage(prompt_tokens, completion_tokens, usd_per_mtok_in, usd_per_mtok_out) -> float:
@@ -226,19 +307,23 @@ def price_usage(prompt_tokens, completion_tokens, usd_per_mtok_in, usd_per_mtok_
 
 
 class LLMTeacher:
-    """Thread-safe OpenAI-compatible vision classifier. `classify` never raises except FatalTeacherError."""
+    """Thread-safe OpenAI-compatible vision classifier. `classify` never raises except
+    FatalTeacherError (bad key, no credits, a dead or unusable endpoint)."""
 
     source = "llm"
 
     def __init__(self, base_url, model, api_key, classes, timeout=DEFAULT_TIMEOUT_S, max_retries=5,
-                 usd_per_mtok_in=0.30, usd_per_mtok_out=2.50, sleep=time.sleep):
+                 usd_per_mtok_in=0.30, usd_per_mtok_out=2.50, sleep=None, stop=None):
         self.base_url = base_url.rstrip("/")
         self.host = urlparse(self.base_url).netloc
         self.model, self.classes, self.max_retries = model, list(classes), max_retries
         self.prices = (usd_per_mtok_in, usd_per_mtok_out)
         self.use_response_format = True  # flipped off for the run when a provider rejects it
+        self.stop = stop or threading.Event()  # set on Ctrl-C: retry waits end, no new attempt starts
+        self.breaker = CircuitBreaker()
+        self._key = api_key
         self._lock = threading.Lock()
-        self._sleep = sleep
+        self._sleep = sleep or self.stop.wait  # waits end early when the stop event is set
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             headers={"Authorization": f"Bearer {api_key}",
@@ -250,7 +335,7 @@ class LLMTeacher:
 
     def _payload(self, image_jpeg: bytes, class_order, temperature):
         url = "data:image/jpeg;base64," + base64.b64encode(image_jpeg).decode()
-        body = {"model": self.model, "temperature": temperature, "max_tokens": 300,
+        body = {"model": self.model, "temperature": temperature, "max_tokens": MAX_TOKENS,
                 "messages": [{"role": "system", "content": SYSTEM_PROMPT},
                              {"role": "user", "content": [{"type": "text", "text": build_prompt(class_order)},
                                                           {"type": "image_url", "image_url": {"url": url}}]}],
@@ -264,31 +349,49 @@ class LLMTeacher:
         with open(image_file, "rb") as f:
             return self.classify(f.read(), class_order, temperature)
 
+    def _fatal(self, msg):
+        return FatalTeacherError(redact(msg, self._key))
+
+    def _error(self, msg, status, t0):
+        return Answer("error", error=redact(msg, self._key), http_status=status, latency_s=time.monotonic() - t0)
+
     def classify(self, image_jpeg: bytes, class_order, temperature: float) -> Answer:
         t0 = time.monotonic()
-        attempt, n429, rf_retried = 0, 0, False
+        attempt, n429, waited429, rf_retried = 0, 0, 0.0, False
         last_error = ""
         while True:
+            if self.stop.is_set():  # Ctrl-C: a retry is a new paid call, so none starts
+                return self._error(f"stopped before a retry ({last_error or 'not sent'})", None, t0)
             body = self._payload(image_jpeg, class_order, temperature)
             status, retry_after = None, None
             try:
                 r = self._client.post(f"{self.base_url}/chat/completions", json=body)
                 status = r.status_code
-                retry_after = r.headers.get("retry-after")
+                retry_after = retry_after_s(r.headers)
+                self.breaker.success()
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as e:
+                # the same for every call: retrying cannot help
+                raise self._fatal(f"cannot send requests to {self.base_url} ({type(e).__name__}: {e}); check "
+                                  f"--llm_base_url and the API key's characters") from None
             except httpx.TimeoutException as e:
                 last_error = f"timeout: {type(e).__name__}"
+                if isinstance(e, httpx.ConnectTimeout) and self.breaker.failure():
+                    raise self._dead(last_error) from None
             except httpx.TransportError as e:
                 last_error = f"connection error: {type(e).__name__}: {e}"
+                if isinstance(e, (httpx.ConnectError, httpx.ProxyError)) and self.breaker.failure():
+                    raise self._dead(last_error) from None
             if status is not None:
+                text = redact(r.text, self._key)
                 if status in FATAL_STATUS:
-                    raise FatalTeacherError(f"{FATAL_STATUS[status]} from {self.host} for model {self.model}: "
-                                            f"{_short(r.text)}. Nothing more will be requested; fix it and rerun "
-                                            f"(answers already paid for are kept in the ledger).")
+                    raise self._fatal(f"{FATAL_STATUS[status]} from {self.host} for model {self.model}: "
+                                      f"{_short(text)}. Nothing more will be requested; fix it and rerun "
+                                      f"(answers already paid for are kept in the ledger).")
                 if status == 400 and "response_format" in body and not rf_retried:
                     # providers that do not accept response_format answer 400; ask once without, and
                     # remember for the rest of the run
                     log.info("%s rejected response_format (400: %s); retrying without it for this run",
-                             self.host, _short(r.text))
+                             self.host, _short(text))
                     with self._lock:
                         self.use_response_format = False
                     rf_retried = True
@@ -303,33 +406,40 @@ class LLMTeacher:
                     err = (data or {}).get("error") if isinstance(data, dict) else None
                     code = err.get("code") if isinstance(err, dict) else None
                     if code in FATAL_STATUS:
-                        raise FatalTeacherError(f"{FATAL_STATUS[code]} (error body in a 200 response from "
-                                                f"{self.host}): {_short(r.text)}")
-                    last_error = f"200 with no choices: {_short(r.text)}"
+                        raise self._fatal(f"{FATAL_STATUS[code]} (error body in a 200 response from "
+                                          f"{self.host}): {_short(text)}")
+                    last_error = f"200 with no choices: {_short(text)}"
                     retryable = True  # upstream provider hiccup reported in-band
                 elif status in RETRYABLE_STATUS or status >= 500:
-                    last_error = f"HTTP {status}: {_short(r.text)}"
+                    last_error = f"HTTP {status}: {_short(text)}"
                     retryable = True
                 else:
-                    return Answer("error", error=f"HTTP {status}: {_short(r.text, 500)}", http_status=status,
-                                  latency_s=time.monotonic() - t0)
+                    return self._error(f"HTTP {status}: {_short(text, 500)}", status, t0)
             else:
                 retryable = True
             if status == 429:
-                if n429 >= self.max_retries * RATE_LIMIT_RETRY_FACTOR:
-                    return Answer("error", error=last_error, http_status=status, latency_s=time.monotonic() - t0)
                 delay = max(retry_delay(min(n429, 10), retry_after), retry_delay(min(n429, 10)))
+                if n429 >= self.max_retries * RATE_LIMIT_RETRY_FACTOR or waited429 + delay > MAX_RATE_LIMIT_WAIT_S:
+                    return self._error(f"{last_error} (gave up after {n429 + 1} rate-limited tries, "
+                                       f"{waited429:.0f}s waiting)", status, t0)
                 log.debug("rate limited: retry %d/%d in %.2fs (Retry-After %s)", n429 + 1,
                           self.max_retries * RATE_LIMIT_RETRY_FACTOR, delay, retry_after)
                 n429 += 1
+                waited429 += delay
                 self._sleep(delay)
                 continue
             if not retryable or attempt >= self.max_retries:
-                return Answer("error", error=last_error, http_status=status, latency_s=time.monotonic() - t0)
+                return self._error(last_error, status, t0)
             delay = retry_delay(attempt, retry_after)
             log.debug("retry %d/%d in %.2fs after %s", attempt + 1, self.max_retries, delay, last_error)
             self._sleep(delay)
             attempt += 1
+
+    def _dead(self, last_error):
+        return self._fatal(
+            f"the teacher endpoint {self.base_url} is unreachable: {self.breaker.n} connection failures in a row "
+            f"(last: {last_error}). Stopped instead of retrying every image; answers already paid for are kept in "
+            f"the ledger. Check --llm_base_url, the network or the server, then rerun.")
 
     def _answer(self, data, latency) -> Answer:
         msg = data["choices"][0].get("message") or {}
@@ -341,7 +451,7 @@ class LLMTeacher:
         cost, estimated = usage.get("cost"), False
         if cost is None:
             cost, estimated = price_usage(pt, ct, *self.prices), True
-        a = Answer("ok", raw=text, prompt_tokens=pt, completion_tokens=ct, cost_usd=float(cost),
+        a = Answer("ok", raw=redact(text, self._key), prompt_tokens=pt, completion_tokens=ct, cost_usd=float(cost),
                    cost_estimated=estimated, latency_s=latency, http_status=200)
         try:
             a.label, a.confidence, a.why = parse_reply(text, self.classes)

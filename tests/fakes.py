@@ -110,7 +110,9 @@ def make_image_folder(root: Path, classes=("red", "green", "blue"), n_train=4, n
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 fmt = "PNG" if i % 2 else "JPEG"
-                Image.new("RGB", (size, size + i), cols[c]).save(d / f"{c}{i}.{fmt.lower()}", format=fmt)
+                im = Image.new("RGB", (size, size + i), cols[c])
+                im.putpixel((0, 0), (i, 100 if split == "train" else 200, 0))  # no train image equals a test image
+                im.save(d / f"{c}{i}.{fmt.lower()}", format=fmt)
     return Path(root)
 
 

@@ -87,11 +87,28 @@ def test_augment_shapes_and_determinism():
     assert a.shape == (8, 3, 24, 24) and a.dtype == torch.float32 and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("labels,frac,n_val", [([0] * 10 + [1] * 10, 0.1, 2), ([0, 0, 1, 1, 1], 0.1, 2),
-                                               ([0, 1], 0.2, 0), ([0] * 100, 0.25, 25)])
-def test_stratified_split(labels, frac, n_val):
-    tr, va = S.stratified_split(labels, frac, 0)
-    assert len(va) == n_val and sorted(tr.tolist() + va.tolist()) == list(range(len(labels)))
+@pytest.mark.parametrize("labels,frac,min_val", [([0] * 10 + [1] * 10, 0.1, 2), ([0, 0, 1, 1, 1], 0.1, 2),
+                                                 ([0, 1], 0.2, 0), ([0] * 100, 0.25, 1)])
+def test_hash_split_partitions_and_every_class_validates(labels, frac, min_val):
+    keys = [f"sha{i}" for i in range(len(labels))]
+    tr, va = S.hash_split(keys, labels, frac, 0)
+    assert sorted(tr.tolist() + va.tolist()) == list(range(len(labels))) and len(va) >= min_val
+    for c in set(labels):  # a class of 2+ items always has one in validation
+        if labels.count(c) >= 2:
+            assert any(labels[i] == c for i in va)
+
+
+def test_hash_split_fraction_and_stability_under_edits():
+    rng = np.random.default_rng(0)
+    keys, labels = [f"{i:064x}" for i in range(3000)], rng.integers(0, 5, 3000).tolist()
+    tr, va = S.hash_split(keys, labels, 0.1, 0)
+    assert 0.08 < len(va) / 3000 < 0.12
+    edited = labels[:]
+    edited[17] = (edited[17] + 1) % 5  # one edited label moves no image between train and val
+    assert S.hash_split(keys, edited, 0.1, 0)[1].tolist() == va.tolist()
+    more = S.hash_split(keys + ["new1", "new2"], labels + [0, 1], 0.1, 0)[1]  # new images move no old one
+    assert [i for i in more.tolist() if i < 3000] == va.tolist()
+    assert S.hash_split(keys, labels, 0.1, 1)[1].tolist() != va.tolist()  # the seed matters
 
 
 def test_train_eval_pipeline_no_leak_and_consistent_metrics(tmp_path):
