@@ -687,7 +687,7 @@ def _count(rows, key):
 COVERAGE_TARGETS = (0.90, 0.95, 0.99)
 
 
-def test_rows(manifest):
+def heldout_rows(manifest):
     return [{"path": p, "label": r["label"]} for p, r in sorted(manifest.items()) if r["split"] == "test"]
 
 
@@ -714,7 +714,7 @@ def step_eval(cfg, P, art=None):
     best = load_student(art / "best.pt")
     classes = best["classes"]
     manifest = load_manifest(P)
-    rows = test_rows(manifest)
+    rows = heldout_rows(manifest)
     device = pick_device(cfg["device"])
     probs, logits, ms = student_probs(P, rows, best, device, "eval test")
     y = np.array([classes.index(r["label"]) for r in rows])
@@ -844,7 +844,7 @@ def step_cascade(cfg, P, art=None, turn=0):
     same_model = [r for r in ledger.records if r.get("model") == teacher.model and r.get("status") in ("ok", "invalid")]
     cost_per_call = (sum(float(r.get("cost_usd") or 0) for r in same_model) / len(same_model)) if same_model else cfg["usd_per_call"]
     llm_call_ms = 1000 * (sum(float(r.get("latency_s") or 0) for r in same_model) / len(same_model)) if same_model else 0.0
-    streams = {"test": test_rows(manifest), "pool": pool_rows(P, manifest, turn)}
+    streams = {"test": heldout_rows(manifest), "pool": pool_rows(P, manifest, turn)}
     result = {"tau": tau, "tau_rule": rule, "target_precision": cfg["target_precision"],
               "escalation_budget": cfg["escalation_budget"], **val_stats, "student_id": sid, "turn": turn,
               "teacher": {"source": teacher.source, "model": teacher.model, "simulated": teacher.source == "oracle"},
@@ -1085,7 +1085,7 @@ def step_export(cfg, P):
             "source": "cifar_distill " + str(P.best)}
     export_onnx(wrapper, P.onnx, size, meta)
     export_torchscript(wrapper, P.ts, size)
-    rows = test_rows(load_manifest(P))[:EXPORT_CHECK_IMAGES]
+    rows = heldout_rows(load_manifest(P))[:EXPORT_CHECK_IMAGES]
     if not rows:
         raise SystemExit("error: no test images to check the export against; rerun --step prep")
     x = preprocess_files([P.out / r["path"] for r in rows])

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar_distill import Paths, load_manifest, test_rows
+from cifar_distill import Paths, load_manifest, heldout_rows
 from flywheel.io import write_json
 from flywheel.serve import ort_session, preprocess_files
 from flywheel.student import load_student, model_from_checkpoint
@@ -158,7 +158,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     P = Paths(a.root)
     best = load_student(P.best)
-    files = [P.out / r["path"] for r in test_rows(load_manifest(P))][:a.max_images]
+    files = [P.out / r["path"] for r in heldout_rows(load_manifest(P))][:a.max_images]
     if not files:
         raise SystemExit(f"error: no test images in {P.manifest}; rerun --step prep")
     backends = BACKENDS if a.backend == "all" else (["torch"] + ([a.backend] if a.backend != "torch" else []))

@@ -179,7 +179,7 @@ class RunLock:
     ...     try:
     ...         RunLock(d, "cascade").acquire()
     ...     except RunLockHeld as e:
-    ...         print(str(e).split(";")[0].split(" (pid")[0])
+    ...         print(str(e).split(" (")[0])
     another cifar_distill process holds the run folder's lock
     """
 

@@ -25,7 +25,9 @@ APPROVED, GOLD = "approved", "gold"  # statuses a person sets (approve a row as 
 
 
 def call_key(sha256, pass_no, model, question) -> str:
-    """>>> call_key("ab12", 2, "m/x", "q9")
+    """The ledger key of one answer: the image, the pass, the model and the question asked.
+
+    >>> call_key("ab12", 2, "m/x", "q9")
     'ab12|2|m/x|q9'
     """
     return f"{sha256}|{int(pass_no)}|{model}|{question}"

@@ -173,7 +173,7 @@ def parse_confidence(x) -> float:
 
 
 def extract_json(text: str) -> dict:
-    """The first JSON object in `text`: bare, in a ``` fence, or surrounded by prose. A real JSON
+    r"""The first JSON object in `text`: bare, in a ``` fence, or surrounded by prose. A real JSON
     decoder (raw_decode from each `{`) reads it, so escaped quotes and braces in strings are fine.
 
     >>> extract_json('Sure: {"label": "pear", "why": "about 3\\" wide {ish}"} done')["why"]
@@ -261,12 +261,19 @@ def retry_delay(attempt: int, retry_after: float = None, rng=random) -> float:
 
 
 def redact(text: str, secret: str) -> str:
-    """`text` with the secret (the API key) replaced, for every error message and log line.
+    r"""`text` with the secret (the API key) replaced, for every error message and log line.
 
+    The key may appear escaped (h11 shows a header value as a bytes repr), so those forms go too.
     >>> redact("bad header b'Bearer sk-123'", "sk-123")
     "bad header b'Bearer ***'"
+    >>> redact("Illegal header value b'Bearer sk-1\\n23'", "sk-1\n23")
+    "Illegal header value b'Bearer ***'"
     """
-    return text.replace(secret, "***") if secret and text else text
+    if not secret or not text:
+        return text
+    for form in {secret, repr(secret)[1:-1], repr(secret.encode())[2:-1], json.dumps(secret)[1:-1]}:
+        text = text.replace(form, "***")
+    return text
 
 
 class CircuitBreaker:

@@ -1,6 +1,7 @@
 """Prep step: CIFAR-100 archive (folder and tar.gz, Python-2 pickles), counts, JPEGs, manifest,
 errors, idempotence, and the image-folder dataset."""
 import io
+import shutil
 import tarfile
 
 import numpy as np
@@ -162,3 +163,57 @@ def test_download_with_wrong_md5_keeps_nothing(tmp_path, archive_server):
     with pytest.raises(D.DataError, match="MD5"):
         D.download_cifar100(dest, url=url, md5="0" * 32)
     assert not dest.exists() and not list(dest.parent.glob("*.part"))
+
+
+# ----------------------------------------------------------------------------- folder datasets (issue 10)
+
+def folder_prep(root, out, *extra):
+    run_cli("--step", "prep", "--dataset", "folder", "--data_root", root, "--out_dir", out, "--img_size", 16, *extra)
+
+
+def test_folder_names_come_from_the_files_so_an_added_file_renames_nothing(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_train=4)
+    out = tmp_path / "run"
+    folder_prep(root, out)
+    before = {r["path"]: r["sha256"] for r in read_csv(out / "manifest.csv")}
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(root / "train" / "red" / "aaa_first.png")  # sorts first
+    folder_prep(root, out)
+    after = {r["path"]: r["sha256"] for r in read_csv(out / "manifest.csv")}
+    assert all(after[p] == sha for p, sha in before.items())  # every old name still holds its old image
+    assert len(after) == len(before) + 1 and "images/train/red/aaa_first.png.jpg" in after
+    assert len(set(after.values())) == len(after)  # no two names hold the same image
+
+
+def test_train_image_equal_to_a_test_image_is_kept_out_of_training(tmp_path):
+    root = make_image_folder(tmp_path / "d")
+    shutil.copy(root / "test" / "green" / "green1.png", root / "train" / "green" / "copied.png")
+    out = tmp_path / "run"
+    folder_prep(root, out)
+    rows = read_csv(out / "manifest.csv")
+    assert not any(r["path"].endswith("copied.png.jpg") for r in rows)
+    dups = read_json(out / "prep.json")["cross_split_duplicates"]
+    assert dups == [{"train": "images/train/green/copied.png.jpg", "test": "images/test/green/green1.png.jpg"}]
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = make_image_folder(tmp_path / "d")
+    (root / "train" / "purple").mkdir()
+    with pytest.raises(SystemExit, match="purple.* is empty"):
+        folder_prep(root, tmp_path / "run")
+
+
+def test_small_class_warns(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "d", n_train=3)
+    folder_prep(root, tmp_path / "run")
+    assert any("only 3 training image" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("given", ["archive", "extracted"])
+def test_data_root_may_name_the_archive_or_the_extracted_folder(tmp_path, given):
+    tgz = make_cifar_tgz(tmp_path / "dl", n_train=2, n_test=1)
+    root = tgz if given == "archive" else tgz.parent / "cifar-100-python"
+    if given == "extracted":
+        from flywheel.data import safe_extract
+        safe_extract(tgz, tgz.parent)
+    run_cli("--step", "prep", "--data_root", root, "--out_dir", tmp_path / "run", "--img_size", 16)
+    assert len(read_csv(tmp_path / "run" / "manifest.csv")) == 5 * 3

@@ -177,3 +177,86 @@ def test_429_budget_is_bounded(srv):
     srv.script = [{"status": 429, "headers": {"Retry-After": "0"}}] * 50
     a = client(srv, max_retries=1, sleep=lambda s: None).classify(JPEG, CLASSES, 0.0)
     assert a.status == "error" and "429" in a.error and srv.requests[(SHA, 1)] == 1 + T.RATE_LIMIT_RETRY_FACTOR
+
+
+# ----------------------------------------------------------------------------- issue 10 edge cases
+
+@pytest.mark.parametrize("text,why", [('{"label": "pear", "confidence": 0.9, "why": "about 3\\" wide"}', 'about 3" wide'),
+                                      ('Here: {"label": "pear", "confidence": 0.9, "why": "a {brace} \\\\ slash"} ok',
+                                       "a {brace} \\ slash"),
+                                      ('```json\n{"label": "pear", "confidence": 0.9, "why": "q\\"}"}\n```', 'q"}')])
+def test_replies_are_read_by_a_real_json_decoder(text, why):
+    assert T.parse_reply(text, CLASSES) == ("pear", 0.9, why)
+
+
+def test_escaped_quote_reply_is_accepted_over_http(srv):
+    srv.script = [{"raw": json_reply('{"label": "pear", "confidence": 0.9, "why": "about 3\\" wide"}')}]
+    a = client(srv).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "ok" and a.label == "pear"
+
+
+def json_reply(content):
+    import json
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cost": 0.0001}})
+
+
+def test_retry_after_as_http_date_and_ms_are_honoured(srv):
+    from email.utils import formatdate
+    srv.script = [{"status": 503, "headers": {"Retry-After": formatdate(time.time() + 3, usegmt=True)}},
+                  {"status": 429, "headers": {"retry-after-ms": "1500"}}]
+    slept = []
+    a = client(srv, sleep=slept.append).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "ok"
+    assert 1.0 <= slept[0] <= 3.0  # the date, about 3 s away (whole seconds), not the 0.5 s backoff
+    assert slept[1] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("url,key", [("ftp://127.0.0.1:9/v1", "sk-ok"), (None, "sk-bad\nkey-SECRET")])
+def test_protocol_errors_are_not_retried(srv, url, key):
+    slept = []
+    c = T.LLMTeacher(url or srv.url, "m", key, CLASSES, timeout=2.0, sleep=slept.append)
+    with pytest.raises(T.FatalTeacherError) as e:
+        c.classify(JPEG, CLASSES, 0.0)
+    assert slept == [] and sum(srv.requests.values()) == 0
+    assert "SECRET" not in str(e.value)
+
+
+def test_429_storm_has_a_wall_clock_cap_per_call(srv):
+    srv.script = [{"status": 429, "headers": {"Retry-After": "50"}}] * 30
+    slept = []
+    a = client(srv, max_retries=5, sleep=slept.append).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "error" and sum(slept) <= T.MAX_RATE_LIMIT_WAIT_S
+    assert srv.requests[(SHA, 1)] <= 1 + int(T.MAX_RATE_LIMIT_WAIT_S // 50)
+
+
+def test_key_echoed_by_the_server_never_reaches_an_error(srv):
+    srv.script = [{"status": 401, "body": {"error": {"message": "bad key sk-test-SECRET"}}}]
+    with pytest.raises(T.FatalTeacherError) as e:
+        client(srv).classify(JPEG, CLASSES, 0.0)
+    assert "SECRET" not in str(e.value) and "***" in str(e.value)
+
+
+def test_stop_event_ends_retry_waits_and_starts_no_new_attempt(srv):
+    import threading
+    stop = threading.Event()
+    srv.script = [{"status": 503}] * 10
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    a = client(srv, stop=stop, max_retries=5).classify(JPEG, CLASSES, 0.0)
+    assert a.status == "error" and time.monotonic() - t0 < 2.0 and srv.requests[(SHA, 1)] <= 2
+
+
+def test_httpx_request_lines_stay_off_the_console(tmp_path, caplog, monkeypatch):
+    import logging
+    from fakes import make_cifar_folder, run_cli
+    make_cifar_folder(tmp_path / "data", n_train=2, n_test=1)
+    run_cli("--step", "prep", "--data_root", tmp_path / "data", "--out_dir", tmp_path / "run", "--img_size", 16)
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-x")
+    truth = {r["sha256"]: r["label"] for r in __import__("flywheel.io", fromlist=["x"]).read_csv(tmp_path / "run" / "manifest.csv")}
+    caplog.set_level(logging.INFO)
+    with LoopbackTeacher(truth, CLASSES) as s:
+        run_cli("--step", "label", "--out_dir", tmp_path / "run", "--data_root", tmp_path / "data", "--llm_base_url",
+                s.url, "--max_label", 4)
+        assert sum(s.requests.values()) == 8
+    assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
