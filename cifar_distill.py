@@ -63,8 +63,11 @@ OPTIONS = {
     "llm_base_url": (str, "https://openrouter.ai/api/v1", "OpenAI-compatible base URL (OpenAI, vLLM, Ollama, LM Studio...)"),
     "llm_model": (str, "google/gemini-2.5-flash", "teacher model name sent to the API"),
     "max_label": (int, 1500, "training images the teacher labels (random sample drawn with --seed), gold items included"),
-    "conf_thresh": (float, 0.7, "accept a label when both passes agree and their mean confidence is at least this"),
-    "second_pass": (str, "always", "always | adaptive (second call only below --adaptive_thresh, plus --audit_frac)"),
+    "conf_thresh": (float, 0.7, "always/adaptive QC: accept when both passes agree and their mean confidence is at least this"),
+    "second_pass": (str, "fitted", "fitted (second call only below the confidence threshold fitted on gold pins, plus "
+                                   "--audit_frac; every image without gold) | always | adaptive (below --adaptive_thresh)"),
+    "target_label_precision": (float, 0.9, "fitted QC: accepted single answers must reach this precision on gold at the lower 95%% bound"),
+    "second_model": (str, None, "model that answers the second pass, through the same endpoint (unset: --llm_model again)"),
     "adaptive_thresh": (float, 0.9, "adaptive mode: first-pass confidence below which the second pass is made"),
     "audit_frac": (float, 0.1, "adaptive mode: random fraction of confident items that still get a second pass"),
     "second_temp": (float, 0.7, "sampling temperature of the second pass (the first uses 0)"),
@@ -100,10 +103,10 @@ OPTIONS = {
     "from_scratch": (bool, False, "flywheel: retrain from --weights instead of continuing from the previous student"),
 }
 CHOICES = {"step": STEPS + ["all"], "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
-           "second_pass": ["always", "adaptive"], "device": ["auto", "cpu", "cuda", "mps"],
+           "second_pass": ["fitted", "always", "adaptive"], "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 UNIT_INTERVAL = ["oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
-                 "target_precision"]
+                 "target_precision", "target_label_precision"]
 POSITIVE = ["img_size", "max_workers", "epochs", "batch_size", "lr", "timeout", "relabel_n", "turns"]
 NON_NEGATIVE = ["max_per_class", "max_label", "max_retries", "max_invalid", "max_usd", "usd_per_call",
                 "usd_per_mtok_in", "usd_per_mtok_out", "gold_n", "weight_decay", "second_temp", "num_threads"]
@@ -146,6 +149,8 @@ def validate(cfg: dict) -> dict:
         bad("weights", f"must be imagenet, none or an existing checkpoint file; {w!r} is none of these")
     if cfg["gold_csv"] and not Path(cfg["gold_csv"]).is_file():
         bad("gold_csv", f"file {cfg['gold_csv']!r} does not exist")
+    if cfg["second_model"] and cfg["teacher"] == "oracle":
+        bad("second_model", "needs --teacher llm (the oracle has one simulated model)")
     if not cfg["llm_base_url"].startswith(("http://", "https://")):
         bad("llm_base_url", f"must start with http:// or https://, got {cfg['llm_base_url']!r}")
     flag_classes = cfg["classes"]
@@ -394,10 +399,16 @@ def make_teacher(cfg, manifest):
                       usd_per_mtok_out=cfg["usd_per_mtok_out"])
 
 
-def make_qc(cfg):
+def make_qc(cfg, P=None):
+    """The QC policy; with P, the threshold the label step fitted on gold (label_summary.json) too, so
+    cascade and flywheel judge answers the way the label step did."""
     from flywheel.labeling import QC
-    return QC(cfg["classes"], cfg["conf_thresh"], cfg["second_pass"], cfg["adaptive_thresh"], cfg["audit_frac"],
-              cfg["second_temp"], cfg["max_invalid"], cfg["seed"])
+    qc = QC(cfg["classes"], cfg["conf_thresh"], cfg["second_pass"], cfg["adaptive_thresh"], cfg["audit_frac"],
+            cfg["second_temp"], cfg["max_invalid"], cfg["seed"], cfg["second_model"])
+    if P is not None and P.label_summary.exists():
+        t = (read_json(P.label_summary).get("qc_rule") or {}).get("threshold")
+        qc.threshold = float("inf") if t is None else float(t)
+    return qc
 
 
 def make_budget(cfg, ledger):
@@ -443,9 +454,10 @@ def plan_calls(items, model, ledger, qc):
         p1 = ledger.ok(qc.call(it["sha256"], 1, model).key)
         p2 = ledger.ok(qc.call(it["sha256"], 2, model).key)
         if p1 is None:
-            lo, hi = lo + 1, hi + 1
-            always = qc.second_pass == "always"
-            lo, hi = lo + always, hi + 1
+            # a second call is certain under always, for gold items, and under fitted with no gold to fit
+            sure = (qc.second_pass == "always" or it["sha256"] in qc.always_second
+                    or (qc.second_pass == "fitted" and not qc.always_second))
+            lo, hi = lo + 1 + sure, hi + 2
         elif p2 is None and qc.second_needed(it["sha256"], float(p1["confidence"])):
             lo, hi = lo + 1, hi + 1
     return lo, hi
@@ -455,16 +467,18 @@ def step_label(cfg, P):
     """Sampled training images -> teacher (dual pass, QC) -> labels.jsonl -> review CSVs + summary."""
     from flywheel.labeling import label_items
     from flywheel.ledger import Ledger
+    from flywheel.quality import fit_rule
     from flywheel.teacher import FatalTeacherError
     manifest = load_manifest(P)
     sample, gold = label_sample(cfg, manifest)
     items = [item(P, manifest, p) for p in sample]
     ledger = Ledger(P.ledger)
     qc = make_qc(cfg)
+    qc.always_second = {it["sha256"] for it in items if it["path"] in gold}
     if cfg["dry_run"]:
         lo, hi = plan_calls(items, teacher_model_name(cfg), ledger, qc)
         print(f"dry run: {len(items)} images ({len(gold)} gold), {lo}-{hi} calls still needed "
-              f"({'adaptive second pass: the upper bound assumes every image needs it' if lo != hi else 'two passes each'}), "
+              f"({'second pass only where QC needs it: the upper bound assumes every image does' if lo != hi else 'two passes each'}), "
               f"estimated ${lo * cfg['usd_per_call']:.4f}-${hi * cfg['usd_per_call']:.4f} at "
               f"--usd_per_call {cfg['usd_per_call']}; already spent ${ledger.total_cost():.4f} of --max_usd "
               f"{cfg['max_usd']}. No call was made.")
@@ -474,13 +488,18 @@ def step_label(cfg, P):
     budget = make_budget(cfg, ledger)
     gold_report = None
     person_gold = gold if cfg["gold_csv"] else {}  # hand-checked labels train as source gold; --gold_n only measures
+    rule = fit_rule([], cfg["target_label_precision"])
     outputs = lambda **kw: write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc,  # noqa: E731
-                                               person_gold, **kw)
+                                               person_gold, rule=rule, **kw)
     try:
         if gold:
             gitems = [it for it in items if it["path"] in gold]
             verdicts = label_items(gitems, teacher, ledger, qc, budget, "gold", cfg["max_workers"], "label gold")
             gold_report = gold_check(gold, {p: v[1] for p, v in verdicts.items()}, cfg["classes"])
+            rule = fit_rule(gold_pins(gitems, gold, teacher, ledger, qc), cfg["target_label_precision"])
+            if qc.second_pass == "fitted":
+                qc.threshold = rule.threshold
+                log.info("QC rule: %s", rule.why)
             log.info("gold check: teacher accuracy %.3f on %d gold items (--min_gold_acc %.2f)",
                      gold_report["accuracy"], gold_report["n"], cfg["min_gold_acc"])
             if gold_report["accuracy"] < cfg["min_gold_acc"]:
@@ -503,6 +522,21 @@ def step_label(cfg, P):
         teacher.close()
         ledger.close()
     return outputs(budget_stopped=budget.stopped)
+
+
+def gold_pins(gitems, gold, teacher, ledger, qc):
+    """[{conf1, right1, agree, right_pair}] for gold items with a first answer: what fit_rule needs."""
+    out = []
+    for it in gitems:
+        p1 = ledger.ok(qc.call(it["sha256"], 1, teacher.model).key)
+        p2 = ledger.ok(qc.call(it["sha256"], 2, teacher.model).key)
+        if p1 is None:
+            continue
+        truth = gold[it["path"]]
+        agree = None if p2 is None else p2["label"] == p1["label"]
+        out.append({"conf1": float(p1["confidence"]), "right1": p1["label"] == truth, "agree": agree,
+                    "right_pair": bool(agree) and p1["label"] == truth})
+    return out
 
 
 def check_review_file(P):
@@ -530,7 +564,7 @@ def gold_check(gold, answers, classes):
 
 
 def write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc, person_gold=None,
-                        budget_stopped=False, interrupted=False):
+                        budget_stopped=False, interrupted=False, rule=None):
     """labels_llm.csv, review_labels.csv (keeping what a person decided) and label_summary.json, all
     from the ledger, so a crashed, stopped or interrupted run still leaves files that match what was paid.
     person_gold: {path: label} from --gold_csv, written as status gold rows (they train as source gold)."""
@@ -562,7 +596,10 @@ def write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, q
     summary = {
         "source": teacher.source, "simulated": teacher.source == "oracle",
         "model": teacher.model, "host": teacher.host, "prompt_version": PROMPT_VERSION,
-        "second_pass": qc.second_pass, "conf_thresh": qc.conf_thresh,
+        "second_pass": qc.second_pass, "conf_thresh": qc.conf_thresh, "second_model": qc.second_model,
+        "qc_rule": rule.to_json() if rule is not None and qc.second_pass == "fitted" else None,
+        "estimated_accuracy": rule.estimate if rule is not None and rule.n_gold else None,
+        "yield": round(counts["accepted"] / len(vs), 4) if vs else None,
         "requested_images": len(vs), **counts,
         "calls": len(paid), "calls_pass1": sum(r.get("pass") == 1 for r in paid),
         "calls_pass2": sum(r.get("pass") == 2 for r in paid),
@@ -589,6 +626,11 @@ def write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, q
                  + (" Some costs are token-price estimates: the server reported no usage.cost." if any(r.get("cost_estimated") for r in paid) and teacher.source != "oracle" else ""),
     }
     write_json(P.label_summary, summary)
+    if summary["estimated_accuracy"]:
+        e = summary["estimated_accuracy"]
+        log.info("label quality: accepted labels estimated %s accurate (95%% CI %s-%s, from %d gold pins); "
+                 "measured against the manifest: %s (raw first answers %s)", _fmt(e["accuracy"]), *e["ci95"],
+                 rule.n_gold, _fmt(summary["teacher_accuracy"]), _fmt(summary["pass1_accuracy"]))
     log.info("label: %d images: %s; %d paid calls, $%.4f%s; agreement %s; teacher accuracy %s -> %s, %s, %s",
              len(vs), counts, len(paid), summary["cost_usd"], " (estimated)" if summary["cost_estimated"] else "",
              _fmt(summary["agreement_rate"]), _fmt(summary["teacher_accuracy"]), P.review, P.labels_llm, P.label_summary)
@@ -836,7 +878,7 @@ def step_cascade(cfg, P, art=None, turn=0):
              val_stats["val_coverage"], _fmt(val_stats["val_precision"]), sid)
     device = pick_device(cfg["device"])
     ledger, esc = Ledger(P.ledger), EscalationLog(P.escalations)
-    teacher, qc = make_teacher(cfg, manifest), make_qc(cfg)
+    teacher, qc = make_teacher(cfg, manifest), make_qc(cfg, P)
     budget = make_budget(cfg, ledger)
     humans = human_answers(P)
     label_summary = read_json(P.label_summary) if P.label_summary.exists() else {}
@@ -1020,7 +1062,7 @@ def step_flywheel(cfg, P):
         picked, why = select_relabel(P, prev, cfg["relabel_n"],
                                      [p for p, (_, src) in human_answers(P).items() if src != "simulated_human"])
         assert all(manifest[p]["split"] == "train" for p in picked), "flywheel picked a test image"
-        ledger, teacher, qc = Ledger(P.ledger), make_teacher(cfg, manifest), make_qc(cfg)
+        ledger, teacher, qc = Ledger(P.ledger), make_teacher(cfg, manifest), make_qc(cfg, P)
         budget = make_budget(cfg, ledger)
         try:
             verdicts = label_items([item(P, manifest, p) for p in picked], teacher, ledger, qc, budget, "flywheel",
@@ -1248,7 +1290,12 @@ def write_datacard(P, ls, ev, prep, best, cas):
          f"{ls['prompt_version']}, {ls['calls']} paid calls, {_usd(ls['cost_usd'])}{' (estimated)' if ls['cost_estimated'] else ''}.",
          "", "**Acceptance rules.** Each image gets two teacher passes: the classes in the given order at temperature 0, then "
          "in another order at a temperature above 0" + (" (adaptive: the second pass only below the confidence threshold, plus an audit fraction)" if ls["second_pass"] == "adaptive" else "")
-         + f". A label is accepted when the passes agree and their mean confidence is >= {ls['conf_thresh']}. Replies that are "
+         + (f". Rule in force (--second_pass fitted): {ls['qc_rule']['why']}; a first answer below the threshold is accepted "
+            f"only when a second answer{' from ' + ls['second_model'] if ls.get('second_model') else ''} agrees"
+            if ls.get("qc_rule") else f". A label is accepted when the passes agree and their mean confidence is >= {ls['conf_thresh']}")
+         + (f". Estimated accepted-label accuracy from gold pins: {ls['estimated_accuracy']['accuracy']} (95% CI "
+            f"{ls['estimated_accuracy']['ci95'][0]}-{ls['estimated_accuracy']['ci95'][1]})" if ls.get("estimated_accuracy") else "")
+         + ". Replies that are "
          "not JSON or name no listed class are invalid and never accepted. A person's edit of `label_final` in "
          "review_labels.csv overrides the teacher (source `human`). Flywheel turns add pool items the cascade escalated "
          "(source `escalation`) or a person answered (`human`; `simulated_human` offline). Test images never enter training.",

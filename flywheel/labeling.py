@@ -74,29 +74,45 @@ class Call(NamedTuple):
     class_order: list
     temperature: float
     question: str
+    model: str
 
 
 class QC:
-    """Acceptance policy shared by label, cascade and flywheel."""
+    """Acceptance policy shared by label, cascade and flywheel.
 
-    def __init__(self, classes, conf_thresh=0.7, second_pass="always", adaptive_thresh=0.9, audit_frac=0.1,
-                 second_temp=0.7, max_invalid=2, seed=0):
+    second_pass: always | adaptive (second call below adaptive_thresh) | fitted (second call below the
+    threshold fitted on gold pins, see flywheel.quality; accepted pairs need only agree). Gold items
+    always get both answers. second_model, when set, answers pass 2 (its errors overlap less).
+    """
+
+    def __init__(self, classes, conf_thresh=0.7, second_pass="fitted", adaptive_thresh=0.9, audit_frac=0.1,
+                 second_temp=0.7, max_invalid=2, seed=0, second_model=None):
         self.classes, self.conf_thresh, self.second_pass = list(classes), conf_thresh, second_pass
         self.adaptive_thresh, self.audit_frac, self.second_temp = adaptive_thresh, audit_frac, second_temp
-        self.max_invalid, self.seed = max_invalid, seed
+        self.max_invalid, self.seed, self.second_model = max_invalid, seed, second_model
+        self.threshold = float("inf")  # fitted mode: set by fit_rule on gold; inf = every image gets pass 2
+        self.always_second = set()     # gold shas: both answers, so the rule can be fitted and audited
 
     def call(self, sha, pass_no, model) -> Call:
         """The question pass `pass_no` asks about image `sha`, keyed by what is actually sent."""
         order = pass_class_order(self.classes, pass_no, sha)
         temp = 0.0 if pass_no == 1 else self.second_temp
+        model = (self.second_model or model) if pass_no == 2 else model
         q = question_hash(order, temp)
-        return Call(call_key(sha, pass_no, model, q), pass_no, order, temp, q)
+        return Call(call_key(sha, pass_no, model, q), pass_no, order, temp, q, model)
 
     def second_needed(self, sha, p1_conf) -> bool:
-        if self.second_pass == "always":
+        if self.second_pass == "always" or sha in self.always_second:
             return True
         audited = stable_unit(self.seed, "audit", sha) < self.audit_frac
-        return p1_conf < self.adaptive_thresh or audited
+        limit = self.adaptive_thresh if self.second_pass == "adaptive" else self.threshold
+        return p1_conf < limit or audited
+
+    def thresholds(self):
+        """(accept a first answer alone at, accept an agreeing pair at mean confidence)."""
+        if self.second_pass == "fitted":
+            return self.threshold, 0.0
+        return self.conf_thresh, self.conf_thresh
 
 
 def ledger_verdict(item, teacher, ledger, qc):
@@ -104,8 +120,9 @@ def ledger_verdict(item, teacher, ledger, qc):
     keys = [qc.call(item["sha256"], p, teacher.model).key for p in (1, 2)]
     p1, p2 = ledger.ok(keys[0]), ledger.ok(keys[1])
     need2 = p1 is not None and qc.second_needed(item["sha256"], float(p1["confidence"]))
-    st, lab, conf = image_verdict(p1, p2, need2, qc.conf_thresh,
-                                  ledger.count(keys[0], "invalid"), ledger.count(keys[1], "invalid"))
+    single_at, pair_at = qc.thresholds()
+    st, lab, conf = image_verdict(p1, p2, need2, single_at, ledger.count(keys[0], "invalid"),
+                                  ledger.count(keys[1], "invalid"), pair_thresh=pair_at)
     return st, lab, conf, [r for r in (p1, p2 if need2 else None) if r is not None]
 
 
@@ -123,7 +140,8 @@ def _ask(item, pass_no, teacher, ledger, qc, budget, purpose, stop):
         if stop.is_set() or not budget.reserve():
             return None
         try:
-            a = teacher.ask(item["path"], item["file"], item["sha256"], pass_no, call.class_order, call.temperature)
+            a = teacher.ask(item["path"], item["file"], item["sha256"], pass_no, call.class_order, call.temperature,
+                            model=call.model)
         except BaseException:
             budget.settle(0.0)
             raise
@@ -132,7 +150,7 @@ def _ask(item, pass_no, teacher, ledger, qc, budget, purpose, stop):
             return None  # never sent (stopped before a retry): nothing to record
         rec = ledger.append({
             "key": call.key, "path": item["path"], "sha256": item["sha256"], "pass": pass_no,
-            "model": teacher.model, "host": teacher.host, "prompt_version": PROMPT_VERSION,
+            "model": call.model, "host": teacher.host, "prompt_version": PROMPT_VERSION,
             "question": call.question, "source": teacher.source, "purpose": purpose, "status": a.status,
             "label": a.label, "confidence": a.confidence, "why": a.why, "raw": a.raw, "error": a.error,
             "http_status": a.http_status, "prompt_tokens": a.prompt_tokens,

@@ -85,8 +85,10 @@ class Ledger:
 
 # ----------------------------------------------------------------------------- QC verdicts
 
-def image_verdict(p1, p2, second_needed: bool, conf_thresh: float, p1_invalid=0, p2_invalid=0):
+def image_verdict(p1, p2, second_needed: bool, conf_thresh: float, p1_invalid=0, p2_invalid=0, pair_thresh=None):
     """Combine one image's pass records (ok records or None) into (status, label, confidence).
+    A single answer is accepted at confidence >= conf_thresh; an agreeing pair at mean confidence >=
+    pair_thresh (default conf_thresh).
 
     >>> image_verdict({"label": "a", "confidence": 0.9}, {"label": "a", "confidence": 0.7}, True, 0.7)
     ('accepted', 'a', 0.8)
@@ -107,7 +109,8 @@ def image_verdict(p1, p2, second_needed: bool, conf_thresh: float, p1_invalid=0,
         # report the more confident pass's label; it is not accepted either way
         lab = p1["label"] if p1["confidence"] >= p2["confidence"] else p2["label"]
         return "disagreed", lab, conf
-    return ("accepted" if conf >= conf_thresh else "low_confidence"), p1["label"], conf
+    pair_thresh = conf_thresh if pair_thresh is None else pair_thresh
+    return ("accepted" if conf >= pair_thresh else "low_confidence"), p1["label"], conf
 
 
 # ----------------------------------------------------------------------------- review CSV round trip

@@ -340,9 +340,9 @@ class LLMTeacher:
     def close(self):
         self._client.close()
 
-    def _payload(self, image_jpeg: bytes, class_order, temperature):
+    def _payload(self, image_jpeg: bytes, class_order, temperature, model=None):
         url = "data:image/jpeg;base64," + base64.b64encode(image_jpeg).decode()
-        body = {"model": self.model, "temperature": temperature, "max_tokens": MAX_TOKENS,
+        body = {"model": model or self.model, "temperature": temperature, "max_tokens": MAX_TOKENS,
                 "messages": [{"role": "system", "content": SYSTEM_PROMPT},
                              {"role": "user", "content": [{"type": "text", "text": build_prompt(class_order)},
                                                           {"type": "image_url", "image_url": {"url": url}}]}],
@@ -351,10 +351,11 @@ class LLMTeacher:
             body["response_format"] = {"type": "json_object"}
         return body
 
-    def ask(self, path, image_file, key, pass_no, class_order, temperature) -> Answer:
-        """One call for one image; `path` and `key` are unused here (the oracle needs them)."""
+    def ask(self, path, image_file, key, pass_no, class_order, temperature, model=None) -> Answer:
+        """One call for one image (to `model`, default this teacher's); `path` and `key` are unused here
+        (the oracle needs them)."""
         with open(image_file, "rb") as f:
-            return self.classify(f.read(), class_order, temperature)
+            return self.classify(f.read(), class_order, temperature, model)
 
     def _fatal(self, msg):
         return FatalTeacherError(redact(msg, self._key))
@@ -362,14 +363,14 @@ class LLMTeacher:
     def _error(self, msg, status, t0):
         return Answer("error", error=redact(msg, self._key), http_status=status, latency_s=time.monotonic() - t0)
 
-    def classify(self, image_jpeg: bytes, class_order, temperature: float) -> Answer:
+    def classify(self, image_jpeg: bytes, class_order, temperature: float, model=None) -> Answer:
         t0 = time.monotonic()
         attempt, n429, waited429, rf_retried = 0, 0, 0.0, False
         last_error = ""
         while True:
             if self.stop.is_set():  # Ctrl-C: a retry is a new paid call, so none starts
                 return self._error(f"stopped before a retry ({last_error or 'not sent'})", None, t0)
-            body = self._payload(image_jpeg, class_order, temperature)
+            body = self._payload(image_jpeg, class_order, temperature, model)
             status, retry_after = None, None
             try:
                 r = self._client.post(f"{self.base_url}/chat/completions", json=body)
@@ -498,7 +499,7 @@ class OracleTeacher:
     def close(self):
         pass
 
-    def ask(self, path, image_file, key, pass_no, class_order, temperature) -> Answer:
+    def ask(self, path, image_file, key, pass_no, class_order, temperature, model=None) -> Answer:
         true = self.truth[path]
         u = lambda tag: stable_unit(self.seed, tag, key, pass_no)  # noqa: E731
         # An image is "hard" with probability 2P and each pass errs on half the hard images, so the raw

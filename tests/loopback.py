@@ -14,10 +14,82 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+LOOKALIKES = {"apple": "orange", "orange": "apple", "pear": "apple", "sweet_pepper": "orange", "mushroom": "pear"}
+
+
+class TeacherProfile:
+    """SIMULATED vision-LLM behaviour (for label-quality benches and tests), modelled on what real
+    teachers do rather than on what makes QC look good:
+
+    - per-image difficulty h in [0, 1): at temperature 0 a model is wrong exactly on its hardest
+      (1 - accuracy) share of images, so errors gather on hard images and repeat across calls;
+    - a wrong answer names the class's look-alike (LOOKALIKES) 70% of the time, fixed per image, so two
+      wrong answers often agree with each other;
+    - at temperature > 0 each call jitters the difficulty (sd `temp_jitter`), so only images near the
+      boundary flip: a second sample catches some errors, not all;
+    - a second model (any other model name) has its own difficulty, equal to the first model's on an
+      `overlap` share of images and independent on the rest: its errors partly overlap;
+    - stated confidence: "informative" falls with difficulty plus noise (sd 0.08), so wrong answers
+      are lower on average but overlap right ones (never a fixed low value); "flat" says 0.95 or 0.99
+      whatever the image, like the real Gemini logs;
+    - faults: a share `fault_rate` of requests gets 429, 500, prose around the JSON, a ``` fence or a
+      label variant ("Sweet Peppers").
+    """
+
+    def __init__(self, classes, accuracy=0.83, conf_mode="informative", overlap=0.5, temp_jitter=0.12,
+                 second_accuracy=None, fault_rate=0.05, seed=0):
+        self.classes, self.accuracy, self.conf_mode = list(classes), accuracy, conf_mode
+        self.overlap, self.temp_jitter, self.fault_rate, self.seed = overlap, temp_jitter, fault_rate, seed
+        self.second_accuracy = accuracy if second_accuracy is None else second_accuracy
+        self.primary = None  # the first model name seen is the primary
+
+    def _u(self, *parts):
+        h = hashlib.sha256("|".join(map(str, (self.seed,) + parts)).encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64
+
+    def _normal(self, *parts):
+        import math
+        u1, u2 = max(self._u("n1", *parts), 1e-12), self._u("n2", *parts)
+        return math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2)
+
+    def difficulty(self, sha, model):
+        h = self._u("hard", sha)
+        if model != self.primary and self._u("share", sha) >= self.overlap:
+            h = self._u("hard", model, sha)
+        return h
+
+    def answer(self, sha, truth, model, temperature, n_call):
+        """-> (label, confidence, style, fault) for one request."""
+        if self.primary is None:
+            self.primary = model
+        acc = self.accuracy if model == self.primary else self.second_accuracy
+        h = self.difficulty(sha, model)
+        if temperature > 0:
+            h += self.temp_jitter * self._normal("jit", sha, model, temperature, n_call)
+        wrong = h > acc
+        label = truth
+        if wrong:
+            others = [c for c in self.classes if c != truth]
+            look = LOOKALIKES.get(truth)
+            if look in others and self._u("look", sha) < 0.7:
+                label = look
+            else:
+                label = others[int(self._u("other", sha, model) * len(others))]
+        if self.conf_mode == "flat":
+            conf = 0.99 if self._u("flat", sha, model, n_call) < 0.15 else 0.95
+        else:
+            conf = min(0.99, max(0.3, 0.99 - 0.45 * self._u("hard", sha) + 0.08 * self._normal("conf", sha, model, n_call)))
+        u = self._u("fault", sha, model, temperature, n_call)
+        fault = None
+        if u < self.fault_rate:
+            fault = ["429", "500", "prose", "fenced", "variant"][int(u / self.fault_rate * 5)]
+        return label, round(conf, 3), fault
+
+
 class LoopbackTeacher:
     def __init__(self, truth=None, classes=None, latency_s=0.0, max_concurrency=None, wrong_rate=0.0,
                  style="plain", confidence=0.93, wrong_confidence=None, cost=0.0001, report_cost=True, reject_response_format=False,
-                 seed=0):
+                 seed=0, profile=None):
         self.truth, self.classes = dict(truth or {}), list(classes or [])
         self.latency_s, self.max_concurrency, self.wrong_rate = latency_s, max_concurrency, wrong_rate
         self.style, self.confidence, self.cost, self.report_cost = style, confidence, cost, report_cost
@@ -30,6 +102,8 @@ class LoopbackTeacher:
         self.rejected_429 = 0
         self.answers = self.wrong_answers = 0  # 200 answers sent, and how many carried a wrong label
         self._inflight, self._lock, self.seed = 0, threading.Lock(), seed
+        self.profile = profile           # a TeacherProfile: realistic, SIMULATED answers (benches)
+        self.first_answers = {}          # (sha, model) -> label of the first T=0 answer (the raw teacher)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -114,6 +188,8 @@ class LoopbackTeacher:
                 time.sleep(self.latency_s)
             label = self.truth.get(sha, self.classes[0] if self.classes else "apple")
             conf = self.confidence
+            if self.profile is not None:
+                return self._profiled(h, body, sha, label, action)
             # wrong answers depend on (seed, image, pass) only, not on the order threads arrive in, so a
             # run labels the same way every time
             u = self._unit("wrong", sha, pass_no)
@@ -138,6 +214,28 @@ class LoopbackTeacher:
         finally:
             with self._lock:
                 self._inflight -= 1
+
+    def _profiled(self, h, body, sha, truth, action):
+        model, temp = body.get("model"), float(body.get("temperature", 0))
+        with self._lock:
+            n_call = self.completed[(sha, model, temp)]
+            self.completed[(sha, model, temp)] += 1
+        label, conf, fault = self.profile.answer(sha, truth, model, temp, n_call)
+        if fault == "429":
+            return self._send(h, 429, {"error": {"message": "rate limited", "code": 429}}, {"Retry-After": "0.01"})
+        if fault == "500":
+            return self._send(h, 500, {"error": {"message": "upstream error"}})
+        with self._lock:
+            self.answers += 1
+            self.wrong_answers += label != truth
+            if temp == 0:
+                self.first_answers.setdefault((sha, model), label)
+        style = {"prose": "prose", "fenced": "fenced", "variant": "variant"}.get(fault, "plain")
+        usage = {"prompt_tokens": 400, "completion_tokens": 20, "total_tokens": 420, "cost": self.cost}
+        self._send(h, 200, {"id": "x", "object": "chat.completion", "model": model,
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": self.render(label, style, conf)}}],
+                            "usage": usage})
 
     def _unit(self, *parts):
         h = hashlib.sha256("|".join(map(str, (self.seed,) + parts)).encode()).digest()
