@@ -66,7 +66,7 @@ OPTIONS = {
     "conf_thresh": (float, 0.7, "always/adaptive QC: accept when both passes agree and their mean confidence is at least this"),
     "second_pass": (str, "fitted", "fitted (second call only below the confidence threshold fitted on gold pins, plus "
                                    "--audit_frac; every image without gold) | always | adaptive (below --adaptive_thresh)"),
-    "target_label_precision": (float, 0.9, "fitted QC: accepted single answers must reach this precision on gold at the lower 95%% bound"),
+    "target_label_precision": (float, 0.85, "fitted QC: the labels it accepts must reach this accuracy on gold pins at the lower 95%% bound"),
     "second_model": (str, None, "model that answers the second pass, through the same endpoint (unset: --llm_model again)"),
     "adaptive_thresh": (float, 0.9, "adaptive mode: first-pass confidence below which the second pass is made"),
     "audit_frac": (float, 0.1, "adaptive mode: random fraction of confident items that still get a second pass"),
@@ -525,7 +525,8 @@ def step_label(cfg, P):
 
 
 def gold_pins(gitems, gold, teacher, ledger, qc):
-    """[{conf1, right1, agree, right_pair}] for gold items with a first answer: what fit_rule needs."""
+    """[{conf1, score, right1, agree, right_pair}] for gold items with a first answer: what fit_rule needs."""
+    from flywheel.quality import score
     out = []
     for it in gitems:
         p1 = ledger.ok(qc.call(it["sha256"], 1, teacher.model).key)
@@ -534,7 +535,8 @@ def gold_pins(gitems, gold, teacher, ledger, qc):
             continue
         truth = gold[it["path"]]
         agree = None if p2 is None else p2["label"] == p1["label"]
-        out.append({"conf1": float(p1["confidence"]), "right1": p1["label"] == truth, "agree": agree,
+        out.append({"conf1": float(p1["confidence"]), "score": score(p1["confidence"], it["sha256"], qc.seed),
+                    "right1": p1["label"] == truth, "agree": agree,
                     "right_pair": bool(agree) and p1["label"] == truth})
     return out
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from flywheel.io import stable_unit
 from flywheel.ledger import call_key, image_verdict
+from flywheel.quality import score
 from flywheel.teacher import PROMPT_VERSION, pass_class_order, question_hash
 
 log = logging.getLogger(__name__)
@@ -105,13 +106,15 @@ class QC:
         if self.second_pass == "always" or sha in self.always_second:
             return True
         audited = stable_unit(self.seed, "audit", sha) < self.audit_frac
-        limit = self.adaptive_thresh if self.second_pass == "adaptive" else self.threshold
-        return p1_conf < limit or audited
+        if self.second_pass == "adaptive":
+            return p1_conf < self.adaptive_thresh or audited
+        return score(p1_conf, sha, self.seed) < self.threshold or audited
 
     def thresholds(self):
-        """(accept a first answer alone at, accept an agreeing pair at mean confidence)."""
+        """(accept a first answer alone at confidence, accept an agreeing pair at mean confidence). Under
+        fitted, an image with no second answer scored above the threshold, so it is accepted alone."""
         if self.second_pass == "fitted":
-            return self.threshold, 0.0
+            return 0.0, 0.0
         return self.conf_thresh, self.conf_thresh
 
 

@@ -29,9 +29,9 @@ class TeacherProfile:
       boundary flip: a second sample catches some errors, not all;
     - a second model (any other model name) has its own difficulty, equal to the first model's on an
       `overlap` share of images and independent on the rest: its errors partly overlap;
-    - stated confidence: "informative" falls with difficulty plus noise (sd 0.08), so wrong answers
-      are lower on average but overlap right ones (never a fixed low value); "flat" says 0.95 or 0.99
-      whatever the image, like the real Gemini logs;
+    - stated confidence: "informative" falls gently with difficulty plus noise (sd 0.06), so wrong
+      answers are lower on average but overlap right ones (AUROC ~0.75, never a fixed low value);
+      "flat" says 0.95 or 0.99 whatever the image, like the real Gemini logs;
     - faults: a share `fault_rate` of requests gets 429, 500, prose around the JSON, a ``` fence or a
       label variant ("Sweet Peppers").
     """
@@ -78,7 +78,9 @@ class TeacherProfile:
         if self.conf_mode == "flat":
             conf = 0.99 if self._u("flat", sha, model, n_call) < 0.15 else 0.95
         else:
-            conf = min(0.99, max(0.3, 0.99 - 0.45 * self._u("hard", sha) + 0.08 * self._normal("conf", sha, model, n_call)))
+            # a weak, noisy signal: AUROC for "right" ~0.75 (bench/label_quality.py prints it), like the
+            # better verbalised confidences in the literature, never a separable one
+            conf = min(0.99, max(0.3, 0.95 - 0.15 * self._u("hard", sha) + 0.06 * self._normal("conf", sha, model, n_call)))
         u = self._u("fault", sha, model, temperature, n_call)
         fault = None
         if u < self.fault_rate:

@@ -1,0 +1,130 @@
+"""QC fitted on gold pins: Wilson bounds and AUROC against hand-computed cases, the rule's threshold on
+a hand-computed gold set, adaptive second-call decisions, the second model's ledger keys, and the rule
+in force written to label_summary.json and datacard.md."""
+import math
+
+import pytest
+
+from fakes import make_cifar_folder, run_cli
+from flywheel.io import read_csv, read_json, read_jsonl
+from flywheel.labeling import QC
+from flywheel.quality import auroc, estimate_on_gold, fit_rule, wilson_interval
+from loopback import LoopbackTeacher, TeacherProfile
+
+KEY = "sk-or-test-SECRET-4242"
+CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
+
+
+@pytest.mark.parametrize("k,n,lo,hi", [(45, 50, 0.7864, 0.9565), (10, 10, 0.7225, 1.0), (0, 10, 0.0, 0.2775),
+                                       (5, 10, 0.2366, 0.7634)])
+def test_wilson_interval_hand_computed(k, n, lo, hi):
+    # p = k/n, z = 1.96: centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)
+    assert wilson_interval(k, n) == pytest.approx((lo, hi), abs=1e-4)
+
+
+@pytest.mark.parametrize("scores,pos,want", [([3, 2, 1], [1, 0, 0], 1.0), ([1, 2, 3], [1, 0, 0], 0.0),
+                                             ([1, 1, 2, 0], [1, 0, 1, 0], 0.875), ([1, 1], [1, 1], None)])
+def test_auroc_hand_computed(scores, pos, want):
+    assert auroc(scores, pos) == want
+
+
+def test_fit_rule_on_a_hand_computed_gold_set():
+    # 60 gold pins: 30 at confidence 0.99 (all right), 20 at 0.9 (18 right), 10 at 0.6 (4 right); a
+    # second answer agrees exactly when the first was right. Accepted labels at each threshold t:
+    #   t = 0.6 : all 60 alone, 52 right                       -> Wilson lower 0.758
+    #   t = 0.9 : 50 alone (48 right) + 4 agreeing pairs       -> 52/54, lower 0.875
+    #   t = 0.99: 30 alone + 18 + 4 agreeing pairs, all right   -> 52/52, lower 1 / (1 + 1.96^2 / 52) = 0.931
+    gold = ([{"conf1": 0.99, "right1": True}] * 30 + [{"conf1": 0.9, "right1": i < 18} for i in range(20)]
+            + [{"conf1": 0.6, "right1": i < 4} for i in range(10)])
+    for g in gold:
+        g.update(agree=g["right1"], right_pair=g["right1"])
+    r = fit_rule(gold, 0.9)
+    assert r.threshold == 0.99 and r.trusted_confidence
+    assert r.estimate == {"accepted": 52, "accuracy": 1.0, "ci95": [0.9312, 1.0], "yield": 0.867}
+    r = fit_rule(gold, 0.85)  # 0.875 >= 0.85: the lower threshold, fewer second calls
+    assert r.threshold == 0.9 and r.estimate["accepted"] == 54 and r.estimate["accuracy"] == round(52 / 54, 4)
+    r = fit_rule(gold, 0.95)  # not even all-pairs (52/52 at t = inf too) reaches 0.95 at the lower bound
+    assert math.isinf(r.threshold) and "every image gets a second answer" in r.why
+
+
+def test_flat_confidence_is_not_trusted():
+    gold = [{"conf1": 0.95 if i % 7 else 0.99, "right1": i % 6 != 0, "agree": True, "right_pair": i % 6 != 0}
+            for i in range(100)]
+    r = fit_rule(gold, 0.9)
+    assert not r.trusted_confidence and r.auroc < 0.6 and "not trusted" in r.why and "random share" in r.why
+
+
+def test_estimate_counts_singles_and_pairs():
+    e = estimate_on_gold([{"conf1": 0.95, "right1": False, "agree": True, "right_pair": False},
+                          {"conf1": 0.5, "right1": True, "agree": True, "right_pair": True}], 0.9)
+    assert e["accepted"] == 2 and e["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("mode,threshold,conf,gold,want", [
+    ("fitted", math.inf, 0.99, False, True),     # confidence untrusted: every image gets a second answer
+    ("fitted", 0.9, 0.95, False, False),         # trusted and above the threshold: one call
+    ("fitted", 0.9, 0.85, False, True),          # below it: a second answer
+    ("fitted", 0.9, 0.95, True, True),           # gold pins always get both
+    ("always", 0.9, 0.99, False, True),
+    ("adaptive", math.inf, 0.95, False, False),  # adaptive uses --adaptive_thresh 0.9, not the fitted one
+])
+def test_adaptive_second_call_decisions(mode, threshold, conf, gold, want):
+    qc = QC(CLASSES, second_pass=mode, audit_frac=0.0)
+    qc.threshold = threshold
+    if gold:
+        qc.always_second = {"sha"}
+    assert qc.second_needed("sha", conf) is want
+
+
+def test_audit_fraction_asks_a_share_of_confident_items():
+    qc = QC(CLASSES, second_pass="fitted", audit_frac=0.2)
+    qc.threshold = 0.5
+    share = sum(qc.second_needed(f"{i:064x}", 0.99) for i in range(2000)) / 2000
+    assert 0.17 < share < 0.23
+
+
+def test_second_model_keys_pass_2_only():
+    qc = QC(CLASSES, second_model="other/model")
+    c1, c2 = qc.call("sha", 1, "main/model"), qc.call("sha", 2, "main/model")
+    assert c1.model == "main/model" and c2.model == "other/model"
+    assert "|main/model|" in c1.key and "|other/model|" in c2.key
+
+
+@pytest.fixture
+def prepped(tmp_path, monkeypatch):
+    make_cifar_folder(tmp_path / "data", n_train=30, n_test=1)
+    run_cli("--step", "prep", "--data_root", tmp_path / "data", "--out_dir", tmp_path / "run", "--img_size", 16)
+    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
+    return tmp_path
+
+
+def test_label_step_with_second_model_and_fitted_rule(prepped):
+    run = prepped / "run"
+    truth = {r["sha256"]: r["label"] for r in read_csv(run / "manifest.csv")}
+    with LoopbackTeacher(truth, CLASSES, profile=TeacherProfile(CLASSES, conf_mode="informative", seed=1)) as srv:
+        run_cli("--step", "label", "--out_dir", run, "--data_root", prepped / "data", "--llm_base_url", srv.url,
+                "--llm_model", "main/model", "--second_model", "other/model", "--max_label", 120, "--gold_n", 40,
+                "--min_gold_acc", 0)
+        asked = sum(srv.requests.values())
+        run_cli("--step", "label", "--out_dir", run, "--data_root", prepped / "data", "--llm_base_url", srv.url,
+                "--llm_model", "main/model", "--second_model", "other/model", "--max_label", 120, "--gold_n", 40,
+                "--min_gold_acc", 0)
+        assert sum(srv.requests.values()) == asked  # both models' answers reused from the ledger
+    recs = read_jsonl(run / "labels.jsonl")[0]
+    assert {r["model"] for r in recs if r["pass"] == 1} == {"main/model"}
+    assert {r["model"] for r in recs if r["pass"] == 2} == {"other/model"}
+    s = read_json(run / "label_summary.json")
+    rule = s["qc_rule"]
+    assert rule["n_gold"] == 40 and rule["why"] and s["second_model"] == "other/model"
+    assert s["estimated_accuracy"]["ci95"][0] <= s["estimated_accuracy"]["accuracy"] <= s["estimated_accuracy"]["ci95"][1]
+    gold_shas = {r["sha256"] for r in read_csv(run / "manifest.csv")} & {r["sha256"] for r in recs}
+    # pass 2 only where the rule asked for it: gold pins, below the threshold, or audited
+    assert s["calls_pass2"] < s["calls_pass1"] or rule["threshold"] is None
+    assert len(gold_shas) >= 40
+
+
+def test_rule_in_force_reaches_the_datacard(exported_run):
+    from fakes import run_cli as cli
+    cli("--step", "report", "--out_dir", exported_run, "--teacher", "oracle")
+    card = (exported_run / "datacard.md").read_text()
+    assert "Rule in force" in card and "second answer" in card
