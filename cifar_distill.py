@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from flywheel.io import (RunLock, RunLockHeld, atomic_write_bytes, read_csv, read_json, read_jsonl, sha256_file,
-                         write_csv, write_json)
+from flywheel.io import (RunLock, RunLockHeld, atomic_write_bytes, promoted_artifacts, read_csv, read_json, read_jsonl,
+                         sha256_file, write_csv, write_json)
 
 log = logging.getLogger("cifar_distill")
 
@@ -97,13 +97,15 @@ OPTIONS = {
     "target_precision": (float, 0.95, "cascade: lowest student threshold whose auto-accepted validation precision reaches this"),
     "escalation_budget": (float, None, "cascade: escalate at most this fraction instead (unset: use --target_precision)"),
     "simulate_human": (bool, False, "answer human-review items from ground truth (SIMULATED, offline evaluation only)"),
-    "relabel_n": (int, 200, "flywheel: pool items relabeled per turn (escalations first, then lowest margin)"),
+    "relabel_n": (int, 200, "flywheel: pool items relabeled per turn"),
+    "relabel_strategy": (str, "targeted", "flywheel: targeted (picks that can yield a label: LLM-student disagreements, "
+                                          "then class-balanced low margin) | random (the control) | margin (lowest margin)"),
     "turns": (int, 1, "flywheel: number of turns the run should have (completed turns are skipped)"),
     "flywheel_epochs": (int, None, "flywheel: epochs per retrain (unset: --epochs)"),
     "from_scratch": (bool, False, "flywheel: retrain from --weights instead of continuing from the previous student"),
 }
 CHOICES = {"step": STEPS + ["all"], "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
-           "second_pass": ["fitted", "always", "adaptive"], "device": ["auto", "cpu", "cuda", "mps"],
+           "second_pass": ["fitted", "always", "adaptive"], "relabel_strategy": ["targeted", "random", "margin"], "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 UNIT_INTERVAL = ["oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
                  "target_precision", "target_label_precision"]
@@ -715,6 +717,10 @@ def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
     best["val_paths"] = [r["path"] for r in val]
     best = calibrate_checkpoint(best, x_va, y_va, device, art / "best.pt")
     write_csv(art / "train_rows.csv", TRAIN_ROW_FIELDS, train + val)  # the rows best.pt was trained on
+    promoted = P.artifacts / "promoted.json"
+    if turn == 0 and promoted.exists():  # later turns grew from the old turn-0 student: it ships again
+        promoted.unlink()
+        log.info("train: turn 0 retrained, so %s was removed; turn 0 is the promoted student again", promoted)
     save_torch(best["model"], art / "mobilenet.pt")
     log.info("train: best epoch %s val acc %.4f; temperature %.3f, val ECE %.4f -> %.4f; wrote %s, %s, %s",
              best.get("best_epoch"), best["best_val_acc"], best["temperature"], best["val_ece_before"],
@@ -859,9 +865,10 @@ def human_answers(P):
             for r in read_csv(P.human_review) if (r.get("label_final") or "").strip()}
 
 
-def step_cascade(cfg, P, art=None, turn=0):
-    """Route the test split and the unlabeled pool through student -> LLM -> human.
-    -> escalations.jsonl, human_review.csv, art/cascade.json, art/pool_predictions.csv"""
+def step_cascade(cfg, P, art=None, turn=None):
+    """Route the test split and the unlabeled pool through student -> LLM -> human, with the promoted
+    student unless `art` names another. -> escalations.jsonl, human_review.csv, art/cascade.json,
+    art/pool_predictions.csv"""
     import numpy as np
     from flywheel.calibrate import margin
     from flywheel.cascade import EscalationLog, route_of, summarize, tau_sweep
@@ -870,7 +877,9 @@ def step_cascade(cfg, P, art=None, turn=0):
     from flywheel.ledger import Ledger
     from flywheel.student import load_student, pick_device
     from flywheel.teacher import FatalTeacherError
-    art = Path(art or P.artifacts)
+    if art is None:
+        art, turn = promoted_artifacts(P.out)
+    art, turn = Path(art), turn or 0
     best = load_student(art / "best.pt")
     classes = best["classes"]
     manifest = load_manifest(P)
@@ -1008,7 +1017,8 @@ def turn_entry(P, art, turn, cfg):
     spend = Ledger(P.ledger)
     total = spend.total_cost()
     spend.close()
-    return {"turn": turn, "n_labeled": len(rows), "spend_usd": round(total, 6), "accuracy": e["accuracy"],
+    return {"turn": turn, "n_labeled": len(rows), "spend_usd": round(total, 6), "val_acc": e["best_val_acc"],
+            "accuracy": e["accuracy"], "llm_calls_per_1k": round(1000 * t["llm_calls"] / t["n"], 1) if t["n"] else None,
             "macro_f1": e["macro_f1"], "escalation_rate": t["escalation_rate"], "tau": c["tau"],
             "cascade_accuracy": t["accuracy"],
             "cost_per_1k_usd": round(cost_per_1k(t["escalation_rate"], calls_per_escalated * per_item), 6),
@@ -1016,23 +1026,25 @@ def turn_entry(P, art, turn, cfg):
             "label_sources": e["label_sources"], "simulated": c["teacher"]["simulated"] or c["simulated_human"]}
 
 
-def select_relabel(P, art, n, answered=()):
-    """Targeted relabeling, at most n pool items: those a person answered in human_review.csv first (their
-    work is never wasted), then escalated items where the LLM disagreed with the student, then the other
-    escalated ones, then the lowest-margin remaining pool items."""
+def select_relabel(P, art, n, strategy, answered=(), seed=0):
+    """Pool items to relabel from the turn's student (art): its pool predictions and escalations."""
+    from flywheel.cascade import pick_relabels
     preds = read_csv(P.need(art / "pool_predictions.csv", "cascade"))
-    best_sid = read_json(art / "cascade.json")["student_id"]
-    esc = {r["path"]: r for r in read_jsonl(P.escalations)[0]
-           if r.get("student_id") == best_sid and r.get("split") == "pool"}
-    in_pool = {r["path"] for r in preds}
-    disagree = [p for p, r in esc.items() if p in in_pool and r.get("llm_label") and r["llm_label"] != r["student_pred"]]
-    other = [p for p in esc if p in in_pool and p not in set(disagree)]
-    rest = sorted((r for r in preds if r["path"] not in esc), key=lambda r: float(r["margin"]))
-    human = [p for p in answered if p in in_pool]
-    picked = list(dict.fromkeys(human + disagree + other + [r["path"] for r in rest]))[:n]
-    return picked, {"human_answered": len([p for p in picked if p in set(human)]),
-                    "disagreements": len([p for p in picked if p in set(disagree)]),
-                    "escalated": len([p for p in picked if p in esc]), "low_margin": len([p for p in picked if p not in esc])}
+    sid = read_json(art / "cascade.json")["student_id"]
+    esc = {r["path"]: r for r in read_jsonl(P.escalations)[0] if r.get("student_id") == sid and r.get("split") == "pool"}
+    return pick_relabels(preds, esc, n, strategy, answered, seed)
+
+
+def promote(P, fly):
+    """The turn whose student has the best validation accuracy (never test; the earliest on a tie)
+    becomes the run's promoted student: artifacts/promoted.json. Every turn shares one validation split."""
+    best = max(fly["turns"], key=lambda t: (t.get("val_acc", -1.0), -t["turn"]))  # runs before val_acc was kept: -1
+    k = best["turn"]
+    write_json(P.artifacts / "promoted.json", {
+        "turn": k, "dir": "." if k == 0 else f"turn_{k}", "val_acc": best.get("val_acc"),
+        "candidates": [{"turn": t["turn"], "val_acc": t.get("val_acc")} for t in fly["turns"]],
+        "rule": "highest validation accuracy over turns (same validation split); the test split never chooses"})
+    return k
 
 
 def step_flywheel(cfg, P):
@@ -1047,6 +1059,7 @@ def step_flywheel(cfg, P):
         P.need(P.eval, "eval")
         fly["turns"].append(turn_entry(P, P.artifacts, 0, cfg))
         write_json(P.flywheel, fly)
+        promote(P, fly)
     manifest = load_manifest(P)
     done = {t["turn"] for t in fly["turns"]}
     for k in range(1, cfg["turns"] + 1):
@@ -1061,11 +1074,13 @@ def step_flywheel(cfg, P):
             break
         if not (prev / "cascade.json").exists():
             step_cascade(cfg, P, prev, turn=k - 1)
-        picked, why = select_relabel(P, prev, cfg["relabel_n"],
-                                     [p for p, (_, src) in human_answers(P).items() if src != "simulated_human"])
+        picked, why = select_relabel(P, prev, cfg["relabel_n"], cfg["relabel_strategy"],
+                                     [p for p, (_, src) in human_answers(P).items() if src != "simulated_human"],
+                                     seed=cfg["seed"] + k)
         assert all(manifest[p]["split"] == "train" for p in picked), "flywheel picked a test image"
         ledger, teacher, qc = Ledger(P.ledger), make_teacher(cfg, manifest), make_qc(cfg, P)
         budget = make_budget(cfg, ledger)
+        spent0 = ledger.total_cost()
         try:
             verdicts = label_items([item(P, manifest, p) for p in picked], teacher, ledger, qc, budget, "flywheel",
                                    cfg["max_workers"], f"flywheel turn {k} relabel")
@@ -1085,8 +1100,9 @@ def step_flywheel(cfg, P):
         old = read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []
         old = [r for r in old if int(r["turn"]) != k]  # a crashed turn k is redone whole
         write_csv(P.flywheel_labels, FLYWHEEL_LABEL_FIELDS, old + new)
-        log.info("flywheel turn %d: picked %d pool items %s; %d labeled (%s); budget stop: %s", k, len(picked), why,
-                 len(new), json.dumps(_count(new, "source")), budget.stopped)
+        relabel_usd = budget.spent - spent0
+        log.info("flywheel turn %d: picked %d pool items %s; %d produced a label (%s) for $%.4f; budget stop: %s", k,
+                 len(picked), why, len(new), json.dumps(_count(new, "source")), relabel_usd, budget.stopped)
         init = cfg["weights"] if cfg["from_scratch"] else str(prev / "best.pt")
         step_train(cfg, P, art=art, turn=k, init=init, resume=False)
         rows = read_csv(art / "train_rows.csv")
@@ -1094,9 +1110,12 @@ def step_flywheel(cfg, P):
         step_eval(cfg, P, art)
         step_cascade(cfg, P, art, turn=k)
         entry = turn_entry(P, art, k, cfg)
-        entry.update(new_labels=len(new), picked=why)
+        entry.update(new_labels=len(new), picked=why, relabel_strategy=cfg["relabel_strategy"],
+                     relabel_usd=round(relabel_usd, 6),
+                     labels_per_usd=round(len(new) / relabel_usd, 1) if relabel_usd > 0 else None)
         fly["turns"].append(entry)
         write_json(P.flywheel, fly)
+        log.info("flywheel: promoted student is turn %d (best validation accuracy)", promote(P, fly))
     print_flywheel(fly)
     return fly
 
@@ -1120,13 +1139,14 @@ def step_export(cfg, P):
     from flywheel.serve import (CalibratedStudent, export_onnx, export_torchscript, ort_session, preprocess_files,
                                 softmax_np)
     from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_student, model_from_checkpoint
-    best = load_student(P.best)
+    art, turn = promoted_artifacts(P.out)
+    best = load_student(art / "best.pt")  # the promoted student: the one that ships
     size = best["model_args"]["img_size"]
     wrapper = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval()
     meta = {"classes": best["classes"], "temperature": best["temperature"], "img_size": size,
             "input": "float32 [B,3,H,W] RGB, (x/255 - mean)/std", "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "output": "calibrated logits (logits / temperature)",
-            "source": "cifar_distill " + str(P.best)}
+            "source": "cifar_distill " + str(art / "best.pt"), "turn": turn}
     export_onnx(wrapper, P.onnx, size, meta)
     export_torchscript(wrapper, P.ts, size)
     rows = heldout_rows(load_manifest(P))[:EXPORT_CHECK_IMAGES]
@@ -1137,7 +1157,8 @@ def step_export(cfg, P):
         ref = softmax_np(wrapper(torch.from_numpy(x)).numpy())
     outs = {"onnx": softmax_np(ort_session(P.onnx).run(None, {"input": x})[0]),
             "torchscript": softmax_np(torch.jit.load(str(P.ts))(torch.from_numpy(x)).detach().numpy())}
-    result = {"n_images": len(rows), "temperature": best["temperature"], "classes": best["classes"]}
+    result = {"n_images": len(rows), "temperature": best["temperature"], "classes": best["classes"],
+              "turn": turn, "student": str(art / "best.pt"), "val_acc": best["best_val_acc"]}
     for name, path in (("onnx", P.onnx), ("torchscript", P.ts)):
         result[name] = {"path": str(path), "max_abs_diff": float(np.abs(outs[name] - ref).max()),
                         "agreement": float((outs[name].argmax(1) == ref.argmax(1)).mean()),
@@ -1165,13 +1186,14 @@ def step_report(cfg, P):
     from flywheel.plots import plot_run
     from flywheel.student import load_student
     ls = read_json(P.need(P.label_summary, "label"))
-    ev = read_json(P.need(P.eval, "eval"))
+    art, turn = promoted_artifacts(P.out)  # every student figure is of the promoted student
+    ev = read_json(P.need(art / "eval.json", "eval"))
     prep = read_json(P.need(P.prep_json, "prep"))
-    cas = read_json(P.cascade) if P.cascade.exists() else None
+    cas = read_json(art / "cascade.json") if (art / "cascade.json").exists() else None
     fly = read_json(P.flywheel) if P.flywheel.exists() else None
     speed = read_json(P.speed) if P.speed.exists() else None
     exp = read_json(P.export) if P.export.exists() else None
-    best = load_student(P.best)
+    best = load_student(art / "best.pt")
     plots, _ = plot_run(P.artifacts)
     sim_teacher = bool(ls.get("simulated"))
     sim_human = bool(cas and cas.get("simulated_human"))
@@ -1185,7 +1207,12 @@ def step_report(cfg, P):
             L += ["> - Human-review answers are **simulated** from ground truth (`--simulate_human`)."]
         L += [""]
     L += [f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from the artifacts under `{P.out}`; every number is read "
-          f"from the file named in its section.", "", "## Config (artifacts/best.pt)", "", "| key | value |", "|---|---|"]
+          f"from the file named in its section.", "",
+          f"**Promoted student: turn {turn}** (`{art.relative_to(P.out).as_posix()}/best.pt`), the turn with the best "
+          f"validation accuracy ({best['best_val_acc']:.4f}); the test split never chose it. Export"
+          f"{' (turn ' + str(exp.get('turn')) + ')' if exp else ''}, the student and cascade sections and the "
+          f"breakeven use it.", "",
+          f"## Config ({art.relative_to(P.out).as_posix()}/best.pt)", "", "| key | value |", "|---|---|"]
     c = best["config"]
     for k in ("weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "seed", "img_size", "device"):
         L.append(f"| {k} | {c.get(k)} |")
@@ -1207,7 +1234,7 @@ def step_report(cfg, P):
           f"| accepted-label accuracy | {_fmt(ls['teacher_accuracy'], 4)} |",
           f"| first-pass accuracy | {_fmt(ls['pass1_accuracy'], 4)} |",
           f"| gold accuracy | {_fmt(ls['gold_accuracy'], 4)} |", ""]
-    L += ["## Student (eval.json, official test split)", "", "| metric | value |", "|---|---|",
+    L += [f"## Student (turn {turn} eval.json, official test split)", "", "| metric | value |", "|---|---|",
           f"| accuracy | {ev['accuracy']:.4f} |", f"| macro-F1 | {ev['macro_f1']:.4f} |",
           f"| ECE before | {ev['ece_before']:.4f} |", f"| ECE after | {ev['ece_after']:.4f} |",
           f"| temperature | {ev['temperature']:.4f} |", f"| n_train | {ev['n_train']} |", f"| n_val | {ev['n_val']} |",

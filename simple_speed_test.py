@@ -27,6 +27,7 @@ import torch
 from cifar_distill import Paths, load_manifest, heldout_rows
 from flywheel.io import write_json
 from flywheel.serve import ort_session, preprocess_files
+from flywheel.io import promoted_artifacts
 from flywheel.student import load_student, model_from_checkpoint
 
 BACKENDS = ["torch", "torch_channels_last", "torchscript", "onnxruntime"]
@@ -157,7 +158,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     P = Paths(a.root)
-    best = load_student(P.best)
+    best = load_student(promoted_artifacts(P.out)[0] / "best.pt")  # the student that ships
     files = [P.out / r["path"] for r in heldout_rows(load_manifest(P))][:a.max_images]
     if not files:
         raise SystemExit(f"error: no test images in {P.manifest}; rerun --step prep")

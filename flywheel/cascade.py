@@ -101,3 +101,55 @@ def tau_sweep(conf, student_correct, escalated_acc, taus=SWEEP_TAUS):
         out.append({"tau": float(t), "escalation_rate": esc, "accuracy": None if accuracy is None else float(accuracy),
                     "student_precision": float(ok[acc_m].mean()) if acc_m.any() else None})
     return out
+
+
+# ----------------------------------------------------------------------------- relabel selection
+UNANSWERABLE = ("disagreed", "low_confidence", "invalid")  # the ledger holds a rejected answer: asking again repeats it
+
+
+def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0):
+    """Which pool items a flywheel turn relabels, at most n, as (paths, why).
+
+    pool: [{path, pred, margin}] (the student's pool predictions); escalations: {path: record} of this
+    student (llm_status, llm_label, student_pred); answered: pool paths a person labeled.
+      targeted: a person's answers first (their work is never wasted); then escalations the LLM answered
+        with an accepted label that contradicts the student (student errors, most confident student
+        first); then escalations it answered in agreement (already paid for); then never-asked items by
+        lowest margin, round-robin over predicted classes (class-balanced, not 300 look-alikes). Items
+        whose ledger answer was rejected (disagreed, low confidence, invalid) are skipped unless a person
+        answered them: asking again returns the same answer, so they cannot yield a label.
+      random: a uniform sample (the control: same budget, same epochs).
+      margin: lowest student margin first, nothing skipped.
+
+    >>> pool = [{"path": p, "pred": c, "margin": m} for p, c, m in
+    ...         [("a", "x", .1), ("b", "x", .2), ("c", "y", .3), ("d", "y", .05), ("e", "x", .01)]]
+    >>> esc = {"e": {"llm_status": "accepted", "llm_label": "y", "student_pred": "x", "student_conf": .4},
+    ...        "d": {"llm_status": "disagreed", "llm_label": "x", "student_pred": "y", "student_conf": .5}}
+    >>> pick_relabels(pool, esc, 3)[0], pick_relabels(pool, esc, 3, "margin")[0]
+    (['e', 'a', 'c'], ['e', 'd', 'a'])
+    """
+    import random
+    in_pool = {r["path"] for r in pool}
+    if strategy == "random":
+        picked = random.Random(seed).sample(sorted(in_pool), min(n, len(in_pool)))
+        return picked, {"strategy": strategy, "picked": len(picked)}
+    if strategy == "margin":
+        picked = [r["path"] for r in sorted(pool, key=lambda r: float(r["margin"]))][:n]
+        return picked, {"strategy": strategy, "picked": len(picked)}
+    human = [p for p in answered if p in in_pool]
+    ok = {p: e for p, e in escalations.items() if p in in_pool and e.get("llm_status") == "accepted" and e.get("llm_label")}
+    contra = sorted((p for p, e in ok.items() if e["llm_label"] != e["student_pred"]),
+                    key=lambda p: -float(ok[p].get("student_conf") or 0))
+    agree = [p for p, e in ok.items() if e["llm_label"] == e["student_pred"]]
+    skipped = {p for p, e in escalations.items() if p in in_pool and e.get("llm_status") in UNANSWERABLE} - set(human)
+    fresh = [r for r in sorted(pool, key=lambda r: float(r["margin"])) if r["path"] not in escalations]
+    by_class = {}
+    for r in fresh:
+        by_class.setdefault(r["pred"], []).append(r["path"])
+    balanced = [q[i] for i in range(max(map(len, by_class.values()), default=0)) for q in by_class.values() if i < len(q)]
+    picked = list(dict.fromkeys(human + contra + agree + balanced))[:n]
+    tiers = {"human_answered": set(human), "llm_contradicts_student": set(contra), "llm_agrees": set(agree)}
+    why = {"strategy": strategy, "picked": len(picked), "skipped_unanswerable": len(skipped),
+           **{k: sum(p in v for p in picked) for k, v in tiers.items()}}
+    why["low_margin_balanced"] = len(picked) - sum(why[k] for k in tiers)
+    return picked, why

@@ -113,7 +113,8 @@ BREAKEVEN_DEFAULTS = dict(root=None, llm_cost=None, llm_calls_per_item=float(LLM
 def resolve_inputs(a):
     """Flags first, then the run's artifacts -> (inputs dict, sources dict). Fails naming the flag.
     `a` has the attributes of BREAKEVEN_DEFAULTS (cost_breakeven.py's flags)."""
-    art = Path(a.root) / "artifacts" if a.root else None
+    from flywheel.io import promoted_artifacts
+    art = promoted_artifacts(a.root)[0] if a.root else None  # the cascade of the student that ships
     src = {}
 
     def art_json(name):

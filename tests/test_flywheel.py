@@ -52,3 +52,60 @@ def test_flywheel_turn_grows_training_from_pool_only_and_human_edits_win(copy_ru
     # rerunning with the same --turns does nothing new
     fly(copy_run)
     assert [t["turn"] for t in read_json(run / "artifacts" / "flywheel.json")["turns"]] == [0, 1]
+
+
+# ----------------------------------------------------------------------------- issue 12: selection, promotion
+
+def test_promotion_follows_validation_never_test(tmp_path):
+    import cifar_distill as C
+    P = C.Paths(tmp_path)
+    P.artifacts.mkdir(parents=True)
+    fly = {"turns": [{"turn": 0, "val_acc": 0.80, "accuracy": 0.95}, {"turn": 1, "val_acc": 0.90, "accuracy": 0.50},
+                     {"turn": 2, "val_acc": 0.90, "accuracy": 0.99}]}
+    assert C.promote(P, fly) == 1  # best validation; the earlier turn on a tie; test accuracy is ignored
+    d = read_json(P.artifacts / "promoted.json")
+    assert d["dir"] == "turn_1" and [c["turn"] for c in d["candidates"]] == [0, 1, 2]
+
+
+def test_export_and_report_ship_the_promoted_student(copy_run):
+    from flywheel.student import load_student
+    run = copy_run / "run"
+    fly(copy_run)
+    promoted = read_json(run / "artifacts" / "promoted.json")
+    vals = {t: load_student(run / "artifacts" / d / "best.pt")["best_val_acc"] for t, d in ((0, "."), (1, "turn_1"))}
+    assert vals[promoted["turn"]] == max(vals.values())
+    # whichever won, pin turn 1 and check every consumer follows promoted.json
+    from flywheel.io import write_json
+    write_json(run / "artifacts" / "promoted.json", {**promoted, "turn": 1, "dir": "turn_1"})
+    run_cli("--step", "export", "--out_dir", run, "--teacher", "oracle")
+    e = read_json(run / "artifacts" / "export.json")
+    t1 = load_student(run / "artifacts" / "turn_1" / "best.pt")
+    assert e["turn"] == 1 and e["temperature"] == t1["temperature"] and e["student"].endswith("turn_1/best.pt")
+    run_cli("--step", "report", "--out_dir", run, "--teacher", "oracle")
+    assert "**Promoted student: turn 1**" in (run / "report.md").read_text()
+    from flywheel.costs import resolve_inputs, BREAKEVEN_DEFAULTS
+    from types import SimpleNamespace
+    inp, _ = resolve_inputs(SimpleNamespace(**{**BREAKEVEN_DEFAULTS, "root": str(run), "student_cost_per_1k": 0.0}))
+    assert inp["escalation_rate"] == read_json(run / "artifacts" / "turn_1" / "cascade.json")["test"]["escalation_rate"]
+
+
+POOL = [{"path": f"p{i}", "pred": "ab"[i % 2], "margin": str(i / 100)} for i in range(10)]
+
+
+@pytest.mark.parametrize("strategy,n,esc,answered,want", [
+    ("targeted", 3, {}, (), ["p0", "p1", "p2"]),                       # never asked: lowest margin, classes alternate
+    ("targeted", 50, {}, (), [f"p{i}" for i in range(10)]),            # n larger than the pool
+    ("targeted", 2, {"p0": {"llm_status": "disagreed"}}, (), ["p1", "p2"]),     # a rejected answer cannot yield a label
+    ("targeted", 2, {"p0": {"llm_status": "disagreed"}}, ("p0",), ["p0", "p1"]),  # unless a person answered it
+    ("margin", 2, {"p0": {"llm_status": "disagreed"}}, (), ["p0", "p1"]),
+])
+def test_pick_relabels_edge_cases(strategy, n, esc, answered, want):
+    from flywheel.cascade import pick_relabels
+    assert pick_relabels(POOL, esc, n, strategy, answered)[0] == want
+
+
+def test_random_control_is_seeded_and_within_the_pool():
+    from flywheel.cascade import pick_relabels
+    a, b = pick_relabels(POOL, {}, 4, "random", seed=1)[0], pick_relabels(POOL, {}, 4, "random", seed=1)[0]
+    assert a == b and len(set(a)) == 4 and set(a) <= {r["path"] for r in POOL}
+    assert pick_relabels([], {}, 4, "targeted")[0] == [] and pick_relabels([], {}, 4, "random")[0] == []
