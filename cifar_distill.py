@@ -1029,10 +1029,17 @@ def turn_entry(P, art, turn, cfg):
 def select_relabel(P, art, n, strategy, answered=(), seed=0):
     """Pool items to relabel from the turn's student (art): its pool predictions and escalations."""
     from flywheel.cascade import pick_relabels
+    from flywheel.student import load_student
     preds = read_csv(P.need(art / "pool_predictions.csv", "cascade"))
     sid = read_json(art / "cascade.json")["student_id"]
     esc = {r["path"]: r for r in read_jsonl(P.escalations)[0] if r.get("student_id") == sid and r.get("split") == "pool"}
-    return pick_relabels(preds, esc, n, strategy, answered, seed)
+    classes = load_student(art / "best.pt")["classes"]  # the order of student_probs in the records
+    est = (read_json(P.label_summary).get("estimated_accuracy") or {}) if P.label_summary.exists() else {}
+    teacher_acc = est.get("accuracy") or DEFAULT_TEACHER_ACC  # from gold pins, never the manifest's truth
+    return pick_relabels(preds, esc, n, strategy, answered, seed, classes, teacher_acc)
+
+
+DEFAULT_TEACHER_ACC = 0.85  # prior accuracy of accepted teacher labels when no gold pins estimated it
 
 
 def promote(P, fly):
@@ -1087,6 +1094,9 @@ def step_flywheel(cfg, P):
         finally:
             teacher.close()
             ledger.close()
+        # what the picked items' answers cost, whether this turn or the cascade before it paid for them
+        shas = {manifest[p]["sha256"] for p in picked}
+        picked_usd = sum(float(r.get("cost_usd") or 0) for r in ledger.records if r.get("sha256") in shas)
         humans = human_answers(P)
         new = []
         for p in picked:
@@ -1111,8 +1121,8 @@ def step_flywheel(cfg, P):
         step_cascade(cfg, P, art, turn=k)
         entry = turn_entry(P, art, k, cfg)
         entry.update(new_labels=len(new), picked=why, relabel_strategy=cfg["relabel_strategy"],
-                     relabel_usd=round(relabel_usd, 6),
-                     labels_per_usd=round(len(new) / relabel_usd, 1) if relabel_usd > 0 else None)
+                     relabel_usd=round(relabel_usd, 6), picked_answers_usd=round(picked_usd, 6),
+                     labels_per_usd=round(len(new) / picked_usd, 1) if picked_usd > 0 else None)
         fly["turns"].append(entry)
         write_json(P.flywheel, fly)
         log.info("flywheel: promoted student is turn %d (best validation accuracy)", promote(P, fly))

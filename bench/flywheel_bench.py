@@ -1,60 +1,105 @@
-"""One offline flywheel turn on the synthetic colour set with the SIMULATED oracle teacher (with label
-noise) and a SIMULATED human: turn 0 against turn 1 on test accuracy, escalation rate at 0.95 target
-precision, and LLM calls per 1,000 items served against sending every item to the LLM.
+"""One flywheel turn per relabel strategy against its controls, over several seeds: turn 0, then a
+targeted, a random and a margin turn from the same turn-0 run, with the same relabel budget and the
+same epochs, and no simulated human. Labels come from the real label step against the loopback
+stand-in teacher (tests/loopback.py TeacherProfile, SIMULATED: errors gather on hard images, look-alike
+pairs, faults, informative-but-noisy confidence) on synthetic 32px colour images.
 
-    uv run python bench/flywheel_bench.py
-    uv run python bench/flywheel_bench.py --noise 0.2 --relabel_n 80 --epochs 6
+    uv run python bench/flywheel_bench.py                     # 3 seeds, defaults below
+    uv run python bench/flywheel_bench.py --seeds 5 --relabel_n 150 --epochs 8
 
-Everything here is simulated (teacher, human, images); it measures the machinery, not CIFAR-100.
+Prints test accuracy, escalation rate at --target_precision 0.95, LLM calls per 1,000 test items and
+labels added per dollar, as mean ± std over seeds. Everything is simulated (teacher, images); it
+measures the machinery, not CIFAR-100.
 """
 import argparse
+import logging
+import os
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fakes import make_cifar_folder, run_cli  # noqa: E402
-from flywheel.io import read_json  # noqa: E402
+from flywheel.io import read_csv, read_json  # noqa: E402
+from loopback import LoopbackTeacher, TeacherProfile  # noqa: E402
+
+CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
+ARMS = ("targeted", "random", "margin")
+
+
+def one_seed(tmp, seed, a):
+    d = tmp / f"seed{seed}"
+    make_cifar_folder(d / "data", n_train=a.per_class, n_test=a.test_per_class, mix=0.55, seed=seed)
+    common = ["--data_root", d / "data", "--seed", seed, "--log_level", "WARNING", "--llm_model", "sim/teacher"]
+    run_cli("--step", "prep", "--out_dir", d / "run", *common, "--img_size", 32)
+    truth = {r["sha256"]: r["label"] for r in read_csv(d / "run" / "manifest.csv")}
+    train = ["--weights", "none", "--epochs", a.epochs, "--batch_size", 32]
+    out = {}
+    with LoopbackTeacher(truth, CLASSES, profile=TeacherProfile(CLASSES, accuracy=a.accuracy, seed=seed),
+                         cost=0.0002) as srv:
+        c = ["--out_dir", d / "run", *common, "--llm_base_url", srv.url]
+        run_cli("--step", "label", *c, "--max_label", a.max_label)
+        run_cli("--step", "train", *c, *train)
+        run_cli("--step", "eval", *c)
+        run_cli("--step", "cascade", *c)
+        for arm in ARMS:
+            shutil.copytree(d / "run", d / arm)
+            run_cli("--step", "flywheel", "--out_dir", d / arm, *common, "--llm_base_url", srv.url, *train,
+                    "--turns", 1, "--relabel_n", a.relabel_n, "--relabel_strategy", arm)
+            out[arm] = read_json(d / arm / "artifacts" / "flywheel.json")["turns"]
+            out[arm][1]["promoted"] = read_json(d / arm / "artifacts" / "promoted.json")["turn"]
+    shutil.rmtree(d)
+    return out
+
+
+def ms(xs, nd=1):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    return f"{statistics.mean(xs):.{nd}f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.{nd}f}"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--noise", type=float, default=0.1, help="oracle label noise (default: 0.1)")
-    p.add_argument("--per_class", type=int, default=80, help="synthetic training images per class (default: 80)")
-    p.add_argument("--max_label", type=int, default=200, help="images the teacher labels first (default: 200)")
-    p.add_argument("--relabel_n", type=int, default=60, help="pool items relabeled in the turn (default: 60)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per training (default: 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds: data, stand-in teacher and training (default: 3)")
+    p.add_argument("--per_class", type=int, default=120, help="synthetic training images per class (default: 120)")
+    p.add_argument("--test_per_class", type=int, default=40, help="synthetic test images per class (default: 40)")
+    p.add_argument("--max_label", type=int, default=200, help="images the teacher labels before turn 0 (default: 200)")
+    p.add_argument("--relabel_n", type=int, default=100, help="pool items relabeled in the turn, every arm (default: 100)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of every training, turn 0 and each arm (default: 6)")
+    p.add_argument("--accuracy", type=float, default=0.83, help="stand-in teacher's raw accuracy (default: 0.83)")
     a = p.parse_args()
+    logging.disable(logging.WARNING)
+    os.environ["OPENROUTER_API_KEY"] = "sk-bench-loopback"
+    os.environ.setdefault("TQDM_DISABLE", "1")
     tmp = Path(tempfile.mkdtemp(prefix="flywheel_bench_"))
+    t0 = time.time()
     try:
-        make_cifar_folder(tmp / "data", n_train=a.per_class, n_test=20, mix=0.55, seed=a.seed)
-        common = ["--out_dir", tmp / "run", "--data_root", tmp / "data", "--teacher", "oracle", "--oracle_noise", a.noise,
-                  "--simulate_human", "--seed", a.seed, "--log_level", "WARNING"]
-        run_cli("--step", "prep", *common, "--img_size", 32)
-        run_cli("--step", "label", *common, "--max_label", a.max_label)
-        train = ["--weights", "none", "--epochs", a.epochs, "--batch_size", 16, "--val_frac", 0.25]
-        run_cli("--step", "train", *common, *train)
-        run_cli("--step", "eval", *common)
-        run_cli("--step", "cascade", *common)
-        run_cli("--step", "flywheel", *common, *train, "--turns", 1, "--relabel_n", a.relabel_n)
-        fly = read_json(tmp / "run" / "artifacts" / "flywheel.json")["turns"]
-        cas = [read_json(tmp / "run" / "artifacts" / "cascade.json"),
-               read_json(tmp / "run" / "artifacts" / "turn_1" / "cascade.json")]
-        print(f"SIMULATED: oracle teacher (noise {a.noise}), simulated human, synthetic 32px colour images; "
-              f"{a.max_label} labeled + {a.relabel_n} relabeled, {a.epochs} epochs, seed {a.seed}")
-        print(f"{'turn':>4}{'labeled':>9}{'test acc':>10}{'macro-F1':>10}{'tau':>7}{'escalation':>12}"
-              f"{'cascade acc':>13}{'LLM calls/1k':>14}{'LLM-only/1k':>13}")
-        for t, c in zip(fly, cas):
-            s = c["test"]
-            print(f"{t['turn']:>4}{t['n_labeled']:>9}{t['accuracy']:>10.3f}{t['macro_f1']:>10.3f}{c['tau']:>7.3f}"
-                  f"{t['escalation_rate']:>12.3f}{s['accuracy']:>13.3f}{1000 * s['llm_calls'] / s['n']:>14.0f}"
-                  f"{1000 * s['llm_only_calls'] / s['n']:>13.0f}")
+        runs = [one_seed(tmp, s, a) for s in range(a.seeds)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    print(f"SIMULATED teacher (raw accuracy {a.accuracy}) and synthetic 32px images; {a.max_label} labeled, then one "
+          f"turn of {a.relabel_n} relabels per arm; {a.epochs} epochs for turn 0 and every arm (continued from turn 0); "
+          f"no simulated human; {a.seeds} seeds, mean ± std; {time.time() - t0:.0f}s")
+    print(f"{'arm':<10}{'test acc %':>14}{'vs turn 0 (pts)':>17}{'escalation %':>15}{'LLM calls/1k':>15}"
+          f"{'labels added':>14}{'labels per $':>14}{'promoted turn 1':>17}")
+    t0s = [r["targeted"][0] for r in runs]
+    print(f"{'turn 0':<10}{ms([100 * t['accuracy'] for t in t0s]):>14}{'':>17}{ms([100 * t['escalation_rate'] for t in t0s]):>15}"
+          f"{ms([t['llm_calls_per_1k'] for t in t0s], 0):>15}")
+    for arm in ARMS:
+        t1 = [r[arm][1] for r in runs]
+        gain = [100 * (r[arm][1]["accuracy"] - r[arm][0]["accuracy"]) for r in runs]
+        print(f"{arm:<10}{ms([100 * t['accuracy'] for t in t1]):>14}{ms(gain):>17}{ms([100 * t['escalation_rate'] for t in t1]):>15}"
+              f"{ms([t['llm_calls_per_1k'] for t in t1], 0):>15}{ms([t['new_labels'] for t in t1], 0):>14}"
+              f"{ms([t['labels_per_usd'] for t in t1], 0):>14}{sum(t['promoted'] == 1 for t in t1):>14}/{len(t1)}")
+    d = [100 * (r["targeted"][1]["accuracy"] - r["random"][1]["accuracy"]) for r in runs]
+    print(f"targeted - random: {ms(d)} pts test accuracy (goal >= +1); targeted - turn 0: "
+          f"{ms([100 * (r['targeted'][1]['accuracy'] - r['targeted'][0]['accuracy']) for r in runs])} pts (goal >= +2)")
 
 
 if __name__ == "__main__":

@@ -107,26 +107,47 @@ def tau_sweep(conf, student_correct, escalated_acc, taus=SWEEP_TAUS):
 UNANSWERABLE = ("disagreed", "low_confidence", "invalid")  # the ledger holds a rejected answer: asking again repeats it
 
 
-def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0):
+def label_posterior(p_student, teacher_acc, n_classes):
+    """Probability that the teacher's label c is right, from the student's calibrated probability for c
+    and the teacher's accuracy, taking the teacher's errors as spread over the other classes.
+
+    >>> round(label_posterior(0.5, 0.85, 5), 3), round(label_posterior(0.05, 0.85, 5), 3)  # .0425 / (.0425 + .95 * .0375)
+    (0.958, 0.544)
+    """
+    wrong = (1.0 - teacher_acc) / max(n_classes - 1, 1)
+    num = p_student * teacher_acc
+    return num / (num + (1.0 - p_student) * wrong) if num > 0 else 0.0
+
+
+def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0, classes=None,
+                  teacher_acc=0.85, min_posterior=0.9):
     """Which pool items a flywheel turn relabels, at most n, as (paths, why).
 
     pool: [{path, pred, margin}] (the student's pool predictions); escalations: {path: record} of this
-    student (llm_status, llm_label, student_pred); answered: pool paths a person labeled.
-      targeted: a person's answers first (their work is never wasted); then escalations the LLM answered
-        with an accepted label that contradicts the student (student errors, most confident student
-        first); then escalations it answered in agreement (already paid for); then never-asked items by
-        lowest margin, round-robin over predicted classes (class-balanced, not 300 look-alikes). Items
-        whose ledger answer was rejected (disagreed, low confidence, invalid) are skipped unless a person
-        answered them: asking again returns the same answer, so they cannot yield a label.
+    student (llm_status, llm_label, student_pred, student_conf, student_probs in `classes` order);
+    answered: pool paths a person labeled.
+      targeted: a person's answers first (their work is never wasted). Then escalations whose accepted
+        LLM label is probably right (label_posterior >= min_posterior, combining the student's calibrated
+        probability for it with teacher_acc, estimated from gold pins), least confident student first:
+        labels the student was unsure of, already paid for. Then never-asked items by lowest margin,
+        round-robin over predicted classes (class-balanced, not 300 look-alikes). Then the remaining
+        accepted escalations, most probable first. Skipped: items whose ledger answer was rejected
+        (disagreed, low confidence, invalid) unless a person answered them, since asking again returns
+        the same answer; and LLM labels the evidence says are more likely wrong than right (posterior < 0.5).
       random: a uniform sample (the control: same budget, same epochs).
       margin: lowest student margin first, nothing skipped.
 
     >>> pool = [{"path": p, "pred": c, "margin": m} for p, c, m in
     ...         [("a", "x", .1), ("b", "x", .2), ("c", "y", .3), ("d", "y", .05), ("e", "x", .01)]]
-    >>> esc = {"e": {"llm_status": "accepted", "llm_label": "y", "student_pred": "x", "student_conf": .4},
+    >>> esc = {"e": {"llm_status": "accepted", "llm_label": "y", "student_pred": "x", "student_conf": .55,
+    ...              "student_probs": [.55, .45]},
     ...        "d": {"llm_status": "disagreed", "llm_label": "x", "student_pred": "y", "student_conf": .5}}
-    >>> pick_relabels(pool, esc, 3)[0], pick_relabels(pool, esc, 3, "margin")[0]
-    (['e', 'a', 'c'], ['e', 'd', 'a'])
+    >>> pick_relabels(pool, esc, 3, classes=["x", "y"], teacher_acc=0.95)[0]  # e: posterior .94, d: rejected
+    ['e', 'a', 'c']
+    >>> pick_relabels(pool, esc, 3, classes=["x", "y"], teacher_acc=0.85)[0]  # e: .82, after never-asked a, c, b
+    ['a', 'c', 'b']
+    >>> pick_relabels(pool, esc, 3, "margin")[0]
+    ['e', 'd', 'a']
     """
     import random
     in_pool = {r["path"] for r in pool}
@@ -137,19 +158,26 @@ def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0
         picked = [r["path"] for r in sorted(pool, key=lambda r: float(r["margin"]))][:n]
         return picked, {"strategy": strategy, "picked": len(picked)}
     human = [p for p in answered if p in in_pool]
-    ok = {p: e for p, e in escalations.items() if p in in_pool and e.get("llm_status") == "accepted" and e.get("llm_label")}
-    contra = sorted((p for p, e in ok.items() if e["llm_label"] != e["student_pred"]),
-                    key=lambda p: -float(ok[p].get("student_conf") or 0))
-    agree = [p for p, e in ok.items() if e["llm_label"] == e["student_pred"]]
-    skipped = {p for p, e in escalations.items() if p in in_pool and e.get("llm_status") in UNANSWERABLE} - set(human)
+    k = len(classes) if classes else 2
+
+    def posterior(e):
+        if classes and e.get("student_probs") and e["llm_label"] in classes:
+            return label_posterior(float(e["student_probs"][classes.index(e["llm_label"])]), teacher_acc, k)
+        return teacher_acc
+    ok = {p: posterior(e) for p, e in escalations.items()
+          if p in in_pool and e.get("llm_status") == "accepted" and e.get("llm_label")}
+    sure = sorted((p for p, q in ok.items() if q >= min_posterior), key=lambda p: float(escalations[p].get("student_conf") or 0))
+    rest = sorted((p for p, q in ok.items() if 0.5 <= q < min_posterior), key=lambda p: -ok[p])
+    doubtful = {p for p, q in ok.items() if q < 0.5}
+    skipped = {p for p, e in escalations.items() if p in in_pool and e.get("llm_status") in UNANSWERABLE}
+    skipped = (skipped | doubtful) - set(human)
     fresh = [r for r in sorted(pool, key=lambda r: float(r["margin"])) if r["path"] not in escalations]
     by_class = {}
     for r in fresh:
         by_class.setdefault(r["pred"], []).append(r["path"])
     balanced = [q[i] for i in range(max(map(len, by_class.values()), default=0)) for q in by_class.values() if i < len(q)]
-    picked = list(dict.fromkeys(human + contra + agree + balanced))[:n]
-    tiers = {"human_answered": set(human), "llm_contradicts_student": set(contra), "llm_agrees": set(agree)}
-    why = {"strategy": strategy, "picked": len(picked), "skipped_unanswerable": len(skipped),
-           **{k: sum(p in v for p in picked) for k, v in tiers.items()}}
-    why["low_margin_balanced"] = len(picked) - sum(why[k] for k in tiers)
-    return picked, why
+    picked = list(dict.fromkeys(human + sure + balanced + rest))[:n]
+    tiers = {"human_answered": set(human), "llm_label_probable": set(sure), "low_margin_balanced": set(balanced),
+             "llm_label_plausible": set(rest)}
+    return picked, {"strategy": strategy, "picked": len(picked), "skipped": len(skipped),
+                    **{t: sum(p in v for p in picked) for t, v in tiers.items()}}
