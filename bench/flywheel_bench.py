@@ -12,18 +12,15 @@ labels added per dollar, as mean ± std over seeds. Everything is simulated (tea
 measures the machinery, not CIFAR-100.
 """
 import argparse
-import logging
-import os
 import shutil
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
+from common import mean_std, quiet_offline_workdir  # noqa: E402
 from fakes import make_cifar_folder, run_cli  # noqa: E402
 from flywheel.io import read_csv, read_json  # noqa: E402
 from loopback import LoopbackTeacher, TeacherProfile  # noqa: E402
@@ -57,11 +54,7 @@ def one_seed(tmp, seed, a):
     return out
 
 
-def ms(xs, nd=1):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    return f"{statistics.mean(xs):.{nd}f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.{nd}f}"
+ms = mean_std
 
 
 def main():
@@ -74,10 +67,7 @@ def main():
     p.add_argument("--epochs", type=int, default=6, help="epochs of every training, turn 0 and each arm (default: 6)")
     p.add_argument("--accuracy", type=float, default=0.83, help="stand-in teacher's raw accuracy (default: 0.83)")
     a = p.parse_args()
-    logging.disable(logging.WARNING)
-    os.environ["OPENROUTER_API_KEY"] = "sk-bench-loopback"
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    tmp = Path(tempfile.mkdtemp(prefix="flywheel_bench_"))
+    tmp = quiet_offline_workdir("flywheel_bench_")
     t0 = time.time()
     try:
         runs = [one_seed(tmp, s, a) for s in range(a.seeds)]
@@ -90,13 +80,13 @@ def main():
           f"{'labels added':>14}{'labels per $':>14}{'promoted turn 1':>17}")
     t0s = [r["targeted"][0] for r in runs]
     print(f"{'turn 0':<10}{ms([100 * t['accuracy'] for t in t0s]):>14}{'':>17}{ms([100 * t['escalation_rate'] for t in t0s]):>15}"
-          f"{ms([t['llm_calls_per_1k'] for t in t0s], 0):>15}")
+          f"{ms([t['llm_calls_per_1k'] for t in t0s], nd=0):>15}")
     for arm in ARMS:
         t1 = [r[arm][1] for r in runs]
         gain = [100 * (r[arm][1]["accuracy"] - r[arm][0]["accuracy"]) for r in runs]
         print(f"{arm:<10}{ms([100 * t['accuracy'] for t in t1]):>14}{ms(gain):>17}{ms([100 * t['escalation_rate'] for t in t1]):>15}"
-              f"{ms([t['llm_calls_per_1k'] for t in t1], 0):>15}{ms([t['new_labels'] for t in t1], 0):>14}"
-              f"{ms([t['labels_per_usd'] for t in t1], 0):>14}{sum(t['promoted'] == 1 for t in t1):>14}/{len(t1)}")
+              f"{ms([t['llm_calls_per_1k'] for t in t1], nd=0):>15}{ms([t['new_labels'] for t in t1], nd=0):>14}"
+              f"{ms([t['labels_per_usd'] for t in t1], nd=0):>14}{sum(t['promoted'] == 1 for t in t1):>14}/{len(t1)}")
     d = [100 * (r["targeted"][1]["accuracy"] - r["random"][1]["accuracy"]) for r in runs]
     print(f"targeted - random: {ms(d)} pts test accuracy (goal >= +1); targeted - turn 0: "
           f"{ms([100 * (r['targeted'][1]['accuracy'] - r['targeted'][0]['accuracy']) for r in runs])} pts (goal >= +2)")

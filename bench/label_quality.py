@@ -17,19 +17,17 @@ image (gold pins included), as mean +- std over seeds. Rules:
   fitted+2nd the same, with --second_model answering the second pass
 """
 import argparse
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-import logging  # noqa: E402
 
+from common import mean_std, quiet_offline_workdir  # noqa: E402
 from fakes import make_cifar_folder, run_cli  # noqa: E402
 from flywheel.io import read_csv, read_json  # noqa: E402
 from loopback import LoopbackTeacher, TeacherProfile  # noqa: E402
@@ -67,12 +65,7 @@ def one_run(prepped, tmp, rule, mode, seed, n_images, accuracy):
             "threshold": (s.get("qc_rule") or {}).get("threshold"), "trusted": (s.get("qc_rule") or {}).get("trusted_confidence")}
 
 
-def ms(xs, scale=1.0, nd=1):
-    xs = [x * scale for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.{nd}f} ± {sd:.{nd}f}"
+ms = mean_std
 
 
 def main():
@@ -81,10 +74,7 @@ def main():
     p.add_argument("--seeds", type=int, default=3, help="seeds (stand-in difficulty draws and QC audit) (default: 3)")
     p.add_argument("--accuracy", type=float, default=0.83, help="stand-in teacher's raw accuracy at T=0 (default: 0.83)")
     a = p.parse_args()
-    logging.disable(logging.WARNING)
-    os.environ["OPENROUTER_API_KEY"] = "sk-bench-loopback"
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    tmp = Path(tempfile.mkdtemp(prefix="label_quality_"))
+    tmp = quiet_offline_workdir("label_quality_")
     t0 = time.time()
     try:
         make_cifar_folder(tmp / "data", n_train=a.images // 5 + 1, n_test=1, mix=0.3)

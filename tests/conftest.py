@@ -43,3 +43,23 @@ def exported_run(tiny_run, tmp_path_factory):
     shutil.copytree(tiny_run, d)
     run_cli("--step", "export", "--out_dir", d / "run", "--data_root", d / "data", "--teacher", "oracle")
     return d / "run"
+
+
+@pytest.fixture(scope="session")
+def prepped12(tmp_path_factory):
+    """12 training and 2 test images per class, prepped at 32px, never labeled (copy it with `run`)."""
+    from fakes import make_cifar_folder, run_cli
+    d = tmp_path_factory.mktemp("prepped")
+    make_cifar_folder(d / "data", n_train=12, n_test=2)
+    run_cli("--step", "prep", "--data_root", d / "data", "--out_dir", d / "run", "--img_size", 32)
+    return d
+
+
+@pytest.fixture
+def run(prepped12, tmp_path, monkeypatch):
+    """A private copy of prepped12 (run folder + data) with a test API key in the environment."""
+    from fakes import KEY
+    shutil.copytree(prepped12 / "run", tmp_path / "run")
+    shutil.copytree(prepped12 / "data", tmp_path / "data")
+    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
+    return tmp_path / "run"

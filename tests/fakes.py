@@ -12,6 +12,7 @@ from PIL import Image
 import cifar_distill
 
 CIFAR5 = cifar_distill.CIFAR5.split(",")
+KEY = "sk-or-test-SECRET-4242"  # the test API key: no file under a run folder may ever contain it
 # one pure-ish colour per class; channel-distinct so that an RGB/BGR swap changes the class colour
 COLOURS = {"apple": (220, 30, 30), "mushroom": (30, 200, 40), "orange": (30, 40, 210),
            "pear": (220, 210, 30), "sweet_pepper": (200, 30, 210), "bear": (120, 120, 120)}
@@ -124,3 +125,15 @@ def mean_rgb(path) -> np.ndarray:
 def run_cli(*args):
     """Run the real CLI in-process; returns None or raises SystemExit like the script would."""
     return cifar_distill.main([str(a) for a in args])
+
+
+def truth_by_sha(run) -> dict:
+    """{image sha256: ground-truth label} from a run's manifest: what the loopback teacher answers from."""
+    from flywheel.io import read_csv
+    return {r["sha256"]: r["label"] for r in read_csv(Path(run) / "manifest.csv")}
+
+
+def ledger_records(run) -> list:
+    """labels.jsonl through the project's torn-line-tolerant reader (tests poll it while a child appends)."""
+    from flywheel.io import read_jsonl
+    return read_jsonl(Path(run) / "labels.jsonl")[0]

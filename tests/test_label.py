@@ -10,35 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from fakes import make_cifar_folder, run_cli
+from fakes import KEY, ledger_records, make_cifar_folder, run_cli, truth_by_sha
 from flywheel.io import read_csv, read_json, read_jsonl
 from flywheel.ledger import training_labels
 from loopback import LoopbackTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "sk-or-test-SECRET-4242"
 CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
 
 
-@pytest.fixture(scope="module")
-def prepped(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prepped")
-    make_cifar_folder(d / "data", n_train=12, n_test=2)
-    run_cli("--step", "prep", "--data_root", d / "data", "--out_dir", d / "run", "--img_size", 32)
-    return d
-
-
-@pytest.fixture
-def run(prepped, tmp_path, monkeypatch):
-    import shutil
-    shutil.copytree(prepped / "run", tmp_path / "run")
-    shutil.copytree(prepped / "data", tmp_path / "data")
-    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
-    return tmp_path / "run"
-
-
-def truth(run):
-    return {r["sha256"]: r["label"] for r in read_csv(run / "manifest.csv")}
+truth = truth_by_sha
 
 
 def label(run, srv, *extra):
@@ -46,9 +27,7 @@ def label(run, srv, *extra):
                    "--llm_model", "test/model", "--max_workers", 4, *extra)
 
 
-def ledger(run):
-    # the project's reader: the kill -9 test polls while the child appends, so a line may be half-written
-    return read_jsonl(run / "labels.jsonl")[0]
+ledger = ledger_records
 
 
 def test_happy_path_outputs(run):

@@ -12,34 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from fakes import make_cifar_folder, run_cli
-from flywheel.io import read_csv, read_json, read_jsonl
+from fakes import KEY, ledger_records, run_cli, truth_by_sha
+from flywheel.io import read_csv, read_json
 from loopback import LoopbackTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "sk-or-test-SECRET-4242"
 CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
 
 
-@pytest.fixture(scope="module")
-def prepped(tmp_path_factory):
-    d = tmp_path_factory.mktemp("money")
-    make_cifar_folder(d / "data", n_train=12, n_test=2)
-    run_cli("--step", "prep", "--data_root", d / "data", "--out_dir", d / "run", "--img_size", 32)
-    return d
-
-
-@pytest.fixture
-def run(prepped, tmp_path, monkeypatch):
-    import shutil
-    shutil.copytree(prepped / "run", tmp_path / "run")
-    shutil.copytree(prepped / "data", tmp_path / "data")
-    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
-    return tmp_path / "run"
-
-
-def truth(run):
-    return {r["sha256"]: r["label"] for r in read_csv(run / "manifest.csv")}
+truth = truth_by_sha
 
 
 def label(run, url, *extra):
@@ -53,8 +34,7 @@ def label_cmd(run, url, *extra):
             *map(str, extra)]
 
 
-def ledger(run):
-    return read_jsonl(run / "labels.jsonl")[0]
+ledger = ledger_records
 
 
 def wait_for(cond, timeout=60):
@@ -174,7 +154,7 @@ def test_dead_endpoint_fails_fast_naming_the_url_and_keeps_what_was_paid(run):
 
 # ----------------------------------------------------------------------------- the ledger key
 
-def test_changed_classes_never_reuse_another_questions_answers(run, prepped):
+def test_changed_classes_never_reuse_another_questions_answers(run):
     with LoopbackTeacher(truth(run), CLASSES) as srv:
         label(run, srv.url, "--max_label", 10)
         assert sum(srv.requests.values()) == 20

@@ -5,13 +5,12 @@ import math
 
 import pytest
 
-from fakes import make_cifar_folder, run_cli
+from fakes import KEY, make_cifar_folder, run_cli
 from flywheel.io import read_csv, read_json, read_jsonl
 from flywheel.labeling import QC
 from flywheel.quality import auroc, estimate_on_gold, fit_rule, wilson_interval
 from loopback import LoopbackTeacher, TeacherProfile
 
-KEY = "sk-or-test-SECRET-4242"
 CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
 
 

@@ -5,12 +5,11 @@ import shutil
 
 import pytest
 
-from fakes import make_cifar_folder, run_cli
+from fakes import KEY, make_cifar_folder, run_cli
 from flywheel.io import read_csv
 from flywheel.ledger import training_labels
 from loopback import LoopbackTeacher
 
-KEY = "sk-or-test-SECRET-4242"
 CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
 
 

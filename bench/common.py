@@ -1,0 +1,28 @@
+"""What the bench scripts share: mean ± std over seeds, printed the same way everywhere."""
+import logging
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+
+def quiet_offline_workdir(prefix) -> Path:
+    """A fresh temp folder for a bench that runs the pipeline in-process against the loopback teacher:
+    the pipeline's logs and bars are silenced (the bench prints its own table) and a dummy key is set."""
+    logging.disable(logging.WARNING)
+    os.environ["OPENROUTER_API_KEY"] = "sk-bench-loopback"
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def mean_std(xs, scale=1.0, nd=1) -> str:
+    """'mean ± std' of the non-None values (std 0 for one value); 'n/a' when there are none.
+
+    >>> mean_std([0.8, 0.9], 100), mean_std([None]), mean_std([1.5], nd=2)
+    ('85.0 ± 7.1', 'n/a', '1.50 ± 0.00')
+    """
+    xs = [x * scale for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.{nd}f} ± {sd:.{nd}f}"
