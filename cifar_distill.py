@@ -602,7 +602,8 @@ def write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, q
         "model": teacher.model, "host": teacher.host, "prompt_version": PROMPT_VERSION,
         "second_pass": qc.second_pass, "conf_thresh": qc.conf_thresh, "second_model": qc.second_model,
         "qc_rule": rule.to_json() if rule is not None and qc.second_pass == "fitted" else None,
-        "estimated_accuracy": rule.estimate if rule is not None and rule.n_gold else None,
+        # the estimate judges gold under the fitted rule, so it describes the labels only when that rule is in force
+        "estimated_accuracy": rule.estimate if rule is not None and rule.n_gold and qc.second_pass == "fitted" else None,
         "yield": round(counts["accepted"] / len(vs), 4) if vs else None,
         "requested_images": len(vs), **counts,
         "calls": len(paid), "calls_pass1": sum(r.get("pass") == 1 for r in paid),
@@ -664,6 +665,11 @@ def training_rows(cfg, P, manifest, upto_turn=0):
         base = training_labels(review, cfg["classes"], summary.get("source", "llm"))
     except ValueError as e:
         raise SystemExit(f"error: {P.review}: {e}")
+    gone = [p for p, _, _ in base if p not in manifest]
+    if gone:  # prep was rerun without these images: a person's row stays in the CSV, but cannot train
+        log.warning("%d review row(s) name images no longer in %s (e.g. %s); they are left out of training",
+                    len(gone), P.manifest, gone[0])
+        base = [b for b in base if b[0] in manifest]
     if len(base) < 2 * len(cfg["classes"]):
         raise SystemExit(f"error: only {len(base)} usable labels in {P.review} (accepted rows and human edits); "
                          f"label more images (--max_label) or review the rejected rows")
