@@ -92,6 +92,8 @@ OPTIONS = {
     "weight_decay": (float, 0.05, "AdamW weight decay"),
     "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) for model selection and calibration"),
     "resume": (bool, False, "continue an interrupted training run from artifacts/last.pt"),
+    "measure_noise_cost": (bool, False, "also train on the manifest's ground-truth labels of the same images, to report in "
+                                        "eval.json what label noise costs the student (measuring only; doubles training)"),
     "num_threads": (int, 0, "torch CPU threads, 0 = torch's default"),
     # cascade + flywheel
     "target_precision": (float, 0.95, "cascade: lowest student threshold whose auto-accepted validation precision reaches this"),
@@ -728,10 +730,50 @@ def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
         promoted.unlink()
         log.info("train: turn 0 retrained, so %s was removed; turn 0 is the promoted student again", promoted)
     save_torch(best["model"], art / "mobilenet.pt")
+    train_clean_twin(cfg, P, art, manifest, train, val, x_tr, x_va, tcfg, init, device)
     log.info("train: best epoch %s val acc %.4f; temperature %.3f, val ECE %.4f -> %.4f; wrote %s, %s, %s",
              best.get("best_epoch"), best["best_val_acc"], best["temperature"], best["val_ece_before"],
              best["val_ece_after"], art / "last.pt", art / "best.pt", art / "mobilenet.pt")
     return best
+
+
+NOISE_TWIN = "noise_cost"  # art/noise_cost/: the same training on ground-truth labels, for measuring only
+
+
+def train_clean_twin(cfg, P, art, manifest, train, val, x_tr, x_va, tcfg, init, device):
+    """With --measure_noise_cost: the same images, epochs, init and seed, trained on the manifest's
+    ground-truth labels into art/noise_cost/. Eval reports its test accuracy beside the student's; the
+    twin is never promoted, exported or used to choose anything."""
+    import shutil
+    import numpy as np
+    from flywheel.student import train_student
+    twin = Path(art) / NOISE_TWIN
+    shutil.rmtree(twin, ignore_errors=True)  # a stale twin would describe other training rows
+    if not cfg["measure_noise_cost"]:
+        return None
+    classes = cfg["classes"]
+    y_tr = np.array([classes.index(manifest[r["path"]]["label"]) for r in train], dtype=np.int64)
+    y_va = np.array([classes.index(manifest[r["path"]]["label"]) for r in val], dtype=np.int64)
+    wrong = sum(manifest[r["path"]]["label"] != r["label"] for r in train + val)
+    log.info("train: measuring the cost of label noise: the same %d images on ground-truth labels (%d of the "
+             "training labels differ from it) -> %s", len(train) + len(val), wrong, twin)
+    return train_student(x_tr, y_tr, x_va, y_va, classes, {**tcfg, "measure_only": True}, twin,
+                         init or cfg["weights"], device)
+
+
+def noise_cost(art, x_test, y_test, student_acc, device):
+    """eval.json's noise_cost section, when train made the ground-truth twin; else None."""
+    from flywheel.student import load_checkpoint, model_from_checkpoint, predict_logits
+    path = Path(art) / NOISE_TWIN / "best_epoch.pt"
+    if not path.exists():
+        return None
+    twin = load_checkpoint(path)
+    logits = predict_logits(model_from_checkpoint(twin, device), x_test, device, twin["config"]["batch_size"])
+    clean = float((logits.argmax(1) == y_test).mean())
+    return {"student_accuracy": student_acc, "ground_truth_twin_accuracy": clean,
+            "noise_cost_pts": round(100 * (clean - student_acc), 2),
+            "note": "the same images, epochs, init and seed trained on the manifest's ground-truth labels; "
+                    "measured only, it chooses nothing"}
 
 
 def _count(rows, key):
@@ -747,9 +789,9 @@ def heldout_rows(manifest):
     return [{"path": p, "label": r["label"]} for p, r in sorted(manifest.items()) if r["split"] == "test"]
 
 
-def student_probs(P, rows, best, device, desc):
+def student_probs(P, rows, best, device, desc, keep_images=False):
     """Calibrated probabilities [N, C] and uncalibrated logits for manifest rows, with the mean
-    student time per image in ms (batched, on `device`)."""
+    student time per image in ms (batched, on `device`); keep_images adds the decoded uint8 images."""
     from flywheel.calibrate import softmax
     from flywheel.student import decode_images, model_from_checkpoint, predict_logits
     x = decode_images([P.out / r["path"] for r in rows], desc=desc)
@@ -757,7 +799,8 @@ def student_probs(P, rows, best, device, desc):
     t0 = time.perf_counter()
     logits = predict_logits(model, x, device, best["config"]["batch_size"], desc=desc)
     ms = (time.perf_counter() - t0) * 1000 / max(len(rows), 1)
-    return softmax(logits, best["temperature"]), logits, ms
+    out = softmax(logits, best["temperature"]), logits, ms
+    return out + (x,) if keep_images else out
 
 
 def step_eval(cfg, P, art=None):
@@ -772,7 +815,7 @@ def step_eval(cfg, P, art=None):
     manifest = load_manifest(P)
     rows = heldout_rows(manifest)
     device = pick_device(cfg["device"])
-    probs, logits, ms = student_probs(P, rows, best, device, "eval test")
+    probs, logits, ms, x_test = student_probs(P, rows, best, device, "eval test", keep_images=True)
     y = np.array([classes.index(r["label"]) for r in rows])
     pred = probs.argmax(1)
     m = classification_metrics(y, pred, classes)
@@ -807,6 +850,7 @@ def step_eval(cfg, P, art=None):
            "notes": "teacher_accuracy: training labels vs the manifest's ground truth (measured, never used). "
                     "student_teacher_agreement: student vs teacher labels on the held-out validation split. "
                     "Thresholds in coverage_at_precision were fitted on validation, then applied to test."}
+    out["noise_cost"] = noise_cost(art, x_test, y, m["accuracy"], device)
     write_json(art / "eval.json", out)
     write_csv(art / "test_predictions.csv", ["path", "true", "pred", "confidence", "probs"],
               [{"path": r["path"], "true": r["label"], "pred": classes[k], "confidence": f"{probs[i, k]:.6f}",
@@ -824,6 +868,10 @@ def print_eval_table(e, art):
     for t, c in e["coverage_at_precision"].items():
         lines.append(f"target precision {t}: tau {c['tau']:.3f} -> test coverage {c['coverage']:.3f}, precision "
                      f"{_fmt(c['precision'])}")
+    if e.get("noise_cost"):
+        n = e["noise_cost"]
+        lines.append(f"label noise costs the student {n['noise_cost_pts']:+.2f} pts: the same training on ground-truth "
+                     f"labels reaches {n['ground_truth_twin_accuracy']:.4f} (measured only)")
     lines.append(f"wrote {art / 'eval.json'}, {art / 'test_predictions.csv'}")
     print("\n".join(lines))
 
@@ -1249,13 +1297,22 @@ def step_report(cfg, P):
           f"| agreement rate | {_fmt(ls['agreement_rate'], 4)} |",
           f"| accepted-label accuracy | {_fmt(ls['teacher_accuracy'], 4)} |",
           f"| first-pass accuracy | {_fmt(ls['pass1_accuracy'], 4)} |",
-          f"| gold accuracy | {_fmt(ls['gold_accuracy'], 4)} |", ""]
+          f"| gold accuracy | {_fmt(ls['gold_accuracy'], 4)} |",
+          f"| yield (accepted / requested) | {_pct(ls.get('yield'))} |",
+          f"| accepted-label accuracy estimated from gold pins | "
+          + (f"{_fmt(ls['estimated_accuracy']['accuracy'], 4)} (95% CI {ls['estimated_accuracy']['ci95'][0]}-"
+             f"{ls['estimated_accuracy']['ci95'][1]})" if ls.get("estimated_accuracy") else "n/a (no gold pins)") + " |",
+          f"| QC rule | {(ls.get('qc_rule') or {}).get('why') or ls['second_pass']} |", ""]
     L += [f"## Student (turn {turn} eval.json, official test split)", "", "| metric | value |", "|---|---|",
           f"| accuracy | {ev['accuracy']:.4f} |", f"| macro-F1 | {ev['macro_f1']:.4f} |",
           f"| ECE before | {ev['ece_before']:.4f} |", f"| ECE after | {ev['ece_after']:.4f} |",
           f"| temperature | {ev['temperature']:.4f} |", f"| n_train | {ev['n_train']} |", f"| n_val | {ev['n_val']} |",
           f"| n_test | {ev['n_test']} |", f"| training labels vs truth | {ev['teacher_accuracy']:.4f} |",
-          f"| label sources | {', '.join(f'{k}: {v}' for k, v in ev['label_sources'].items())} |", ""]
+          f"| label sources | {', '.join(f'{k}: {v}' for k, v in ev['label_sources'].items())} |"]
+    if ev.get("noise_cost"):
+        L += [f"| same training on ground-truth labels (measured only) | {ev['noise_cost']['ground_truth_twin_accuracy']:.4f} |",
+              f"| cost of label noise | {ev['noise_cost']['noise_cost_pts']:.2f} pts |"]
+    L += [""]
     if ev.get("calibration_warning"):
         L += [f"> **Calibration warning:** {ev['calibration_warning']}.", ""]
     L += [

@@ -92,3 +92,21 @@ def test_outputs_honour_the_umask(tmp_path):
         assert os.stat(tmp_path / "run" / name).st_mode & 0o777 == 0o644, name
     jpg = next((tmp_path / "run" / "images").rglob("*.jpg"))
     assert os.stat(jpg).st_mode & 0o777 == 0o644
+
+
+def test_noise_cost_is_measured_beside_the_student_and_chooses_nothing(copy_run):
+    d = copy_run
+    art = d / "run" / "artifacts"
+    run_cli("--step", "train", *common(d), *TRAIN_FLAGS, "--measure_noise_cost")
+    run_cli("--step", "eval", *common(d))
+    e = read_json(art / "eval.json")
+    n = e["noise_cost"]
+    assert n["student_accuracy"] == e["accuracy"] and 0.0 <= n["ground_truth_twin_accuracy"] <= 1.0
+    assert n["noise_cost_pts"] == round(100 * (n["ground_truth_twin_accuracy"] - e["accuracy"]), 2)
+    twin = load_checkpoint(art / "noise_cost" / "best_epoch.pt")
+    assert twin["config"]["measure_only"] and "temperature" not in twin  # never calibrated, never shipped
+    assert load_checkpoint(art / "best.pt")["config"].get("measure_only") is None
+    # trained without the flag, the stale twin goes, and eval reports no figure it cannot back
+    run_cli("--step", "train", *common(d), *TRAIN_FLAGS)
+    run_cli("--step", "eval", *common(d))
+    assert not (art / "noise_cost").exists() and read_json(art / "eval.json")["noise_cost"] is None
