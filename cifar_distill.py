@@ -104,10 +104,13 @@ OPTIONS = {
                                           "then class-balanced low margin) | random (the control) | margin (lowest margin)"),
     "turns": (int, 1, "flywheel: number of turns the run should have (completed turns are skipped)"),
     "flywheel_epochs": (int, None, "flywheel: epochs per retrain (unset: --epochs)"),
-    "from_scratch": (bool, False, "flywheel: retrain from --weights instead of continuing from the previous student"),
+    "retrain": (str, "best", "flywheel: continue (from the previous student) | scratch (from turn 0's init) | best (train "
+                             "both, keep the better on validation; twice the training)"),
+    "from_scratch": (bool, False, "flywheel: same as --retrain scratch"),
 }
 CHOICES = {"step": STEPS + ["all"], "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
-           "second_pass": ["fitted", "always", "adaptive"], "relabel_strategy": ["targeted", "random", "margin"], "device": ["auto", "cpu", "cuda", "mps"],
+           "second_pass": ["fitted", "always", "adaptive"], "relabel_strategy": ["targeted", "random", "margin"],
+           "retrain": ["best", "continue", "scratch"], "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 UNIT_INTERVAL = ["oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
                  "target_precision", "target_label_precision"]
@@ -1096,6 +1099,34 @@ def select_relabel(P, art, n, strategy, answered=(), seed=0):
 DEFAULT_TEACHER_ACC = 0.85  # prior accuracy of accepted teacher labels when no gold pins estimated it
 
 
+def retrain_turn(cfg, P, prev, art, k):
+    """Train turn k's student into art: continued from the previous student, from turn 0's init, or both
+    with the better one on validation kept (the same validation split, never test). -> what was done."""
+    import shutil
+    from flywheel.student import load_student
+    how = "scratch" if cfg["from_scratch"] else cfg["retrain"]
+    turn0 = load_student(P.artifacts / "best.pt")["config"]["weights"]  # scratch = the init turn 0 started from
+    inits = {"continue": str(prev / "best.pt"), "scratch": turn0}
+    if how != "best":
+        step_train(cfg, P, art=art, turn=k, init=inits[how], resume=False)
+        return {"choice": how}
+    val = {}
+    for name, init in inits.items():
+        step_train(cfg, P, art=art / f"_{name}", turn=k, init=init, resume=False)
+        val[name] = load_student(art / f"_{name}" / "best.pt")["best_val_acc"]
+    win = max(val, key=lambda n: (val[n], n == "continue"))  # a tie keeps continuing
+    for f in (art / f"_{win}").iterdir():
+        dst = art / f.name
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        os.replace(f, dst)
+    for name in inits:
+        shutil.rmtree(art / f"_{name}", ignore_errors=True)
+    log.info("flywheel turn %d: kept the %s student (validation accuracy %s)", k, win,
+             ", ".join(f"{n} {v:.4f}" for n, v in val.items()))
+    return {"choice": win, "val_acc": val}
+
+
 def promote(P, fly):
     """The turn whose student has the best validation accuracy (never test; the earliest on a tie)
     becomes the run's promoted student: artifacts/promoted.json. Every turn shares one validation split."""
@@ -1167,14 +1198,13 @@ def step_flywheel(cfg, P):
         relabel_usd = budget.spent - spent0
         log.info("flywheel turn %d: picked %d pool items %s; %d produced a label (%s) for $%.4f; budget stop: %s", k,
                  len(picked), why, len(new), json.dumps(_count(new, "source")), relabel_usd, budget.stopped)
-        init = cfg["weights"] if cfg["from_scratch"] else str(prev / "best.pt")
-        step_train(cfg, P, art=art, turn=k, init=init, resume=False)
+        retrain = retrain_turn(cfg, P, prev, art, k)
         rows = read_csv(art / "train_rows.csv")
         assert all(manifest[r["path"]]["split"] == "train" for r in rows), "a test image entered training"
         step_eval(cfg, P, art)
         step_cascade(cfg, P, art, turn=k)
         entry = turn_entry(P, art, k, cfg)
-        entry.update(new_labels=len(new), picked=why, relabel_strategy=cfg["relabel_strategy"],
+        entry.update(new_labels=len(new), picked=why, relabel_strategy=cfg["relabel_strategy"], retrain=retrain,
                      relabel_usd=round(relabel_usd, 6), picked_answers_usd=round(picked_usd, 6),
                      labels_per_usd=round(len(new) / picked_usd, 1) if picked_usd > 0 else None)
         fly["turns"].append(entry)

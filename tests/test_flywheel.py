@@ -109,3 +109,18 @@ def test_random_control_is_seeded_and_within_the_pool():
     a, b = pick_relabels(POOL, {}, 4, "random", seed=1)[0], pick_relabels(POOL, {}, 4, "random", seed=1)[0]
     assert a == b and len(set(a)) == 4 and set(a) <= {r["path"] for r in POOL}
     assert pick_relabels([], {}, 4, "targeted")[0] == [] and pick_relabels([], {}, 4, "random")[0] == []
+
+
+@pytest.mark.parametrize("retrain", ["best", "continue"])
+def test_continue_or_scratch_is_decided_on_validation(copy_run, retrain):
+    from flywheel.student import load_student
+    run = copy_run / "run"
+    fly(copy_run, "--retrain", retrain)
+    t1 = read_json(run / "artifacts" / "flywheel.json")["turns"][1]["retrain"]
+    kept = load_student(run / "artifacts" / "turn_1" / "best.pt")
+    if retrain == "best":
+        assert set(t1["val_acc"]) == {"continue", "scratch"} and t1["val_acc"][t1["choice"]] == max(t1["val_acc"].values())
+        assert kept["best_val_acc"] == t1["val_acc"][t1["choice"]]
+        assert not list((run / "artifacts" / "turn_1").glob("_*"))  # the candidates' folders are gone
+    else:
+        assert t1 == {"choice": "continue"} and kept["init_weights"].endswith("best.pt")
