@@ -74,7 +74,8 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"SIMULATED teacher (raw accuracy {a.accuracy}) and synthetic 32px images; {a.max_label} labeled, then one "
-          f"turn of {a.relabel_n} relabels per arm; {a.epochs} epochs for turn 0 and every arm (continued from turn 0); "
+          f"turn of {a.relabel_n} relabels per arm; {a.epochs} epochs for turn 0 and every arm (--retrain best: continued "
+          f"and from scratch, the better on validation kept); "
           f"no simulated human; {a.seeds} seeds, mean ± std; {time.time() - t0:.0f}s")
     print(f"{'arm':<10}{'test acc %':>14}{'vs turn 0 (pts)':>17}{'escalation %':>15}{'LLM calls/1k':>15}"
           f"{'labels added':>14}{'labels per $':>14}{'promoted turn 1':>17}")
