@@ -55,21 +55,22 @@ def free_port():
 # ----------------------------------------------------------------------------- two runs, one folder
 
 def test_second_run_on_the_same_folder_is_refused_naming_the_holder(run):
-    with LoopbackTeacher(truth(run), CLASSES, latency_s=0.1) as srv:
+    # A has ~8 s of work (120 calls, 3 in flight, 0.2 s each), so B starts while A holds the folder
+    with LoopbackTeacher(truth(run), CLASSES, latency_s=0.2) as srv:
         env = {**os.environ, "OPENROUTER_API_KEY": KEY}
-        a = subprocess.Popen(label_cmd(run, srv.url, "--max_label", 30, "--max_workers", 3), cwd=ROOT, env=env,
+        a = subprocess.Popen(label_cmd(run, srv.url, "--max_label", 60, "--max_workers", 3), cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert wait_for(lambda: (run / "labels.jsonl").exists() and len(ledger(run)) >= 2)
-        b = subprocess.run(label_cmd(run, srv.url, "--max_label", 30, "--max_workers", 3), cwd=ROOT, env=env,
+        b = subprocess.run(label_cmd(run, srv.url, "--max_label", 60, "--max_workers", 3), cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=60)
         assert a.wait(timeout=60) == 0
         assert b.returncode != 0 and str(a.pid) in b.stderr and "--out_dir" in b.stderr, b.stderr
         assert "Traceback" not in b.stderr and len(b.stderr.strip().splitlines()) == 1
         assert max(srv.requests.values()) == 1  # nothing was paid twice
-    assert sum(1 for _ in ledger(run)) == 60
+    assert sum(1 for _ in ledger(run)) == 120
     # the lock dies with its holder: a later run on the folder works
     with LoopbackTeacher(truth(run), CLASSES) as srv:
-        label(run, srv.url, "--max_label", 30)
+        label(run, srv.url, "--max_label", 60)
         assert sum(srv.requests.values()) == 0
 
 
