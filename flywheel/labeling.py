@@ -171,8 +171,8 @@ class _Pool:
     """Daemon worker threads fed one item at a time: a process that must exit (Ctrl-C, after the grace)
     is never held up by a call still waiting on the network, as ThreadPoolExecutor's exit join would."""
 
-    def __init__(self, fn, n):
-        self.todo, self.done = queue.Queue(), queue.Queue()
+    def __init__(self, fn, n, stop):
+        self.todo, self.done, self.stop = queue.Queue(), queue.Queue(), stop
         for i in range(n):
             threading.Thread(target=self._loop, args=(fn,), daemon=True, name=f"teacher-{i}").start()
         self.n = n
@@ -181,7 +181,8 @@ class _Pool:
         while (it := self.todo.get()) is not None:
             try:
                 self.done.put((it, fn(it), None))
-            except BaseException as e:  # reported to the main thread, which stops everything
+            except BaseException as e:
+                self.stop.set()  # at once, before this thread takes the next item; then the main thread hears
                 self.done.put((it, None, e))
 
     def submit(self, it):
@@ -219,7 +220,7 @@ def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, des
             _ask(it, 2, teacher, ledger, qc, budget, purpose, stop)
         return True
 
-    pool = _Pool(work, max_workers)
+    pool = _Pool(work, max_workers, stop)
     todo, pending = iter(items), 0
 
     def feed():

@@ -124,3 +124,24 @@ def test_continue_or_scratch_is_decided_on_validation(copy_run, retrain):
         assert not list((run / "artifacts" / "turn_1").glob("_*"))  # the candidates' folders are gone
     else:
         assert t1 == {"choice": "continue"} and kept["init_weights"].endswith("best.pt")
+
+
+@pytest.mark.parametrize("strategy", ["targeted", "random", "margin"])
+def test_no_test_image_enters_selection_training_or_promotion(copy_run, strategy):
+    import cifar_distill as C
+    run = copy_run / "run"
+    manifest = {r["path"]: r for r in read_csv(run / "manifest.csv")}
+    test = {p for p, r in manifest.items() if r["split"] == "test"}
+    P = C.Paths(run)
+    picked, _ = C.select_relabel(P, P.artifacts, 10_000, strategy)  # everything the strategy would ever pick
+    assert picked and not set(picked) & test
+    fly(copy_run, "--relabel_strategy", strategy, "--retrain", "continue")
+    rows = read_csv(run / "artifacts" / "turn_1" / "train_rows.csv")
+    assert not {r["path"] for r in rows} & test
+    assert not {r["path"] for r in read_csv(run / "flywheel_labels.csv")} & test
+    # promotion compares validation accuracies, and validation is carved from labeled training images
+    from flywheel.student import load_student
+    val = set(load_student(run / "artifacts" / "turn_1" / "best.pt")["val_paths"])
+    assert val and not val & test
+    promoted = read_json(run / "artifacts" / "promoted.json")
+    assert {c["turn"] for c in promoted["candidates"]} == {0, 1}
