@@ -33,6 +33,7 @@ from flywheel.student import load_student, model_from_checkpoint
 BACKENDS = ["torch", "torch_channels_last", "torchscript", "onnxruntime"]
 WARMUP_ITERS = 3
 LATENCY_IMAGES = 50  # batch-1 latency samples
+DEFAULT_REPEATS = 5  # each throughput figure is timed this many times; the median is quoted with min and max
 
 
 def available_devices():
@@ -79,39 +80,55 @@ def make_runner(backend, device, P, best, threads):
     return run
 
 
-def measure(run, device, files, batch_size, pool):
-    """-> dict of figures for one backend on one device."""
+def spread(xs):
+    """Median, min and max of repeated measurements (one noisy run never stands alone).
+
+    >>> spread([120.0, 14.0, 118.0, 121.0, 119.0])
+    {'median': 119.0, 'min': 14.0, 'max': 121.0}
+    """
+    return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
+
+
+def measure(run, device, files, batch_size, pool, repeats=DEFAULT_REPEATS):
+    """-> dict of figures for one backend on one device. Throughputs are medians of `repeats` timings
+    after a warm-up (model_img_per_s, e2e_img_per_s), each with its min and max."""
     x = preprocess_files(files[:batch_size], pool)
     for _ in range(WARMUP_ITERS):
         run(x)
-    # model only: preprocessed batches already in memory
     n_iters = max(1, len(files) // batch_size)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n_iters):
-        run(x)
-    sync(device)
-    model_ips = n_iters * len(x) / (time.perf_counter() - t0)
-    # end to end: decode the next batch in threads while the model runs the current one
-    sync(device)
-    t0 = time.perf_counter()
     batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-    nxt = pool.submit(preprocess_files, batches[0], None)
-    for i in range(len(batches)):
-        xb = nxt.result()
-        if i + 1 < len(batches):
-            nxt = pool.submit(preprocess_files, batches[i + 1], None)
-        run(xb)
-    sync(device)
-    e2e_ips = len(files) / (time.perf_counter() - t0)
+
+    def model_only():  # preprocessed batches already in memory
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n_iters):
+            run(x)
+        sync(device)
+        return n_iters * len(x) / (time.perf_counter() - t0)
+
+    def end_to_end():  # decode the next batch in threads while the model runs the current one
+        sync(device)
+        t0 = time.perf_counter()
+        nxt = pool.submit(preprocess_files, batches[0], None)
+        for i in range(len(batches)):
+            xb = nxt.result()
+            if i + 1 < len(batches):
+                nxt = pool.submit(preprocess_files, batches[i + 1], None)
+            run(xb)
+        sync(device)
+        return len(files) / (time.perf_counter() - t0)
+    model = spread([model_only() for _ in range(repeats)])
+    e2e = spread([end_to_end() for _ in range(repeats)])
     lat = []
     for f in files[:LATENCY_IMAGES]:
         t0 = time.perf_counter()
         run(preprocess_files([f]))
         sync(device)
         lat.append((time.perf_counter() - t0) * 1000)
-    return {"model_img_per_s": model_ips, "e2e_img_per_s": e2e_ips, "p50_ms_b1": float(np.percentile(lat, 50)),
-            "p95_ms_b1": float(np.percentile(lat, 95)), "n_images": len(files)}
+    return {"model_img_per_s": model["median"], "model_img_per_s_min": model["min"], "model_img_per_s_max": model["max"],
+            "e2e_img_per_s": e2e["median"], "e2e_img_per_s_min": e2e["min"], "e2e_img_per_s_max": e2e["max"],
+            "repeats": repeats, "p50_ms_b1": float(np.percentile(lat, 50)), "p95_ms_b1": float(np.percentile(lat, 95)),
+            "n_images": len(files)}
 
 
 def machine_info():
@@ -143,6 +160,8 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=32, metavar="N", help="batch size for throughput (default: 32)")
     p.add_argument("--max_images", type=int, default=256, metavar="N", help="test images to time (default: 256)")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads for torch and ORT, 0 = library default (default: 0)")
+    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
+                   help=f"timings per throughput figure after the warm-up; the median is quoted with min and max (default: {DEFAULT_REPEATS})")
     p.add_argument("--compare_devices", action="store_true", help="measure every available device (default: off)")
     p.add_argument("--json", default=None, metavar="PATH", help="where to write the figures (default: ROOT/artifacts/speed.json)")
     return p
@@ -150,8 +169,8 @@ def build_parser():
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    if a.batch_size < 1 or a.max_images < 1 or a.threads < 0:
-        raise SystemExit("error: --batch_size and --max_images must be >= 1 and --threads >= 0")
+    if a.batch_size < 1 or a.max_images < 1 or a.threads < 0 or a.repeats < 1:
+        raise SystemExit("error: --batch_size, --max_images and --repeats must be >= 1 and --threads >= 0")
     devices = available_devices() if a.compare_devices else [a.device]
     if a.device not in available_devices():
         raise SystemExit(f"error: --device {a.device} is not available here (available: {available_devices()})")
@@ -173,7 +192,7 @@ def main(argv=None):
                     print(f"skip {b} on {dev}: this onnxruntime build has no provider for it", file=sys.stderr)
                     continue
                 results.append({"backend": b, "device": dev, "batch_size": a.batch_size,
-                                **measure(run, dev, files, a.batch_size, pool)})
+                                **measure(run, dev, files, a.batch_size, pool, a.repeats)})
     base = {r["device"]: r for r in results if r["backend"] == "torch"}
     for r in results:
         r["speedup_vs_torch"] = r["model_img_per_s"] / base[r["device"]]["model_img_per_s"]
@@ -181,10 +200,12 @@ def main(argv=None):
     info = machine_info()
     size = best["model_args"]["img_size"]
     print(f"{info['cpu']} | {info['cores']} cores | torch {info['torch']} | onnxruntime {info['onnxruntime']} | "
-          f"{size}px, batch {a.batch_size}, {len(files)} images")
-    print(f"{'backend':<20}{'device':<7}{'model img/s':>12}{'e2e img/s':>11}{'p50 ms b1':>11}{'p95 ms b1':>11}{'speed-up':>10}")
+          f"{size}px, batch {a.batch_size}, {len(files)} images; img/s: median [min-max] of {a.repeats} timings")
+    print(f"{'backend':<20}{'device':<7}{'model img/s':>22}{'e2e img/s':>22}{'p50 ms b1':>11}{'p95 ms b1':>11}{'speed-up':>10}")
     for r in results:
-        print(f"{r['backend']:<20}{r['device']:<7}{r['model_img_per_s']:>12.1f}{r['e2e_img_per_s']:>11.1f}"
+        mo = f"{r['model_img_per_s']:.1f} [{r['model_img_per_s_min']:.0f}-{r['model_img_per_s_max']:.0f}]"
+        ee = f"{r['e2e_img_per_s']:.1f} [{r['e2e_img_per_s_min']:.0f}-{r['e2e_img_per_s_max']:.0f}]"
+        print(f"{r['backend']:<20}{r['device']:<7}{mo:>22}{ee:>22}"
               f"{r['p50_ms_b1']:>11.2f}{r['p95_ms_b1']:>11.2f}{r['speedup_vs_torch']:>9.2f}x")
     out = Path(a.json) if a.json else P.artifacts / "speed.json"
     write_json(out, {"machine": info, "img_size": size, "results": results})

@@ -22,6 +22,13 @@ def test_speed_test_all_backends_positive(exported_run, tmp_path):
         for k in ("model_img_per_s", "e2e_img_per_s", "p50_ms_b1", "p95_ms_b1"):
             assert r[k] > 0, (r["backend"], k)
         assert r["device"] == "cpu" and r["batch_size"] == 8 and r["p95_ms_b1"] >= r["p50_ms_b1"]
+        for k in ("model_img_per_s", "e2e_img_per_s"):  # the median of repeated timings, within its own spread
+            assert r[f"{k}_min"] <= r[k] <= r[f"{k}_max"] and r["repeats"] == simple_speed_test.DEFAULT_REPEATS
+
+
+@pytest.mark.parametrize("xs,want", [([3.0], (3.0, 3.0, 3.0)), ([1.0, 9.0, 2.0, 3.0], (2.5, 1.0, 9.0))])
+def test_spread_median_min_max(xs, want):
+    assert tuple(simple_speed_test.spread(xs).values()) == want
 
 
 def test_speed_test_default_is_ort_with_torch_baseline(exported_run, tmp_path):
