@@ -30,7 +30,9 @@ from flywheel.serve import ort_session, preprocess_files
 from flywheel.io import promoted_artifacts
 from flywheel.student import load_student, model_from_checkpoint
 
-BACKENDS = ["torch", "torch_channels_last", "torchscript", "onnxruntime"]
+BACKENDS = ["original", "torch", "torch_channels_last", "torchscript", "onnxruntime"]
+# "original": the original tool's serving path, the baseline every speed-up is quoted against: per image
+# PIL decode + torchvision Resize/ToTensor/Normalize, one after another, then eager fp32 torch.
 WARMUP_ITERS = 3
 LATENCY_IMAGES = 50  # batch-1 latency samples
 DEFAULT_REPEATS = 5  # each throughput figure is timed this many times; the median is quoted with min and max
@@ -89,46 +91,80 @@ def spread(xs):
     return {"median": float(np.median(xs)), "min": float(min(xs)), "max": float(max(xs))}
 
 
-def measure(run, device, files, batch_size, pool, repeats=DEFAULT_REPEATS):
-    """-> dict of figures for one backend on one device. Throughputs are medians of `repeats` timings
-    after a warm-up (model_img_per_s, e2e_img_per_s), each with its min and max."""
-    x = preprocess_files(files[:batch_size], pool)
-    for _ in range(WARMUP_ITERS):
-        run(x)
-    n_iters = max(1, len(files) // batch_size)
-    batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+def original_preprocess(size):
+    """-> fn(files, pool) -> float32 [B,3,H,W]: the original tool's PIL + torchvision transforms, per image,
+    sequentially (pool unused), so the same numbers come out as preprocess_files (checked in the tests)."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from flywheel.student import IMAGENET_MEAN, IMAGENET_STD
+    tf = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
-    def model_only():  # preprocessed batches already in memory
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n_iters):
-            run(x)
-        sync(device)
-        return n_iters * len(x) / (time.perf_counter() - t0)
+    def prep(files, pool=None):
+        out = []
+        for f in files:
+            with Image.open(f) as im:
+                out.append(tf(im.convert("RGB")))
+        return torch.stack(out).numpy()
+    return prep
 
-    def end_to_end():  # decode the next batch in threads while the model runs the current one
-        sync(device)
+
+class BackendTimer:
+    """Timings of one backend on one device. Its repeats are interleaved with the other backends' (A B C,
+    A B C, ...) by measure_all, so a machine that slows down mid-run slows every backend alike instead of
+    whichever happened to run then."""
+
+    def __init__(self, run, device, files, batch_size, pool, prep=preprocess_files):
+        self.run, self.device, self.files, self.pool, self.prep = run, device, files, pool, prep
+        self.x = prep(files[:batch_size], pool)
+        self.n_iters = max(1, len(files) // batch_size)
+        self.batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+        self.model, self.e2e = [], []
+        for _ in range(WARMUP_ITERS):
+            run(self.x)
+
+    def time_model_only(self):  # preprocessed batches already in memory
+        sync(self.device)
         t0 = time.perf_counter()
-        nxt = pool.submit(preprocess_files, batches[0], None)
-        for i in range(len(batches)):
+        for _ in range(self.n_iters):
+            self.run(self.x)
+        sync(self.device)
+        self.model.append(self.n_iters * len(self.x) / (time.perf_counter() - t0))
+
+    def time_end_to_end(self):  # decode the next batch in threads while the model runs the current one
+        sync(self.device)
+        t0 = time.perf_counter()
+        nxt = self.pool.submit(self.prep, self.batches[0], None)
+        for i in range(len(self.batches)):
             xb = nxt.result()
-            if i + 1 < len(batches):
-                nxt = pool.submit(preprocess_files, batches[i + 1], None)
-            run(xb)
-        sync(device)
-        return len(files) / (time.perf_counter() - t0)
-    model = spread([model_only() for _ in range(repeats)])
-    e2e = spread([end_to_end() for _ in range(repeats)])
-    lat = []
-    for f in files[:LATENCY_IMAGES]:
-        t0 = time.perf_counter()
-        run(preprocess_files([f]))
-        sync(device)
-        lat.append((time.perf_counter() - t0) * 1000)
-    return {"model_img_per_s": model["median"], "model_img_per_s_min": model["min"], "model_img_per_s_max": model["max"],
-            "e2e_img_per_s": e2e["median"], "e2e_img_per_s_min": e2e["min"], "e2e_img_per_s_max": e2e["max"],
-            "repeats": repeats, "p50_ms_b1": float(np.percentile(lat, 50)), "p95_ms_b1": float(np.percentile(lat, 95)),
-            "n_images": len(files)}
+            if i + 1 < len(self.batches):
+                nxt = self.pool.submit(self.prep, self.batches[i + 1], None)
+            self.run(xb)
+        sync(self.device)
+        self.e2e.append(len(self.files) / (time.perf_counter() - t0))
+
+    def figures(self):
+        lat = []
+        for f in self.files[:LATENCY_IMAGES]:
+            t0 = time.perf_counter()
+            self.run(self.prep([f]))
+            sync(self.device)
+            lat.append((time.perf_counter() - t0) * 1000)
+        m, e = spread(self.model), spread(self.e2e)
+        return {"model_img_per_s": m["median"], "model_img_per_s_min": m["min"], "model_img_per_s_max": m["max"],
+                "e2e_img_per_s": e["median"], "e2e_img_per_s_min": e["min"], "e2e_img_per_s_max": e["max"],
+                "repeats": len(self.model), "p50_ms_b1": float(np.percentile(lat, 50)),
+                "p95_ms_b1": float(np.percentile(lat, 95)), "n_images": len(self.files)}
+
+
+def measure_all(timers, repeats=DEFAULT_REPEATS):
+    """Interleave `repeats` rounds over the backends, then -> [figures] in the timers' order."""
+    from tqdm import tqdm
+    for _ in tqdm(range(repeats), desc="timing rounds", unit="round"):
+        for t in timers:
+            t.time_model_only()
+        for t in timers:
+            t.time_end_to_end()
+    return [t.figures() for t in timers]
 
 
 def machine_info():
@@ -181,32 +217,42 @@ def main(argv=None):
     files = [P.out / r["path"] for r in heldout_rows(load_manifest(P))][:a.max_images]
     if not files:
         raise SystemExit(f"error: no test images in {P.manifest}; rerun --step prep")
-    backends = BACKENDS if a.backend == "all" else (["torch"] + ([a.backend] if a.backend != "torch" else []))
+    # the original tool's path and torch eager always run too: the baselines of every speed-up
+    backends = BACKENDS if a.backend == "all" else list(dict.fromkeys(["original", "torch", a.backend]))
+    size = best["model_args"]["img_size"]
     results = []
-    from tqdm import tqdm
     with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
         for dev in devices:
-            for b in tqdm(backends, desc=f"speed {dev}", unit="backend"):
-                run = make_runner(b, dev, P, best, a.threads)
+            timers, names = [], []
+            for b in backends:
+                run = make_runner("torch" if b == "original" else b, dev, P, best, a.threads)
                 if run is None:
                     print(f"skip {b} on {dev}: this onnxruntime build has no provider for it", file=sys.stderr)
                     continue
-                results.append({"backend": b, "device": dev, "batch_size": a.batch_size,
-                                **measure(run, dev, files, a.batch_size, pool, a.repeats)})
+                prep = original_preprocess(size) if b == "original" else preprocess_files
+                timers.append(BackendTimer(run, dev, files, a.batch_size, pool, prep))
+                names.append(b)
+            for b, fig in zip(names, measure_all(timers, a.repeats)):
+                results.append({"backend": b, "device": dev, "batch_size": a.batch_size, **fig})
     base = {r["device"]: r for r in results if r["backend"] == "torch"}
+    orig = {r["device"]: r for r in results if r["backend"] == "original"}
     for r in results:
         r["speedup_vs_torch"] = r["model_img_per_s"] / base[r["device"]]["model_img_per_s"]
         r["e2e_speedup_vs_torch"] = r["e2e_img_per_s"] / base[r["device"]]["e2e_img_per_s"]
+        r["speedup_vs_original"] = r["model_img_per_s"] / orig[r["device"]]["model_img_per_s"]
+        r["e2e_speedup_vs_original"] = r["e2e_img_per_s"] / orig[r["device"]]["e2e_img_per_s"]
     info = machine_info()
-    size = best["model_args"]["img_size"]
     print(f"{info['cpu']} | {info['cores']} cores | torch {info['torch']} | onnxruntime {info['onnxruntime']} | "
-          f"{size}px, batch {a.batch_size}, {len(files)} images; img/s: median [min-max] of {a.repeats} timings")
-    print(f"{'backend':<20}{'device':<7}{'model img/s':>22}{'e2e img/s':>22}{'p50 ms b1':>11}{'p95 ms b1':>11}{'speed-up':>10}")
+          f"{size}px, batch {a.batch_size}, {len(files)} images; img/s: median [min-max] of {a.repeats} timings, "
+          f"interleaved across backends")
+    print(f"{'backend':<20}{'device':<7}{'model img/s':>22}{'e2e img/s':>22}{'p50 ms b1':>11}{'p95 ms b1':>11}"
+          f"{'vs original model / e2e':>26}")
     for r in results:
         mo = f"{r['model_img_per_s']:.1f} [{r['model_img_per_s_min']:.0f}-{r['model_img_per_s_max']:.0f}]"
         ee = f"{r['e2e_img_per_s']:.1f} [{r['e2e_img_per_s_min']:.0f}-{r['e2e_img_per_s_max']:.0f}]"
         print(f"{r['backend']:<20}{r['device']:<7}{mo:>22}{ee:>22}"
-              f"{r['p50_ms_b1']:>11.2f}{r['p95_ms_b1']:>11.2f}{r['speedup_vs_torch']:>9.2f}x")
+              f"{r['p50_ms_b1']:>11.2f}{r['p95_ms_b1']:>11.2f}"
+              f"{r['speedup_vs_original']:>16.2f}x / {r['e2e_speedup_vs_original']:.2f}x")
     out = Path(a.json) if a.json else P.artifacts / "speed.json"
     write_json(out, {"machine": info, "img_size": size, "results": results})
     print(f"wrote {out}")

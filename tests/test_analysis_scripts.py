@@ -34,7 +34,19 @@ def test_spread_median_min_max(xs, want):
 def test_speed_test_default_is_ort_with_torch_baseline(exported_run, tmp_path):
     out = tmp_path / "s.json"
     res = simple_speed_test.main(["--root", str(exported_run), "--max_images", "8", "--batch_size", "4", "--json", str(out)])
-    assert [r["backend"] for r in res] == ["torch", "onnxruntime"] and res[0]["speedup_vs_torch"] == 1.0
+    assert [r["backend"] for r in res] == ["original", "torch", "onnxruntime"] and res[1]["speedup_vs_torch"] == 1.0
+    assert res[0]["speedup_vs_original"] == 1.0 and res[0]["model_img_per_s_min"] > 0
+
+
+def test_original_path_preprocesses_like_the_pipeline(exported_run):
+    """The baseline must feed the model the same numbers, or its speed says nothing about the same job."""
+    from flywheel.serve import preprocess_files
+    from cifar_distill import Paths, heldout_rows, load_manifest
+    P = Paths(exported_run)
+    files = [P.out / r["path"] for r in heldout_rows(load_manifest(P))][:4]
+    a = simple_speed_test.original_preprocess(32)(files)
+    b = preprocess_files(files)
+    assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
 
 
 def test_plots_are_real_images(exported_run):
