@@ -1329,7 +1329,7 @@ def step_report(cfg, P):
           f"| first-pass accuracy | {_fmt(ls['pass1_accuracy'], 4)} |",
           f"| gold accuracy | {_fmt(ls['gold_accuracy'], 4)} |",
           f"| yield (accepted / requested) | {_pct(ls.get('yield'))} |",
-          f"| accepted-label accuracy estimated from gold pins | "
+          "| accepted-label accuracy estimated from gold pins | "
           + (f"{_fmt(ls['estimated_accuracy']['accuracy'], 4)} (95% CI {ls['estimated_accuracy']['ci95'][0]}-"
              f"{ls['estimated_accuracy']['ci95'][1]})" if ls.get("estimated_accuracy") else "n/a (no gold pins)") + " |",
           f"| QC rule | {(ls.get('qc_rule') or {}).get('why') or ls['second_pass']} |", ""]

@@ -16,7 +16,6 @@ Inputs (a flag always wins over the run's artifacts):
 Writes a table to stdout, and CSV, JSON and a cost-curve PNG (default prefix ROOT/artifacts/breakeven).
 """
 import argparse
-import sys
 from pathlib import Path
 
 from flywheel.costs import BREAKEVEN_DEFAULTS, breakeven_report

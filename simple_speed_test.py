@@ -13,7 +13,6 @@ torch eager on the same device, measured in the same run (torch eager always run
 Writes --json (default ROOT/artifacts/speed.json), which cost_breakeven.py and the report read.
 """
 import argparse
-import json
 import os
 import platform
 import sys

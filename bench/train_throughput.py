@@ -8,7 +8,6 @@ torchvision DataLoader, and the cache pipeline's step time against the model's o
 Images are synthetic 224px JPEGs (q90, as prep writes them); weights random (the cost is the same).
 """
 import argparse
-import math
 import shutil
 import sys
 import tempfile

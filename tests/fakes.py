@@ -1,7 +1,6 @@
 """Local stand-ins for what this machine cannot reach: a CIFAR-100 archive written the way Python 2
 wrote it, colour-coded so that a swapped channel order or label mapping is visible, and a synthetic
 image folder."""
-import io
 import struct
 import tarfile
 from pathlib import Path

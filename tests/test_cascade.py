@@ -3,7 +3,6 @@ loopback server counts every request), escalations.jsonl resumes after a kill.""
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from conftest import TINY, TRAIN_FLAGS

@@ -1,6 +1,5 @@
 """Label step end to end against the loopback server: ledger, resume after kill -9, budget, dry run,
 gold gate, human edits, adaptive second pass, and the API key never written anywhere."""
-import json
 import os
 import signal
 import subprocess
@@ -10,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fakes import KEY, ledger_records, make_cifar_folder, run_cli, truth_by_sha
-from flywheel.io import read_csv, read_json, read_jsonl
+from fakes import KEY, ledger_records, run_cli, truth_by_sha
+from flywheel.io import read_csv, read_json
 from flywheel.ledger import training_labels
 from loopback import LoopbackTeacher
 
