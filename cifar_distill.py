@@ -17,6 +17,9 @@ One step at a time (each reads and writes only under --out_dir, default cifar5_r
     uv run cifar_distill.py --step flywheel --turns 2        # artifacts/turn_<k>/, flywheel.json
     uv run cifar_distill.py --step export                    # artifacts/mobilenet.onnx, mobilenet.ts
     uv run cifar_distill.py --step report                    # report.md, datacard.md
+Serve the promoted student (student -> LLM -> person), and answer what it escalated to a person:
+    uv run cifar_distill.py --step serve --port 8000         # POST /v1/classify, GET /health
+    open http://127.0.0.1:8000/review                        # one click or key press per label
 Your own images (DIR/train/<class>/*, DIR/test/<class>/*):
     uv run cifar_distill.py --step all --dataset folder --data_root DIR --out_dir my_run
 
@@ -41,12 +44,13 @@ log = logging.getLogger("cifar_distill")
 # ----------------------------------------------------------------------------- config
 CIFAR5 = "apple,mushroom,orange,pear,sweet_pepper"
 STEPS = ["prep", "label", "train", "eval", "cascade", "flywheel", "export", "report"]
+SERVICE_STEPS = ["serve"]  # long-running: never part of --step all
 
 # name: (type, default, help). argparse is built from this one table; help gets "(default: ...)".
 # A default of None means "unset"; the help says what unset means.
 OPTIONS = {
     # pipeline
-    "step": (str, "all", "pipeline step to run: " + "|".join(STEPS + ["all"])),
+    "step": (str, "all", "pipeline step to run: " + "|".join(STEPS + ["all"] + SERVICE_STEPS)),
     "out_dir": (str, "cifar5_run", "run folder; every step reads and writes only under it"),
     "seed": (int, 0, "seed for sampling, splits, oracle noise and training"),
     "log_level": (str, "INFO", "logging level: DEBUG shows every retry decision"),
@@ -67,6 +71,9 @@ OPTIONS = {
     "second_pass": (str, "fitted", "fitted (second call only below the confidence threshold fitted on gold pins, plus "
                                    "--audit_frac; every image without gold) | always | adaptive (below --adaptive_thresh)"),
     "target_label_precision": (float, 0.85, "fitted QC: the labels it accepts must reach this accuracy on gold pins at the lower 95%% bound"),
+    "confident_learning": (str, "on", "fitted QC with gold: a held-out model trained on the first answers in folds "
+                                      "sends the labels it confidently contradicts to review, when gold shows its flags are "
+                                      "mostly right (on | off)"),
     "second_model": (str, None, "model that answers the second pass, through the same endpoint (unset: --llm_model again)"),
     "adaptive_thresh": (float, 0.9, "adaptive mode: first-pass confidence below which the second pass is made"),
     "audit_frac": (float, 0.1, "adaptive mode: random fraction of confident items that still get a second pass"),
@@ -95,6 +102,10 @@ OPTIONS = {
     "measure_noise_cost": (bool, False, "also train on the manifest's ground-truth labels of the same images, to report in "
                                         "eval.json what label noise costs the student (measuring only; doubles training)"),
     "num_threads": (int, 0, "torch CPU threads, 0 = torch's default"),
+    # serve
+    "host": (str, "127.0.0.1", "serve: address to listen on (0.0.0.0 exposes it to the network)"),
+    "port": (int, 8000, "serve: TCP port"),
+    "max_upload_mb": (float, 10.0, "serve: larger uploads get HTTP 413"),
     # cascade + flywheel
     "target_precision": (float, 0.95, "cascade: lowest student threshold whose auto-accepted validation precision reaches this"),
     "escalation_budget": (float, None, "cascade: escalate at most this fraction instead (unset: use --target_precision)"),
@@ -108,8 +119,8 @@ OPTIONS = {
                              "both, keep the better on validation; twice the training)"),
     "from_scratch": (bool, False, "flywheel: same as --retrain scratch"),
 }
-CHOICES = {"step": STEPS + ["all"], "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
-           "second_pass": ["fitted", "always", "adaptive"], "relabel_strategy": ["targeted", "random", "margin"],
+CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
+           "second_pass": ["fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "relabel_strategy": ["targeted", "random", "margin"],
            "retrain": ["best", "continue", "scratch"], "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 UNIT_INTERVAL = ["oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
@@ -158,6 +169,10 @@ def validate(cfg: dict) -> dict:
         bad("gold_csv", f"file {cfg['gold_csv']!r} does not exist")
     if cfg["second_model"] and cfg["teacher"] == "oracle":
         bad("second_model", "needs --teacher llm (the oracle has one simulated model)")
+    if not 0 <= cfg["port"] <= 65535:
+        bad("port", f"must be a TCP port in 0-65535, got {cfg['port']}")
+    if not cfg["max_upload_mb"] > 0:
+        bad("max_upload_mb", f"must be > 0, got {cfg['max_upload_mb']}")
     if not cfg["llm_base_url"].startswith(("http://", "https://")):
         bad("llm_base_url", f"must start with http:// or https://, got {cfg['llm_base_url']!r}")
     flag_classes = cfg["classes"]
@@ -170,7 +185,7 @@ def validate(cfg: dict) -> dict:
         elif cfg["classes"] != prepped:
             bad("classes", f"is {cfg['classes']} but prep made {prepped} ({made}); rerun --step prep with these "
                            f"--classes first, or drop the flag")
-    if (cfg["teacher"] == "llm" and not cfg["dry_run"] and cfg["step"] in ("label", "cascade", "flywheel", "all")
+    if (cfg["teacher"] == "llm" and not cfg["dry_run"] and cfg["step"] in ("label", "cascade", "flywheel", "all", "serve")
             and not os.environ.get(API_KEY_ENV, "").strip()):
         print(NO_KEY_MESSAGE, file=sys.stderr)
         raise SystemExit(EXIT_NO_KEY)
@@ -230,7 +245,7 @@ class Paths:
         self.images, self.manifest, self.prep_json = o / "images", o / "manifest.csv", o / "prep.json"
         self.classes = o / "classes.json"
         self.ledger, self.review, self.labels_llm = o / "labels.jsonl", o / "review_labels.csv", o / "labels_llm.csv"
-        self.label_summary = o / "label_summary.json"
+        self.label_summary, self.label_flags = o / "label_summary.json", o / "label_flags.csv"
         self.escalations, self.human_review = o / "escalations.jsonl", o / "human_review.csv"
         self.flywheel_labels = o / "flywheel_labels.csv"
         self.report, self.datacard = o / "report.md", o / "datacard.md"
@@ -415,6 +430,8 @@ def make_qc(cfg, P=None):
     if P is not None and P.label_summary.exists():
         t = (read_json(P.label_summary).get("qc_rule") or {}).get("threshold")
         qc.threshold = float("inf") if t is None else float(t)
+    if P is not None and P.label_flags.exists() and cfg["second_pass"] == "fitted":
+        qc.flagged = {r["sha256"] for r in read_csv(P.label_flags)}
     return qc
 
 
@@ -498,15 +515,14 @@ def step_label(cfg, P):
     rule = fit_rule([], cfg["target_label_precision"])
     outputs = lambda **kw: write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc,  # noqa: E731
                                                person_gold, rule=rule, **kw)
+    write_flags(P, None, None)  # refilled below when the held-out model's flags are fitted; no stale ones
     try:
+        rest = [it for it in items if it["path"] not in gold]
         if gold:
             gitems = [it for it in items if it["path"] in gold]
             verdicts = label_items(gitems, teacher, ledger, qc, budget, "gold", cfg["max_workers"], "label gold")
             gold_report = gold_check(gold, {p: v[1] for p, v in verdicts.items()}, cfg["classes"])
             rule = fit_rule(gold_pins(gitems, gold, teacher, ledger, qc), cfg["target_label_precision"])
-            if qc.second_pass == "fitted":
-                qc.threshold = rule.threshold
-                log.info("QC rule: %s", rule.why)
             log.info("gold check: teacher accuracy %.3f on %d gold items (--min_gold_acc %.2f)",
                      gold_report["accuracy"], gold_report["n"], cfg["min_gold_acc"])
             if gold_report["accuracy"] < cfg["min_gold_acc"]:
@@ -516,7 +532,8 @@ def step_label(cfg, P):
                       + ", ".join(f"{k}: {v}" for k, v in gold_report["confusions"].items())
                       + ". Check the prompt, the model and the class names.", file=sys.stderr)
                 raise SystemExit(EXIT_GOLD_GATE)
-        rest = [it for it in items if it["path"] not in gold]
+            if qc.second_pass == "fitted":
+                rule = fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget)
         label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label")
     except FatalTeacherError as e:
         outputs(budget_stopped=budget.stopped)
@@ -531,8 +548,30 @@ def step_label(cfg, P):
     return outputs(budget_stopped=budget.stopped)
 
 
-def gold_pins(gitems, gold, teacher, ledger, qc):
-    """[{conf1, score, right1, agree, right_pair}] for gold items with a first answer: what fit_rule needs."""
+def fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget):
+    """The fitted rule: with --confident_learning on, every first answer is asked first, so the held-out
+    model can judge each label before any second call; then threshold and flag cut are fitted on gold
+    and set on qc (flagged labels listed in label_flags.csv). -> QCRule."""
+    from flywheel.labeling import label_items
+    from flywheel.quality import fit_rule
+    scores = None
+    if cfg["confident_learning"] == "on":
+        label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label (first answers)",
+                    first_only=True)
+        scores = held_out_scores(cfg, items, teacher, ledger, qc)
+    rule = fit_rule(gold_pins(gitems, gold, teacher, ledger, qc, scores), cfg["target_label_precision"],
+                    flag_cuts(scores))
+    qc.threshold = rule.threshold
+    # gold pins are judged by both answers (and a person's label), so they are never listed as flagged
+    qc.flagged = write_flags(P, {sha: h for sha, h in (scores or {}).items() if sha not in qc.always_second},
+                             rule.flag_below)
+    log.info("QC rule: %s", rule.why)
+    return rule
+
+
+def gold_pins(gitems, gold, teacher, ledger, qc, scores=None):
+    """[{conf1, score, right1, agree, right_pair[, cl_conf]}] for gold items with a first answer: what
+    fit_rule needs. scores: held_out_scores' output (None: no held-out model)."""
     from flywheel.quality import score
     out = []
     for it in gitems:
@@ -542,10 +581,57 @@ def gold_pins(gitems, gold, teacher, ledger, qc):
             continue
         truth = gold[it["path"]]
         agree = None if p2 is None else p2["label"] == p1["label"]
-        out.append({"conf1": float(p1["confidence"]), "score": score(p1["confidence"], it["sha256"], qc.seed),
-                    "right1": p1["label"] == truth, "agree": agree,
-                    "right_pair": bool(agree) and p1["label"] == truth})
+        g = {"conf1": float(p1["confidence"]), "score": score(p1["confidence"], it["sha256"], qc.seed),
+             "right1": p1["label"] == truth, "agree": agree, "right_pair": bool(agree) and p1["label"] == truth}
+        if scores and it["sha256"] in scores:
+            g["cl_conf"] = scores[it["sha256"]].p_label
+        out.append(g)
     return out
+
+
+class HeldOut(NamedTuple):
+    """The held-out model's view of one first answer."""
+    path: str
+    llm_label: str
+    p_label: float        # held-out probability of the teacher's first-answer label (the score)
+    student_label: str    # the held-out model's top class
+    p_student: float      # and its probability
+
+
+def held_out_scores(cfg, items, teacher, ledger, qc):
+    """The student's out-of-sample disagreement (flywheel.quality): a logistic regression on 12x12 pixels,
+    trained in folds on the teacher's first answers, judges each label without having seen it. Gold
+    items' labels here are first answers too, so judging the score on gold stays honest.
+    -> {sha256: HeldOut}, or None when there are too few first answers to train on."""
+    import numpy as np
+    from flywheel.quality import CL_FOLDS, CL_MIN_ITEMS, out_of_fold_probs, pixel_features
+    got = [(it, rec) for it in items if (rec := ledger.ok(qc.call(it["sha256"], 1, teacher.model).key)) is not None]
+    y = np.array([cfg["classes"].index(rec["label"]) for _, rec in got])
+    if len(got) < CL_MIN_ITEMS or len(set(y.tolist())) < 2:
+        log.info("held-out model skipped: %d first answers (needs >= %d in 2+ classes)", len(got), CL_MIN_ITEMS)
+        return None
+    t0 = time.time()
+    probs = out_of_fold_probs(pixel_features([it["file"] for it, _ in got]), y, len(cfg["classes"]), seed=cfg["seed"])
+    log.info("held-out model: %d folds on %d first answers in %.1fs", CL_FOLDS, len(got), time.time() - t0)
+    return {it["sha256"]: HeldOut(it["path"], rec["label"], round(float(pr[k]), 6), cfg["classes"][int(pr.argmax())],
+                                  round(float(pr.max()), 6))
+            for (it, rec), pr, k in zip(got, probs, y)}
+
+
+def flag_cuts(scores):
+    """Candidate cuts on the held-out score: its FLAG_SHARES quantiles over every image judged."""
+    import numpy as np
+    from flywheel.quality import FLAG_SHARES
+    if not scores:
+        return []
+    return [float(q) for q in np.quantile([h.p_label for h in scores.values()], FLAG_SHARES)]
+
+
+def write_flags(P, scores, cut):
+    """label_flags.csv: the labels sent to review because the held-out model gives them < cut."""
+    rows = [{"sha256": sha, **h._asdict()} for sha, h in (scores or {}).items() if cut is not None and h.p_label < cut]
+    write_csv(P.label_flags, ["path", "sha256", "llm_label", "p_label", "student_label", "p_student"], rows)
+    return {r["sha256"] for r in rows}
 
 
 def check_review_file(P):
@@ -689,7 +775,7 @@ def training_rows(cfg, P, manifest, upto_turn=0):
             if int(r["turn"]) <= upto_turn and r["path"] not in seen:
                 train.append({**r, "split": "train"})
                 seen.add(r["path"])
-    leaked = [r["path"] for r in train + val if manifest[r["path"]]["split"] != "train"]
+    leaked = [r["path"] for r in train + val if split_of(manifest, r["path"]) not in ("train", "production")]
     assert not leaked, f"test images in the training data: {leaked[:5]}"
     return train, val
 
@@ -755,6 +841,9 @@ def train_clean_twin(cfg, P, art, manifest, train, val, x_tr, x_va, tcfg, init, 
     if not cfg["measure_noise_cost"]:
         return None
     classes = cfg["classes"]
+    # production uploads (--step serve) have no ground truth: the twin trains without them
+    keep_tr = [i for i, r in enumerate(train) if r["path"] in manifest]
+    train, x_tr = [train[i] for i in keep_tr], x_tr[keep_tr]
     y_tr = np.array([classes.index(manifest[r["path"]]["label"]) for r in train], dtype=np.int64)
     y_va = np.array([classes.index(manifest[r["path"]]["label"]) for r in val], dtype=np.int64)
     wrong = sum(manifest[r["path"]]["label"] != r["label"] for r in train + val)
@@ -834,7 +923,8 @@ def step_eval(cfg, P, art=None):
         cov[f"{t:.2f}"] = {"tau": tau, "val_coverage": coverage_precision(vconf, vcorrect, tau)[0],
                            "coverage": c, "precision": prec}
     train_rows = read_csv(art / "train_rows.csv")
-    teacher_acc = sum(r["label"] == manifest[r["path"]]["label"] for r in train_rows) / max(len(train_rows), 1)
+    known = [r for r in train_rows if r["path"] in manifest]  # production uploads have no ground truth
+    teacher_acc = sum(r["label"] == manifest[r["path"]]["label"] for r in known) / max(len(known), 1)
     val_teacher = np.array([classes.index(r["label"]) for r in train_rows if r["split"] == "val"])
     out = {**m, "classes": classes,
            "ece_before": ece(conf0, p0.argmax(1) == y), "ece_after": ece(conf1, pred == y),
@@ -1194,13 +1284,14 @@ def step_flywheel(cfg, P):
                 new.append({"path": p, "label": verdicts[p][1], "source": "escalation", "turn": k})
         old = read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []
         old = [r for r in old if int(r["turn"]) != k]  # a crashed turn k is redone whole
+        new += production_labels(P, manifest, cfg["classes"], k, {r["path"] for r in old + new})
         write_csv(P.flywheel_labels, FLYWHEEL_LABEL_FIELDS, old + new)
         relabel_usd = budget.spent - spent0
         log.info("flywheel turn %d: picked %d pool items %s; %d produced a label (%s) for $%.4f; budget stop: %s", k,
                  len(picked), why, len(new), json.dumps(_count(new, "source")), relabel_usd, budget.stopped)
         retrain = retrain_turn(cfg, P, prev, art, k)
         rows = read_csv(art / "train_rows.csv")
-        assert all(manifest[r["path"]]["split"] == "train" for r in rows), "a test image entered training"
+        assert all(split_of(manifest, r["path"]) in ("train", "production") for r in rows), "a test image entered training"
         step_eval(cfg, P, art)
         step_cascade(cfg, P, art, turn=k)
         entry = turn_entry(P, art, k, cfg)
@@ -1212,6 +1303,36 @@ def step_flywheel(cfg, P):
         log.info("flywheel: promoted student is turn %d (best validation accuracy)", promote(P, fly))
     print_flywheel(fly)
     return fly
+
+
+def split_of(manifest, path):
+    """train / test from the manifest; production for what --step serve stored; unknown otherwise."""
+    if path in manifest:
+        return manifest[path]["split"]
+    return "production" if path.startswith("production/") else "unknown"
+
+
+def production_labels(P, manifest, classes, k, taken):
+    """Labels serving collected (escalations.jsonl split production): a person's answer from
+    human_review.csv, else an LLM answer QC accepted. An upload whose bytes are a test image's never
+    trains. -> flywheel_labels rows for turn k."""
+    test_shas = {r["sha256"] for r in manifest.values() if r["split"] == "test"}
+    humans = human_answers(P)
+    out = {}
+    for r in read_jsonl(P.escalations)[0] if P.escalations.exists() else []:
+        p = r.get("path", "")
+        if r.get("split") != "production" or p in taken or p in out or not (P.out / p).exists():
+            continue
+        if {r.get("sha256"), r.get("upload_sha256")} & test_shas:
+            log.warning("flywheel: production upload %s is a test image; it does not train", p)
+            continue
+        if p in humans and humans[p][0] in classes:
+            out[p] = {"path": p, "label": humans[p][0], "source": "human", "turn": k}
+        elif r.get("route") == "llm" and r.get("llm_label") in classes:
+            out[p] = {"path": p, "label": r["llm_label"], "source": "escalation", "turn": k}
+    if out:
+        log.info("flywheel turn %d: %d label(s) from serving (%s)", k, len(out), json.dumps(_count(list(out.values()), "source")))
+    return list(out.values())
 
 
 def print_flywheel(fly):
@@ -1444,14 +1565,51 @@ def write_datacard(P, ls, ev, prep, best, cas):
     atomic_write_bytes(P.datacard, ("\n".join(L) + "\n").encode())
 
 
+# ----------------------------------------------------------------------------- serve
+
+def step_serve(cfg, P):
+    """The promoted student in ONNX Runtime behind HTTP (flywheel/server.py): student, then the LLM through
+    the label step's ledger, QC and budget, then a person at /review. Blocks until Ctrl-C.
+    -> production/, escalations.jsonl (split production), human_review.csv"""
+    import uvicorn
+    from flywheel.cascade import EscalationLog
+    from flywheel.ledger import Ledger
+    from flywheel.serve import ort_session
+    from flywheel.server import Service, build_app
+    from flywheel.student import load_student
+    art, turn = promoted_artifacts(P.out)
+    best = load_student(P.need(art / "best.pt", "train"))
+    exported = read_json(P.need(P.export, "export"))
+    if exported.get("turn", 0) != turn:
+        raise SystemExit(f"error: {P.onnx} holds turn {exported.get('turn', 0)}'s student but turn {turn} is promoted; "
+                         f"run `uv run cifar_distill.py --step export --out_dir {P.out}` first")
+    tau, rule, _ = fit_tau(cfg, best)
+    manifest = load_manifest(P)
+    settings = read_json(P.prep_json).get("settings", {}) if P.prep_json.exists() else {}
+    ledger, esc = Ledger(P.ledger), EscalationLog(P.escalations)
+    teacher = make_teacher(cfg, manifest)
+    svc = Service(P.out, ort_session(P.onnx, threads=cfg["num_threads"]), best["classes"], tau,
+                  best["model_args"]["img_size"], settings.get("sharpen", not cfg["no_sharpen"]), teacher, ledger,
+                  make_qc(cfg, P), make_budget(cfg, ledger), esc, student_id_of(best), turn, HUMAN_FIELDS,
+                  int(cfg["max_upload_mb"] * 2**20))
+    log.info("serve: turn %d's student (tau %.4f, %s) on http://%s:%d  (/v1/classify, /health, /review); "
+             "escalations -> %s", turn, tau, rule, cfg["host"], cfg["port"], P.escalations)
+    try:
+        uvicorn.run(build_app(svc), host=cfg["host"], port=cfg["port"], log_level="warning", access_log=False)
+    finally:
+        teacher.close()
+        ledger.close()
+        esc.close()
+
+
 # ----------------------------------------------------------------------------- main
 
 def run_step(name, cfg, P):
     return {"prep": step_prep, "label": step_label, "train": step_train, "eval": step_eval, "cascade": step_cascade,
-            "flywheel": step_flywheel, "export": step_export, "report": step_report}[name](cfg, P)
+            "flywheel": step_flywheel, "export": step_export, "report": step_report, "serve": step_serve}[name](cfg, P)
 
 
-SPENDING_STEPS = ("label", "cascade", "flywheel", "all")  # they pay through the ledger: one process at a time
+SPENDING_STEPS = ("label", "cascade", "flywheel", "all", "serve")  # they pay through the ledger: one process at a time
 EXIT_INTERRUPTED = 130
 
 

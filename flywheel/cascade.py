@@ -104,7 +104,7 @@ def tau_sweep(conf, student_correct, escalated_acc, taus=SWEEP_TAUS):
 
 
 # ----------------------------------------------------------------------------- relabel selection
-UNANSWERABLE = ("disagreed", "low_confidence", "invalid")  # the ledger holds a rejected answer: asking again repeats it
+UNANSWERABLE = ("disagreed", "low_confidence", "flagged", "invalid")  # the ledger holds a rejected answer: asking again repeats it
 
 
 def label_posterior(p_student, teacher_acc, n_classes):

@@ -93,6 +93,7 @@ class QC:
         self.max_invalid, self.seed, self.second_model = max_invalid, seed, second_model
         self.threshold = float("inf")  # fitted mode: set by fit_rule on gold; inf = every image gets pass 2
         self.always_second = set()     # gold shas: both answers, so the rule can be fitted and audited
+        self.flagged = set()           # shas whose first answer the held-out model contradicts: to review, no pass 2
 
     def call(self, sha, pass_no, model) -> Call:
         """The question pass `pass_no` asks about image `sha`, keyed by what is actually sent."""
@@ -105,6 +106,8 @@ class QC:
     def second_needed(self, sha, p1_conf) -> bool:
         if self.second_pass == "always" or sha in self.always_second:
             return True
+        if sha in self.flagged:
+            return False  # a second answer cannot clear a flag (T=0 errors repeat): a person decides
         audited = stable_unit(self.seed, "audit", sha) < self.audit_frac
         if self.second_pass == "adaptive":
             return p1_conf < self.adaptive_thresh or audited
@@ -126,6 +129,8 @@ def ledger_verdict(item, teacher, ledger, qc):
     single_at, pair_at = qc.thresholds()
     st, lab, conf = image_verdict(p1, p2, need2, single_at, ledger.count(keys[0], "invalid"),
                                   ledger.count(keys[1], "invalid"), pair_thresh=pair_at)
+    if p1 is not None and item["sha256"] in qc.flagged and item["sha256"] not in qc.always_second:
+        st = "flagged"  # the held-out model confidently contradicts this label: never silently kept
     return st, lab, conf, [r for r in (p1, p2 if need2 else None) if r is not None]
 
 
@@ -167,6 +172,14 @@ def _ask(item, pass_no, teacher, ledger, qc, budget, purpose, stop):
     return None
 
 
+def ask_item(it, teacher, ledger, qc, budget, purpose, stop, first_only=False):
+    """Both passes QC needs for one image ({path, file, sha256}), each answered from the ledger when it
+    can be; the serving endpoint calls this once per escalated request."""
+    p1 = _ask(it, 1, teacher, ledger, qc, budget, purpose, stop)
+    if p1 is not None and not first_only and qc.second_needed(it["sha256"], float(p1["confidence"])):
+        _ask(it, 2, teacher, ledger, qc, budget, purpose, stop)
+
+
 class _Pool:
     """Daemon worker threads fed one item at a time: a process that must exit (Ctrl-C, after the grace)
     is never held up by a call still waiting on the network, as ThreadPoolExecutor's exit join would."""
@@ -197,9 +210,11 @@ class _Pool:
 
 
 def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, desc="label", on_done=None,
-                grace_s=INTERRUPT_GRACE_S):
+                grace_s=INTERRUPT_GRACE_S, first_only=False):
     """Run dual-pass QC on items ({path, file, sha256}); every call goes through the ledger.
 
+    first_only: ask pass 1 only (the label step asks every first answer before it decides, with the
+    held-out model, which images need a second); returns {} then.
     Returns {path: (status, label, confidence, pass records)}; on_done(item, verdict) runs in the main
     thread as each item finishes (the cascade logs escalations there, so a kill loses nothing).
     Raises FatalTeacherError on 401/402/403 or a dead endpoint, a worker's unexpected exception, or the
@@ -215,9 +230,7 @@ def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, des
     def work(it):
         if stop.is_set():
             return False
-        p1 = _ask(it, 1, teacher, ledger, qc, budget, purpose, stop)
-        if p1 is not None and qc.second_needed(it["sha256"], float(p1["confidence"])):
-            _ask(it, 2, teacher, ledger, qc, budget, purpose, stop)
+        ask_item(it, teacher, ledger, qc, budget, purpose, stop, first_only)
         return True
 
     pool = _Pool(work, max_workers, stop)
@@ -243,6 +256,10 @@ def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, des
                 stop.set()  # nothing new starts; in-flight calls still land
                 continue
             if not ran:
+                continue
+            if first_only:
+                bar.update(1)
+                feed()
                 continue
             v = ledger_verdict(it, teacher, ledger, qc)
             out[it["path"]] = v

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 LEDGER_VERSION = 2
 REVIEW_FIELDS = ["path", "llm_label", "confidence", "label_final", "status"]
 REVIEW_REQUIRED = ["path", "llm_label", "label_final", "status"]
-STATUSES = ["accepted", "disagreed", "low_confidence", "invalid", "failed"]
+STATUSES = ["accepted", "disagreed", "low_confidence", "flagged", "invalid", "failed"]  # flagged: confident learning
 APPROVED, GOLD = "approved", "gold"  # statuses a person sets (approve a row as it is) or --gold_csv sets
 
 

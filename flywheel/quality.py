@@ -14,14 +14,28 @@ get both answers, so every threshold can be judged on them.
 When stated confidence barely separates right from wrong on gold (AUROC below CONF_AUROC_MIN), it is
 not trusted as confidence: the log and label_summary.json say so, and the threshold then only picks a
 random share of images to check (the hash tie-break), sized so the accepted labels still reach the
-target on gold. Shortcut taken: stated confidence is the only per-image signal; the student's
-out-of-sample disagreement (confident learning) is not used.
+target on gold.
+
+A second, free signal is the student's out-of-sample disagreement (confident learning; the score is
+cleanlab's default label-quality score, "self_confidence"): a quick model (multinomial logistic
+regression on 12x12 pixels, seconds on a CPU) is trained on the first answers in K folds, so each image
+is judged by a model that never saw its label, and cl_conf is its probability of the given label.
+Labels with cl_conf below a cut are *flagged*: they get no second call and go to review, never
+silently kept. The cut is fitted on gold too: among "no flags" and the FLAG_SHARES quantiles of cl_conf,
+the rule keeps the one whose threshold (as above) gives the fewest paid calls per accepted gold label.
+Flags are considered only when gold shows the score separates right from wrong (AUROC >=
+CONF_AUROC_MIN); otherwise the log and label_summary.json say so. These few lines replace a cleanlab
+dependency (which pulls in pandas) for the one score used. Choosing among the cuts on the same gold
+makes the lower bound slightly optimistic; label_summary.json's measured figure (when the manifest has
+ground truth) is the check.
 """
 import math
 from dataclasses import asdict, dataclass
 
 from flywheel.io import stable_unit
 
+FLAG_SHARES = (0.05, 0.1, 0.15, 0.2)  # candidate shares of images to flag (quantiles of the held-out score)
+CL_MIN_ITEMS, CL_FOLDS, CL_PIXELS = 50, 5, 12  # fewest first answers to train on; folds; feature side (px)
 TIE_BREAK = 1e-4  # stated confidences come with <= 3 decimals: the hash only orders equal ones
 CONF_AUROC_MIN = 0.6  # below this, stated confidence is treated as uninformative (verbalised-confidence literature: ~0.55-0.6)
 Z95 = 1.959964
@@ -68,6 +82,12 @@ class QCRule:
     target: float
     why: str
     estimate: dict            # accepted-label accuracy on gold under this rule, with a 95% interval
+    student: dict = None      # the held-out model's signal as judged on gold, and the flag cut chosen; or None
+
+    @property
+    def flag_below(self):
+        """Flag (send to review) first answers whose held-out score is below this; None: no flags."""
+        return (self.student or {}).get("flag_below")
 
     def to_json(self):
         d = asdict(self)
@@ -84,23 +104,60 @@ def score(conf1, sha, seed=0):
     return float(conf1) + TIE_BREAK * stable_unit(seed, "tie", sha)
 
 
-def rule_accepts(s1, agree, threshold):
+def rule_accepts(s1, agree, threshold, flagged=False):
     """What the fitted rule does with one image: 'single' (accept the first answer), 'pair' (second
     answer agrees), or None (review). s1 is the first answer's score; agree is None when there is no
-    second answer.
+    second answer; a flagged image (the held-out model contradicts its label) always goes to review.
 
     >>> rule_accepts(0.97, None, 0.9), rule_accepts(0.5, True, 0.9), rule_accepts(0.5, False, 0.9)
     ('single', 'pair', None)
+    >>> rule_accepts(0.97, None, 0.9, flagged=True) is None
+    True
     """
+    if flagged:
+        return None
     if s1 >= threshold:
         return "single"
     return "pair" if agree else None
 
 
-def fit_rule(gold, target):
-    """Fit the threshold on gold pins. gold: [{score, conf1, right1, agree, right_pair}] per gold image
-    (score defaults to conf1), where right1 says the first answer matched gold, agree that the second
-    answer named the same label, and right_pair that the agreed label matched gold.
+def lowest_threshold(gold, target):
+    """The lowest score threshold at which the labels the rule accepts on gold reach target at the lower
+    95% Wilson bound (inf: none does, every image gets a second answer).
+
+    >>> g = [{"score": c, "right1": r, "agree": r, "right_pair": r} for c, r in [(0.99, 1)] * 40 + [(0.6, 0)] * 5]
+    >>> lowest_threshold(g, 0.9), lowest_threshold(g, 0.99)
+    (0.99, inf)
+    """
+    for t in sorted({g["score"] for g in gold}) + [math.inf]:
+        e = estimate_on_gold(gold, t)
+        lo = wilson_interval(round(e["accuracy"] * e["accepted"]), e["accepted"])[0] if e["accepted"] else 0.0
+        if lo >= target:
+            return t
+    return math.inf
+
+
+def calls_per_accepted(gold, threshold):
+    """Paid calls per accepted label on gold under the rule: one first answer per image, a second for
+    each unflagged image scoring below the threshold (flagged ones go to review uncalled).
+
+    >>> g = [{"score": 0.9, "flagged": False, "agree": None, "right1": 1}, {"score": 0.5, "flagged": False, "agree": True,
+    ...       "right1": 1, "right_pair": 1}, {"score": 0.5, "flagged": True, "agree": None, "right1": 0}]
+    >>> calls_per_accepted(g, 0.8)   # 3 first answers + 1 second, 2 accepted
+    2.0
+    """
+    calls = len(gold) + sum(1 for g in gold if not g.get("flagged") and g["score"] < threshold)
+    acc = estimate_on_gold(gold, threshold)["accepted"]
+    return calls / acc if acc else math.inf
+
+
+def fit_rule(gold, target, flag_cuts=()):
+    """Fit the rule on gold pins. gold: [{score, conf1, right1, agree, right_pair[, cl_conf]}] per gold
+    image (score defaults to conf1), where right1 says the first answer matched gold, agree that the
+    second answer named the same label, right_pair that the agreed label matched gold, and cl_conf is the
+    held-out model's probability of the first answer's label. flag_cuts: candidate cuts on cl_conf
+    (quantiles over every image judged); each is tried, with its lowest threshold, when the held-out
+    score is trusted, and the cheapest per accepted gold label wins.
 
     >>> g = [{"conf1": c, "right1": r, "agree": r, "right_pair": r} for c, r in
     ...      [(0.99, 1)] * 40 + [(0.7, 1)] * 5 + [(0.6, 0)] * 5]
@@ -112,18 +169,44 @@ def fit_rule(gold, target):
     >>> flat = [{"conf1": 0.95, "right1": i % 5 != 0, "agree": i % 5 != 0, "right_pair": True} for i in range(50)]
     >>> r = fit_rule(flat, 0.9); r.trusted_confidence, r.threshold
     (False, inf)
+
+    A held-out score that is low on the wrong answers: flagging below 0.5 needs no second call at all
+    (50 calls for 40 accepted, 1.25 per label, against 100 for 40 with no flags):
+    >>> scored = [{**x, "cl_conf": 0.9 if x["right1"] else 0.1} for x in flat]
+    >>> r = fit_rule(scored, 0.9, flag_cuts=[0.5]); r.flag_below, r.threshold == 0.95, r.estimate["yield"]
+    (0.5, True, 0.8)
     """
-    gold = [{**g, "score": g.get("score", g["conf1"])} for g in gold]
+    gold = [{**g, "score": g.get("score", g["conf1"]), "flagged": False} for g in gold]
     n = len(gold)
     a = auroc([g["conf1"] for g in gold], [g["right1"] for g in gold])
     trusted = a is not None and a >= CONF_AUROC_MIN
-    threshold = math.inf
-    for t in sorted({g["score"] for g in gold}) + [math.inf]:
-        e = estimate_on_gold(gold, t)
-        lo = wilson_interval(round(e["accuracy"] * e["accepted"]), e["accepted"])[0] if e["accepted"] else 0.0
-        if lo >= target:
-            threshold = t
-            break
+    student, cut = None, None
+    threshold = lowest_threshold(gold, target)
+    if any(g.get("cl_conf") is not None for g in gold):
+        sa = auroc([g["cl_conf"] for g in gold if g.get("cl_conf") is not None],
+                   [g["right1"] for g in gold if g.get("cl_conf") is not None])
+        s_trusted = sa is not None and sa >= CONF_AUROC_MIN
+        best = (calls_per_accepted(gold, threshold), None, threshold)
+        for c in (flag_cuts if s_trusted else ()):
+            flagged = [{**g, "flagged": g.get("cl_conf") is not None and g["cl_conf"] < c} for g in gold]
+            t = lowest_threshold(flagged, target)
+            if not math.isinf(t) and calls_per_accepted(flagged, t) < best[0] - 1e-9:
+                best = (calls_per_accepted(flagged, t), c, t)
+        _, cut, threshold = best
+        if cut is not None:
+            gold = [{**g, "flagged": g.get("cl_conf") is not None and g["cl_conf"] < cut} for g in gold]
+        shown = "n/a" if sa is None else f"{sa:.2f}"
+        if not s_trusted:
+            swhy = (f"the held-out model's score does not separate right from wrong on gold (AUROC {shown} < "
+                    f"{CONF_AUROC_MIN}): no label is flagged by it")
+        elif cut is None:
+            swhy = f"the held-out model's score (AUROC {shown} on gold) flags nothing: no cut made labels cheaper"
+        else:
+            nf = sum(g["flagged"] for g in gold)
+            swhy = (f"labels the held-out model gives probability < {cut:.4f} go to review uncalled (AUROC {shown} "
+                    f"on gold; {sum(not g['right1'] for g in gold if g['flagged'])} of {nf} flagged gold answers wrong)")
+        student = {"auroc": None if sa is None else round(sa, 4), "trusted": s_trusted,
+                   "flag_below": None if cut is None else round(cut, 6), "why": swhy}
     if n == 0:
         why = "no gold pins: every image gets a second answer (pass --gold_n or --gold_csv to fit the rule)"
     elif math.isinf(threshold):
@@ -138,7 +221,9 @@ def fit_rule(gold, target):
                 f"of images to check")
     elif n:
         why += f" (stated-confidence AUROC {a:.2f})"
-    return QCRule(threshold, trusted, a, n, target, why, estimate_on_gold(gold, threshold))
+    if student:
+        why += "; " + student["why"]
+    return QCRule(threshold, trusted, a, n, target, why, estimate_on_gold(gold, threshold), student)
 
 
 def estimate_on_gold(gold, threshold):
@@ -152,7 +237,7 @@ def estimate_on_gold(gold, threshold):
     """
     right = acc = 0
     for g in gold:
-        how = rule_accepts(g.get("score", g["conf1"]), g["agree"], threshold)
+        how = rule_accepts(g["score"] if "score" in g else g["conf1"], g["agree"], threshold, g.get("flagged", False))
         if how is None:
             continue
         acc += 1
@@ -160,3 +245,37 @@ def estimate_on_gold(gold, threshold):
     lo, hi = wilson_interval(right, acc)
     return {"accepted": acc, "accuracy": round(right / acc, 4) if acc else None, "ci95": [round(lo, 4), round(hi, 4)],
             "yield": round(acc / len(gold), 3) if gold else None}
+
+
+# ----------------------------------------------------------------------------- the held-out model
+
+def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0):
+    """[n, k] probabilities for each item from a logistic regression trained on the other folds (so no item
+    is judged by a model that saw its label). x [n, d] float features, y [n] ints in [0, k)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    y = np.asarray(y)
+    smallest = np.bincount(y, minlength=k)[np.bincount(y, minlength=k) > 0].min()
+    folds = int(max(2, min(folds, smallest)))
+    out = np.zeros((len(y), k))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        m = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300))
+        m.fit(x[tr], y[tr])
+        out[np.ix_(te, m.classes_)] = m.predict_proba(x[te])
+    return out
+
+
+def pixel_features(files, side=CL_PIXELS, desc="held-out model: features"):
+    """[n, side*side*3] float32 in [0, 1]: each image shrunk to side x side RGB, a cheap, label-free
+    representation for the held-out model."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+    out = np.zeros((len(files), side * side * 3), np.float32)
+    for i, f in enumerate(tqdm(files, desc=desc, unit="img", leave=False)):
+        with Image.open(f) as im:
+            out[i] = np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR), np.float32).reshape(-1) / 255
+    return out

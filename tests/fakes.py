@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 import cifar_distill
+from loopback import LOOKALIKES
 
 CIFAR5 = cifar_distill.CIFAR5.split(",")
 KEY = "sk-or-test-SECRET-4242"  # the test API key: no file under a run folder may ever contain it
@@ -59,12 +60,14 @@ def py2_pickle(d: dict) -> bytes:
 
 
 def make_cifar_folder(root: Path, n_train=6, n_test=3, classes=("apple", "mushroom", "orange", "pear",
-                                                                 "sweet_pepper", "bear"), seed=0, mix=0.0):
+                                                                 "sweet_pepper", "bear"), seed=0, mix=0.0, lookalike_mix=0.0):
     """root/cifar-100-python/{train,test,meta}; each image is its class colour plus small noise.
 
     Classes interleave in the arrays (as in the real set), so a label-mapping error moves colours.
     mix > 0 blends each image with a random other class's colour (weight uniform in [0, mix]), so a
-    student is unsure of some images: what the cascade and flywheel tests need."""
+    student is unsure of some images: what the cascade and flywheel tests need. lookalike_mix > 0 blends
+    each image toward its class's look-alike (loopback.LOOKALIKES; weight uniform in [0, lookalike_mix]),
+    so above 0.5 an image looks more like the look-alike than its own class, as real ambiguous images do."""
     rng = np.random.default_rng(seed)
     names = cifar_distill.CIFAR100_FINE
     folder = Path(root) / "cifar-100-python"
@@ -79,6 +82,9 @@ def make_cifar_folder(root: Path, n_train=6, n_test=3, classes=("apple", "mushro
                 other = COLOURS[classes[rng.integers(len(classes))]]
                 a = rng.uniform(0, mix)
                 rgb = (1 - a) * rgb + a * np.array(other, np.float64)
+            if lookalike_mix and names[lab] in LOOKALIKES:
+                a = rng.uniform(0, lookalike_mix)
+                rgb = (1 - a) * rgb + a * np.array(COLOURS[LOOKALIKES[names[lab]]], np.float64)
             rgb = rgb.astype(np.int16)
             hwc = np.clip(rgb + rng.integers(-8, 9, (32, 32, 3)), 0, 255).astype(np.uint8)
             data[j] = hwc.transpose(2, 0, 1).reshape(-1)  # R plane, G plane, B plane

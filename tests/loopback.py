@@ -2,7 +2,7 @@
 
 It answers each image with the label `truth[sha256(image bytes)]` (or, for a `wrong_rate` share of
 (image, pass) pairs chosen by hash, another one), counts requests per (image, pass) and can be scripted to fail: `server.script` is a queue of
-actions consumed one per request, e.g. {"status": 429, "headers": {"Retry-After": "1"}}.
+actions consumed one per request, e.g. {"status": 429, "headers": {"Retry-After": "1"}} or {"label": "pear"}.
 """
 import base64
 import hashlib
@@ -23,6 +23,12 @@ class TeacherProfile:
 
     - per-image difficulty h in [0, 1): at temperature 0 a model is wrong exactly on its hardest
       (1 - accuracy) share of images, so errors gather on hard images and repeat across calls;
+    - with `ambiguity` ({sha256: a in [0, 1]}, measured from the image's pixels by the bench: how far
+      it is blended toward its look-alike class), difficulty is (1 - coupling) x a private draw +
+      coupling x a, mapped back to a uniform rank: a `coupling` share of what makes an image hard is
+      visible in the image, so a student that learns from pixels is fooled by the same images and
+      cannot catch those errors (confident learning is not handed the answer); the rest is the
+      teacher's own quirk, which a student can contradict;
     - a wrong answer names the class's look-alike (LOOKALIKES) 70% of the time, fixed per image, so two
       wrong answers often agree with each other;
     - at temperature > 0 each call jitters the difficulty (sd `temp_jitter`), so only images near the
@@ -37,8 +43,9 @@ class TeacherProfile:
     """
 
     def __init__(self, classes, accuracy=0.83, conf_mode="informative", overlap=0.5, temp_jitter=0.12,
-                 second_accuracy=None, fault_rate=0.05, seed=0):
+                 second_accuracy=None, fault_rate=0.05, seed=0, ambiguity=None, coupling=0.5):
         self.classes, self.accuracy, self.conf_mode = list(classes), accuracy, conf_mode
+        self.ambiguity, self.coupling = dict(ambiguity or {}), float(coupling)
         self.overlap, self.temp_jitter, self.fault_rate, self.seed = overlap, temp_jitter, fault_rate, seed
         self.second_accuracy = accuracy if second_accuracy is None else second_accuracy
         self.primary = None  # the first model name seen is the primary
@@ -56,6 +63,9 @@ class TeacherProfile:
         h = self._u("hard", sha)
         if model != self.primary and self._u("share", sha) >= self.overlap:
             h = self._u("hard", model, sha)
+        if sha in self.ambiguity:
+            c = self.coupling
+            h = sum_uniform_cdf((1 - c) * h + c * self.ambiguity[sha], 1 - c, c)
         return h
 
     def answer(self, sha, truth, model, temperature, n_call):
@@ -80,12 +90,33 @@ class TeacherProfile:
         else:
             # a weak, noisy signal: AUROC for "right" ~0.75 (bench/label_quality.py prints it), like the
             # better verbalised confidences in the literature, never a separable one
-            conf = min(0.99, max(0.3, 0.95 - 0.15 * self._u("hard", sha) + 0.06 * self._normal("conf", sha, model, n_call)))
+            conf = min(0.99, max(0.3, 0.95 - 0.15 * self.difficulty(sha, model) + 0.06 * self._normal("conf", sha, model, n_call)))
         u = self._u("fault", sha, model, temperature, n_call)
         fault = None
         if u < self.fault_rate:
             fault = ["429", "500", "prose", "fenced", "variant"][int(u / self.fault_rate * 5)]
         return label, round(conf, 3), fault
+
+
+def sum_uniform_cdf(x, a, b):
+    """P(A + B <= x) for independent A ~ U(0, a), B ~ U(0, b) (a or b may be 0): maps a mixed difficulty
+    back to a uniform rank, so "wrong above `accuracy`" keeps the raw accuracy whatever the coupling.
+
+    >>> sum_uniform_cdf(0.5, 0.5, 0.5), sum_uniform_cdf(0.25, 0.5, 0.5), sum_uniform_cdf(0.3, 1.0, 0.0)
+    (0.5, 0.125, 0.3)
+    """
+    a, b = max(a, b), min(a, b)
+    if b <= 1e-12:
+        return min(max(x / a, 0.0), 1.0)
+    if x <= 0:
+        return 0.0
+    if x <= b:
+        return x * x / (2 * a * b)
+    if x <= a:
+        return (x - b / 2) / a
+    if x <= a + b:
+        return 1 - (a + b - x) ** 2 / (2 * a * b)
+    return 1.0
 
 
 class LoopbackTeacher:
@@ -200,6 +231,8 @@ class LoopbackTeacher:
                 others = [c for c in self.classes if c != label]
                 label = others[int(self._unit("which", sha, pass_no) * len(others))]
                 conf = self.wrong_confidence
+            if action and "label" in action:  # a scripted answer: {"label": "pear"}
+                label = action["label"]
             with self._lock:
                 self.answers += 1
                 self.wrong_answers += bool(wrong)

@@ -1,6 +1,7 @@
 """QC fitted on gold pins: Wilson bounds and AUROC against hand-computed cases, the rule's threshold on
-a hand-computed gold set, adaptive second-call decisions, the second model's ledger keys, and the rule
-in force written to label_summary.json and datacard.md."""
+a hand-computed gold set, the held-out model's flag cut (hand-computed, and refused when gold does not
+trust it), adaptive second-call decisions, the second model's ledger keys, the label step's flags
+end to end, and the rule in force written to label_summary.json and datacard.md."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from fakes import KEY, make_cifar_folder, run_cli
 from flywheel.io import read_csv, read_json, read_jsonl
 from flywheel.labeling import QC
-from flywheel.quality import auroc, estimate_on_gold, fit_rule, wilson_interval
+from flywheel.quality import auroc, calls_per_accepted, estimate_on_gold, fit_rule, wilson_interval
 from loopback import LoopbackTeacher, TeacherProfile
 
 CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
@@ -59,6 +60,43 @@ def test_estimate_counts_singles_and_pairs():
     assert e["accepted"] == 2 and e["accuracy"] == 0.5
 
 
+def _flat_gold(cl_right, cl_wrong):
+    """40 right and 10 wrong first answers, all at stated confidence 0.95 (flat); the second answer
+    repeats the first (a T=0 error repeats), so a second call never helps; held-out scores as given."""
+    return ([{"conf1": 0.95, "right1": True, "agree": True, "right_pair": True, "cl_conf": c} for c in cl_right]
+            + [{"conf1": 0.95, "right1": False, "agree": True, "right_pair": False, "cl_conf": c} for c in cl_wrong])
+
+
+@pytest.mark.parametrize("cl_right,cl_wrong,cuts,want_cut,trusted", [
+    # separates: flagging below 0.5 removes all 10 wrong, 40/40 accepted alone (Wilson lower 0.912 >= 0.9):
+    # 50 calls / 40 labels = 1.25 per label
+    ([0.9] * 40, [0.2] * 10, [0.5], 0.5, True),
+    # the cut at 0.1 flags nothing (0.8 right, out of reach): 0.5 is chosen
+    ([0.9] * 40, [0.2] * 10, [0.1, 0.5], 0.5, True),
+    # AUROC 0.5 (the same score for all): not trusted, so no cut, whatever is offered
+    ([0.6] * 40, [0.6] * 10, [0.7], None, False),
+    # trusted (AUROC 1.0), but the cut also flags 8 right answers: 32/32 right has Wilson lower 0.893 < 0.9,
+    # so it misses the target and is not taken
+    ([0.9] * 32 + [0.4] * 8, [0.3] * 10, [0.5], None, True),
+])
+def test_flag_cut_hand_computed(cl_right, cl_wrong, cuts, want_cut, trusted):
+    r = fit_rule(_flat_gold(cl_right, cl_wrong), 0.9, flag_cuts=cuts)
+    assert r.flag_below == want_cut and r.student["trusted"] is trusted
+    if want_cut is None:
+        # with no flags, 40/50 = 0.8 right with a useless second pass: the target is out of reach
+        assert math.isinf(r.threshold)
+    else:
+        assert r.estimate["accuracy"] == 1.0 and r.estimate["accepted"] == 40  # every wrong answer flagged
+
+
+def test_calls_per_accepted_counts_flags_as_uncalled():
+    g = [{"score": 0.9, "conf1": 0.9, "right1": 1, "agree": None, "flagged": False},
+         {"score": 0.5, "conf1": 0.5, "right1": 1, "agree": True, "right_pair": 1, "flagged": False},
+         {"score": 0.5, "conf1": 0.5, "right1": 0, "agree": None, "flagged": True}]
+    assert calls_per_accepted(g, 0.8) == 2.0    # 3 first answers + 1 second, 2 accepted
+    assert calls_per_accepted(g, 0.1) == 1.5    # no second call: 3 calls, 2 accepted
+
+
 @pytest.mark.parametrize("mode,threshold,conf,gold,want", [
     ("fitted", math.inf, 0.99, False, True),     # confidence untrusted: every image gets a second answer
     ("fitted", 0.9, 0.95, False, False),         # trusted and above the threshold: one call
@@ -73,6 +111,14 @@ def test_adaptive_second_call_decisions(mode, threshold, conf, gold, want):
     if gold:
         qc.always_second = {"sha"}
     assert qc.second_needed("sha", conf) is want
+
+
+def test_flagged_items_get_no_second_call_except_gold():
+    qc = QC(CLASSES, second_pass="fitted", audit_frac=0.0)
+    qc.threshold, qc.flagged = math.inf, {"a", "g"}
+    qc.always_second = {"g"}
+    assert qc.second_needed("a", 0.5) is False and qc.second_needed("g", 0.5) is True
+    assert qc.second_needed("b", 0.5) is True
 
 
 def test_audit_fraction_asks_a_share_of_confident_items():
@@ -127,3 +173,35 @@ def test_rule_in_force_reaches_the_datacard(exported_run):
     cli("--step", "report", "--out_dir", exported_run, "--teacher", "oracle")
     card = (exported_run / "datacard.md").read_text()
     assert "Rule in force" in card and "second answer" in card
+
+
+def test_label_step_flags_what_the_held_out_model_contradicts(tmp_path, monkeypatch):
+    """Every first answer comes before any non-gold second call; the labels listed in label_flags.csv
+    are in review as 'flagged', got no second call, and are mostly the teacher's errors."""
+    make_cifar_folder(tmp_path / "data", n_train=60, n_test=1, classes=CLASSES, mix=0.2)
+    run = tmp_path / "run"
+    run_cli("--step", "prep", "--data_root", tmp_path / "data", "--out_dir", run, "--img_size", 16)
+    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
+    truth = {r["sha256"]: r["label"] for r in read_csv(run / "manifest.csv")}
+    profile = TeacherProfile(CLASSES, conf_mode="flat", accuracy=0.8, fault_rate=0.0, seed=3)
+    with LoopbackTeacher(truth, CLASSES, profile=profile) as srv:
+        run_cli("--step", "label", "--out_dir", run, "--data_root", tmp_path / "data", "--llm_base_url", srv.url,
+                "--max_label", 300, "--gold_n", 80, "--min_gold_acc", 0, "--max_workers", 4)
+    s = read_json(run / "label_summary.json")
+    student = s["qc_rule"]["student"]
+    assert student["auroc"] > 0.6 and student["trusted"]
+    flags = read_csv(run / "label_flags.csv")
+    assert flags and s["flagged"] == len(flags) and student["flag_below"] is not None
+    assert all(float(f["p_label"]) < student["flag_below"] for f in flags)
+    review = {r["path"]: r for r in read_csv(run / "review_labels.csv")}
+    assert all(review[f["path"]]["status"] == "flagged" for f in flags)
+    manifest = {r["path"]: r for r in read_csv(run / "manifest.csv")}
+    wrong = sum(f["llm_label"] != manifest[f["path"]]["label"] for f in flags)
+    assert wrong / len(flags) > 0.5  # the flags find teacher errors, not random labels
+    recs = read_jsonl(run / "labels.jsonl")[0]
+    flagged = {f["sha256"] for f in flags}
+    assert not [r for r in recs if r["pass"] == 2 and r["sha256"] in flagged]
+    purposes = [(r["purpose"], r["pass"]) for r in recs]
+    last_first = max(i for i, (pu, pa) in enumerate(purposes) if pu == "label" and pa == 1)
+    first_second = min((i for i, (pu, pa) in enumerate(purposes) if pu == "label" and pa == 2), default=len(recs))
+    assert last_first < first_second
