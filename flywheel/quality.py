@@ -258,7 +258,8 @@ def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     y = np.asarray(y)
-    smallest = np.bincount(y, minlength=k)[np.bincount(y, minlength=k) > 0].min()
+    counts = np.bincount(y, minlength=k)
+    smallest = counts[counts > 0].min()
     folds = int(max(2, min(folds, smallest)))
     out = np.zeros((len(y), k))
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):

@@ -3,24 +3,27 @@ the label step's own teacher client, ledger, QC and budget, then a person, as an
 uvicorn), plus a review page where that person answers.
 
 Every upload is prepared exactly as prep prepared the training images (flywheel.data.upscale, then the
-same JPEG encoding, decoded back), stored once under OUT/production/<sha256>.jpg, so the flywheel can
-train on it and the review page can show it. Every escalation is appended (and flushed) to
+same JPEG encoding, decoded back); an escalated one is stored once under OUT/production/<sha256>.jpg,
+so the teacher, the review page and the flywheel can read it (the student route writes nothing). Every escalation is appended (and flushed) to
 escalations.jsonl with split "production" before its answer is returned, so kill -9 loses no logged
 record; a human-routed one also gets a row in human_review.csv (written whole to a temp name, then
 renamed), which is the review queue.
 """
 import hashlib
 import io
+import json
 import logging
 import threading
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+SHA_LOCKS = 64  # lock stripes for escalations in flight (more than the threadpool's 40 workers)
 
 
 class BadImage(ValueError):
@@ -39,29 +42,34 @@ class Service:
         self.human_path = self.out / "human_review.csv"
         self.stop = getattr(teacher, "stop", None) or threading.Event()
         self._human_lock = threading.Lock()
-        self._sha_locks = defaultdict(threading.Lock)  # one escalation per image at a time: nothing paid twice
-        self._locks_lock = threading.Lock()
+        # one escalation per image at a time (nothing paid twice), from a fixed set of locks picked by sha256,
+        # so a server that sees a million distinct uploads does not keep a million locks
+        self._sha_locks = [threading.Lock() for _ in range(SHA_LOCKS)]
 
     # ------------------------------------------------------------------ one request
     def prepare(self, data: bytes):
-        """Upload bytes (any format and size Pillow reads) -> (relative path, sha256, uint8 [1, 3, H, W])."""
+        """Upload bytes (any format and size Pillow reads) -> (JPEG bytes as prep writes them, uint8 [1, 3, H, W])."""
         from PIL import Image, UnidentifiedImageError
 
         from flywheel.data import jpeg_bytes, upscale
-        from flywheel.io import atomic_write_bytes
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 jpg = jpeg_bytes(upscale(im, self.img_size, self.sharpen))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise BadImage(f"not an image Pillow can read ({type(e).__name__}: {e})") from None
+        with Image.open(io.BytesIO(jpg)) as im:  # decode the JPEG, as training decodes its JPEGs
+            x = np.asarray(im.convert("RGB")).transpose(2, 0, 1)[None].copy()
+        return jpg, x
+
+    def store(self, jpg: bytes):
+        """An escalated upload -> (path relative to the run, sha256), written once."""
+        from flywheel.io import atomic_write_bytes
         sha = hashlib.sha256(jpg).hexdigest()
         rel = f"production/{sha}.jpg"
         if not (self.out / rel).exists():
             atomic_write_bytes(self.out / rel, jpg)
-        with Image.open(io.BytesIO(jpg)) as im:  # decode the stored JPEG, as training decodes its JPEGs
-            x = np.asarray(im.convert("RGB")).transpose(2, 0, 1)[None].copy()
-        return rel, sha, x
+        return rel, sha
 
     def student(self, x_u8):
         """Calibrated class probabilities [C] (the exported graph divides by T)."""
@@ -72,8 +80,7 @@ class Service:
     def classify(self, data: bytes) -> dict:
         from flywheel.cascade import route_of
         rid = uuid.uuid4().hex[:16]
-        rel, sha, x = self.prepare(data)
-        upload_sha = hashlib.sha256(data).hexdigest()  # lets the flywheel refuse a test image sent as-is
+        jpg, x = self.prepare(data)
         probs = self.student(x)
         k = int(probs.argmax())
         conf, guess = float(probs[k]), self.classes[k]
@@ -82,6 +89,8 @@ class Service:
                "request_id": rid}
         if conf >= self.tau:
             return out
+        rel, sha = self.store(jpg)
+        upload_sha = hashlib.sha256(data).hexdigest()  # lets the flywheel refuse a test image sent as-is
         status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
         route = route_of(conf, self.tau, status)
         rec = {"student_id": self.student_id, "turn": self.turn, "split": "production", "path": rel, "sha256": sha,
@@ -105,9 +114,7 @@ class Service:
         from flywheel.labeling import ask_item, ledger_verdict
         from flywheel.teacher import FatalTeacherError
         error = None
-        with self._locks_lock:
-            lock = self._sha_locks[it["sha256"]]
-        with lock:
+        with self._sha_locks[int(it["sha256"][:8], 16) % SHA_LOCKS]:
             try:
                 ask_item(it, self.teacher, self.ledger, self.qc, self.budget, "serve", self.stop)
             except FatalTeacherError as e:  # 401/402/403 or a dead endpoint: the student's guess goes to a person
@@ -116,7 +123,7 @@ class Service:
             st, lab, c, recs = ledger_verdict(it, self.teacher, self.ledger, self.qc)
         if st == "failed" and error is None:
             error = ("budget stop: --max_usd reached" if self.budget.stopped
-                     else "no LLM answer (transport errors); asked again when this image comes back")
+                     else "no LLM answer (the reason is in labels.jsonl); asked again when this image comes back")
         return st, lab, c, recs, error
 
     # ------------------------------------------------------------------ the review queue
@@ -206,7 +213,7 @@ def build_app(svc: Service):
         return JSONResponse(out)
 
     async def review_page(request):
-        return HTMLResponse(REVIEW_HTML.replace("__CLASSES__", __import__("json").dumps(svc.classes)))
+        return HTMLResponse(REVIEW_HTML.replace("__CLASSES__", json.dumps(svc.classes)))
 
     async def review_items(request):
         return JSONResponse({"pending": svc.pending()})

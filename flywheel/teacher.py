@@ -500,6 +500,9 @@ class OracleTeacher:
         pass
 
     def ask(self, path, image_file, key, pass_no, class_order, temperature, model=None) -> Answer:
+        if path not in self.truth:  # an upload to --step serve: no ground truth to simulate from
+            return Answer("error", error="SIMULATED oracle: no ground truth for this image (not in the manifest); "
+                                         "it goes to a person")
         true = self.truth[path]
         u = lambda tag: stable_unit(self.seed, tag, key, pass_no)  # noqa: E731
         # An image is "hard" with probability 2P and each pass errs on half the hard images, so the raw

@@ -164,6 +164,12 @@ def test_oracle_noise_rate_and_simulated_marking():
     assert all(a.label == truth[p] for a, p in zip([T.OracleTeacher(truth, CLASSES, 0.0).ask(p, None, p, 1, CLASSES, 0) for p in list(truth)[:50]], truth))
 
 
+def test_oracle_cannot_answer_an_upload_and_says_so():
+    """--step serve with the offline oracle: an upload has no ground truth, so no answer and no charge."""
+    a = T.OracleTeacher({"p0": "apple"}, CLASSES).ask("production/ab.jpg", None, "ab", 1, CLASSES, 0.0)
+    assert a.status == "error" and "SIMULATED" in a.error and a.cost_usd == 0.0
+
+
 def test_sustained_429_slows_down_instead_of_failing(srv):
     srv.script = [{"status": 429, "headers": {"Retry-After": "0"}}] * 6
     slept = []
