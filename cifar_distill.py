@@ -113,6 +113,8 @@ OPTIONS = {
     "relabel_n": (int, 200, "flywheel: pool items relabeled per turn"),
     "relabel_strategy": (str, "targeted", "flywheel: targeted (picks that can yield a label: LLM-student disagreements, "
                                           "then class-balanced low margin) | random (the control) | margin (lowest margin)"),
+    "paid_answers": (str, "on", "flywheel: on (pool answers the cascade already paid for and the student's probabilities "
+                                "support train the next student at no new cost; picks go elsewhere) | off"),
     "turns": (int, 1, "flywheel: number of turns the run should have (completed turns are skipped)"),
     "flywheel_epochs": (int, None, "flywheel: epochs per retrain (unset: --epochs)"),
     "retrain": (str, "best", "flywheel: continue (from the previous student) | scratch (from turn 0's init) | best (train "
@@ -121,6 +123,7 @@ OPTIONS = {
 }
 CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
            "second_pass": ["fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "relabel_strategy": ["targeted", "random", "margin"],
+           "paid_answers": ["on", "off"],
            "retrain": ["best", "continue", "scratch"], "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 UNIT_INTERVAL = ["oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
@@ -1164,7 +1167,8 @@ def turn_entry(P, art, turn, cfg):
     spend = Ledger(P.ledger)
     total = spend.total_cost()
     spend.close()
-    return {"turn": turn, "n_labeled": len(rows), "spend_usd": round(total, 6), "val_acc": e["best_val_acc"],
+    from flywheel.student import load_student
+    return {"turn": turn, "n_labeled": len(rows), "spend_usd": round(total, 6), **validation_score(load_student(art / "best.pt")),
             "accuracy": e["accuracy"], "llm_calls_per_1k": round(1000 * t["llm_calls"] / t["n"], 1) if t["n"] else None,
             "macro_f1": e["macro_f1"], "escalation_rate": t["escalation_rate"], "tau": c["tau"],
             "cascade_accuracy": t["accuracy"],
@@ -1173,20 +1177,42 @@ def turn_entry(P, art, turn, cfg):
             "label_sources": e["label_sources"], "simulated": c["teacher"]["simulated"] or c["simulated_human"]}
 
 
-def select_relabel(P, art, n, strategy, answered=(), seed=0):
-    """Pool items to relabel from the turn's student (art): its pool predictions and escalations."""
-    from flywheel.cascade import pick_relabels
+class TurnEvidence(NamedTuple):
+    """What a turn's student said about the pool: its predictions and its escalation records."""
+    pool: list           # [{path, pred, margin}] from pool_predictions.csv
+    escalations: dict    # {path: escalation record} of this student, split pool
+    classes: list        # the order of student_probs in the records
+    teacher_acc: float   # accuracy of accepted teacher labels, from gold pins (never the manifest's truth)
+
+
+def turn_evidence(P, art) -> TurnEvidence:
     from flywheel.student import load_student
     preds = read_csv(P.need(art / "pool_predictions.csv", "cascade"))
     sid = read_json(art / "cascade.json")["student_id"]
     esc = {r["path"]: r for r in read_jsonl(P.escalations)[0] if r.get("student_id") == sid and r.get("split") == "pool"}
-    classes = load_student(art / "best.pt")["classes"]  # the order of student_probs in the records
     est = (read_json(P.label_summary).get("estimated_accuracy") or {}) if P.label_summary.exists() else {}
-    teacher_acc = est.get("accuracy") or DEFAULT_TEACHER_ACC  # from gold pins, never the manifest's truth
-    return pick_relabels(preds, esc, n, strategy, answered, seed, classes, teacher_acc)
+    return TurnEvidence(preds, esc, load_student(art / "best.pt")["classes"], est.get("accuracy") or DEFAULT_TEACHER_ACC)
 
 
 DEFAULT_TEACHER_ACC = 0.85  # prior accuracy of accepted teacher labels when no gold pins estimated it
+
+
+def validation_score(best) -> dict:
+    """A student's score on the run's one validation split: accuracy, then calibrated NLL, which breaks the
+    ties a small validation split makes common (20 images: accuracy moves in steps of 5 points)."""
+    from flywheel.calibrate import nll
+    return {"val_acc": float(best["best_val_acc"]),
+            "val_nll": round(nll(best["val_logits"], best["val_labels"], best["temperature"]), 6)}
+
+
+def better_key(score):
+    """Sort key: higher validation accuracy, then lower validation NLL.
+
+    >>> sorted([{"val_acc": .9, "val_nll": .30}, {"val_acc": .9, "val_nll": .25}, {"val_acc": .8, "val_nll": .1}],
+    ...        key=better_key)[-1]
+    {'val_acc': 0.9, 'val_nll': 0.25}
+    """
+    return score.get("val_acc", -1.0), -score.get("val_nll", float("inf"))
 
 
 def retrain_turn(cfg, P, prev, art, k):
@@ -1203,8 +1229,8 @@ def retrain_turn(cfg, P, prev, art, k):
     val = {}
     for name, init in inits.items():
         step_train(cfg, P, art=art / f"_{name}", turn=k, init=init, resume=False)
-        val[name] = load_student(art / f"_{name}" / "best.pt")["best_val_acc"]
-    win = max(val, key=lambda n: (val[n], n == "continue"))  # a tie keeps continuing
+        val[name] = validation_score(load_student(art / f"_{name}" / "best.pt"))
+    win = max(val, key=lambda n: (better_key(val[n]), n == "continue"))  # a tie keeps continuing
     for f in (art / f"_{win}").iterdir():
         dst = art / f.name
         if dst.is_dir():
@@ -1212,26 +1238,29 @@ def retrain_turn(cfg, P, prev, art, k):
         os.replace(f, dst)
     for name in inits:
         shutil.rmtree(art / f"_{name}", ignore_errors=True)
-    log.info("flywheel turn %d: kept the %s student (validation accuracy %s)", k, win,
-             ", ".join(f"{n} {v:.4f}" for n, v in val.items()))
-    return {"choice": win, "val_acc": val}
+    log.info("flywheel turn %d: kept the %s student (validation accuracy / NLL: %s)", k, win,
+             ", ".join(f"{n} {v['val_acc']:.4f} / {v['val_nll']:.4f}" for n, v in val.items()))
+    return {"choice": win, "val_acc": val}  # {candidate: {val_acc, val_nll}}
 
 
 def promote(P, fly):
-    """The turn whose student has the best validation accuracy (never test; the earliest on a tie)
-    becomes the run's promoted student: artifacts/promoted.json. Every turn shares one validation split."""
-    best = max(fly["turns"], key=lambda t: (t.get("val_acc", -1.0), -t["turn"]))  # runs before val_acc was kept: -1
+    """The turn whose student scores best on validation (accuracy, then calibrated NLL; never test; the
+    earliest on a full tie) becomes the run's promoted student: artifacts/promoted.json. Every turn shares
+    one validation split."""
+    best = max(fly["turns"], key=lambda t: (better_key(t), -t["turn"]))
     k = best["turn"]
     write_json(P.artifacts / "promoted.json", {
-        "turn": k, "dir": "." if k == 0 else f"turn_{k}", "val_acc": best.get("val_acc"),
-        "candidates": [{"turn": t["turn"], "val_acc": t.get("val_acc")} for t in fly["turns"]],
-        "rule": "highest validation accuracy over turns (same validation split); the test split never chooses"})
+        "turn": k, "dir": "." if k == 0 else f"turn_{k}", "val_acc": best.get("val_acc"), "val_nll": best.get("val_nll"),
+        "candidates": [{"turn": t["turn"], "val_acc": t.get("val_acc"), "val_nll": t.get("val_nll")} for t in fly["turns"]],
+        "rule": "highest validation accuracy over turns, then lowest validation NLL (same validation split); "
+                "the test split never chooses"})
     return k
 
 
 def step_flywheel(cfg, P):
     """Turns 1..--turns: relabel targeted pool items, retrain, recalibrate, re-evaluate, re-run the cascade.
     -> artifacts/turn_<k>/, flywheel_labels.csv, artifacts/flywheel.json"""
+    from flywheel.cascade import paid_labels, pick_relabels
     from flywheel.labeling import label_items
     from flywheel.ledger import Ledger
     fly = read_json(P.flywheel) if P.flywheel.exists() else {"turns": []}
@@ -1256,9 +1285,13 @@ def step_flywheel(cfg, P):
             break
         if not (prev / "cascade.json").exists():
             step_cascade(cfg, P, prev, turn=k - 1)
-        picked, why = select_relabel(P, prev, cfg["relabel_n"], cfg["relabel_strategy"],
-                                     [p for p, (_, src) in human_answers(P).items() if src != "simulated_human"],
-                                     seed=cfg["seed"] + k)
+        ev = turn_evidence(P, prev)
+        # answers the cascade already paid for train at no new cost; the picks go to items without one
+        paid = paid_labels(ev.pool, ev.escalations, ev.classes, ev.teacher_acc) if cfg["paid_answers"] == "on" else {}
+        picked, why = pick_relabels([r for r in ev.pool if r["path"] not in paid], ev.escalations, cfg["relabel_n"],
+                                    cfg["relabel_strategy"],
+                                    [p for p, (_, src) in human_answers(P).items() if src != "simulated_human"],
+                                    cfg["seed"] + k, ev.classes, ev.teacher_acc)
         assert all(manifest[p]["split"] == "train" for p in picked), "flywheel picked a test image"
         ledger, teacher, qc = Ledger(P.ledger), make_teacher(cfg, manifest), make_qc(cfg, P)
         budget = make_budget(cfg, ledger)
@@ -1270,7 +1303,7 @@ def step_flywheel(cfg, P):
             teacher.close()
             ledger.close()
         # what the picked items' answers cost, whether this turn or the cascade before it paid for them
-        shas = {manifest[p]["sha256"] for p in picked}
+        shas = {manifest[p]["sha256"] for p in [*picked, *paid]}
         picked_usd = sum(float(r.get("cost_usd") or 0) for r in ledger.records if r.get("sha256") in shas)
         humans = human_answers(P)
         new = []
@@ -1282,20 +1315,23 @@ def step_flywheel(cfg, P):
                 new.append({"path": p, "label": lab, "source": "simulated_human" if src == "simulated_human" else "human", "turn": k})
             elif verdicts[p][0] == "accepted":
                 new.append({"path": p, "label": verdicts[p][1], "source": "escalation", "turn": k})
+        new += [{"path": p, "label": humans[p][0] if p in humans else lab,
+                 "source": humans[p][1] if p in humans else "cascade", "turn": k} for p, lab in sorted(paid.items())]
         old = read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []
         old = [r for r in old if int(r["turn"]) != k]  # a crashed turn k is redone whole
         new += production_labels(P, manifest, cfg["classes"], k, {r["path"] for r in old + new})
         write_csv(P.flywheel_labels, FLYWHEEL_LABEL_FIELDS, old + new)
         relabel_usd = budget.spent - spent0
-        log.info("flywheel turn %d: picked %d pool items %s; %d produced a label (%s) for $%.4f; budget stop: %s", k,
-                 len(picked), why, len(new), json.dumps(_count(new, "source")), relabel_usd, budget.stopped)
+        log.info("flywheel turn %d: %d pool answer(s) the cascade already paid for; picked %d pool items %s; "
+                 "%d label(s) in all (%s); relabeling cost $%.4f; budget stop: %s", k, len(paid), len(picked), why,
+                 len(new), json.dumps(_count(new, "source")), relabel_usd, budget.stopped)
         retrain = retrain_turn(cfg, P, prev, art, k)
         rows = read_csv(art / "train_rows.csv")
         assert all(split_of(manifest, r["path"]) in ("train", "production") for r in rows), "a test image entered training"
         step_eval(cfg, P, art)
         step_cascade(cfg, P, art, turn=k)
         entry = turn_entry(P, art, k, cfg)
-        entry.update(new_labels=len(new), picked=why, relabel_strategy=cfg["relabel_strategy"], retrain=retrain,
+        entry.update(new_labels=len(new), paid_labels=len(paid), picks_labeled=len(new) - len(paid), picked=why, relabel_strategy=cfg["relabel_strategy"], retrain=retrain,
                      relabel_usd=round(relabel_usd, 6), picked_answers_usd=round(picked_usd, 6),
                      labels_per_usd=round(len(new) / picked_usd, 1) if picked_usd > 0 else None)
         fly["turns"].append(entry)
@@ -1344,44 +1380,64 @@ def print_flywheel(fly):
 
 # ----------------------------------------------------------------------------- export
 EXPORT_CHECK_IMAGES = 64
+EXPORT_TOLERANCE = 1e-3  # max |calibrated probability difference| between the exported graphs and torch
+
+
+def prep_sharpens(cfg, P):
+    """Whether prep sharpened this run's images (prep.json), which the exported graph must repeat."""
+    settings = read_json(P.prep_json).get("settings", {}) if P.prep_json.exists() else {}
+    return settings.get("sharpen", not cfg["no_sharpen"])
 
 
 def step_export(cfg, P):
-    """best.pt -> artifacts/mobilenet.onnx (calibrated logits, dynamic batch), mobilenet.ts, export.json,
-    each checked against PyTorch on real test images."""
+    """best.pt -> artifacts/mobilenet.onnx and mobilenet.ts (raw uint8 pixels in, preprocessing inside the
+    graph, calibrated logits out, dynamic batch and size), export.json: each checked against PyTorch on real
+    test images, and the graph on raw small images against the student on prep's JPEGs of them."""
     import numpy as np
     import torch
-    from flywheel.serve import (CalibratedStudent, export_onnx, export_torchscript, ort_session, preprocess_files,
-                                softmax_np)
+    from flywheel.serve import (export_onnx, export_torchscript, load_images, ort_session, prep_consistency,
+                                serving_graph, softmax_np)
     from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_student, model_from_checkpoint
     art, turn = promoted_artifacts(P.out)
     best = load_student(art / "best.pt")  # the promoted student: the one that ships
-    size = best["model_args"]["img_size"]
-    wrapper = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval()
-    meta = {"classes": best["classes"], "temperature": best["temperature"], "img_size": size,
-            "input": "float32 [B,3,H,W] RGB, (x/255 - mean)/std", "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "output": "calibrated logits (logits / temperature)",
+    size, sharpen = best["model_args"]["img_size"], prep_sharpens(cfg, P)
+    graph = serving_graph(model_from_checkpoint(best), best["temperature"], size, sharpen)
+    meta = {"classes": best["classes"], "temperature": best["temperature"], "img_size": size, "sharpen": sharpen,
+            "input": "image: uint8 [B,H,W,3] RGB, any H and W. At img_size x img_size it is taken as prep wrote it; "
+                     "any other size is resized (antialiased bicubic) and sharpened as prep did. Then (x/255 - mean)/std",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "output": "calibrated logits (logits / temperature)",
             "source": "cifar_distill " + str(art / "best.pt"), "turn": turn}
-    export_onnx(wrapper, P.onnx, size, meta)
-    export_torchscript(wrapper, P.ts, size)
+    export_onnx(graph, P.onnx, size, meta)
+    export_torchscript(graph, P.ts)
     rows = heldout_rows(load_manifest(P))[:EXPORT_CHECK_IMAGES]
     if not rows:
         raise SystemExit("error: no test images to check the export against; rerun --step prep")
-    x = preprocess_files([P.out / r["path"] for r in rows])
+    files = [P.out / r["path"] for r in rows]
+    x = load_images(files)
     with torch.no_grad():
-        ref = softmax_np(wrapper(torch.from_numpy(x)).numpy())
-    outs = {"onnx": softmax_np(ort_session(P.onnx).run(None, {"input": x})[0]),
+        ref = softmax_np(graph(torch.from_numpy(x)).numpy())
+    outs = {"onnx": softmax_np(ort_session(P.onnx).run(None, {"image": x})[0]),
             "torchscript": softmax_np(torch.jit.load(str(P.ts))(torch.from_numpy(x)).detach().numpy())}
     result = {"n_images": len(rows), "temperature": best["temperature"], "classes": best["classes"],
-              "turn": turn, "student": str(art / "best.pt"), "val_acc": best["best_val_acc"]}
+              "turn": turn, "student": str(art / "best.pt"), "val_acc": best["best_val_acc"], "sharpen": sharpen,
+              "tolerance": EXPORT_TOLERANCE}
     for name, path in (("onnx", P.onnx), ("torchscript", P.ts)):
         result[name] = {"path": str(path), "max_abs_diff": float(np.abs(outs[name] - ref).max()),
                         "agreement": float((outs[name].argmax(1) == ref.argmax(1)).mean()),
                         "bytes": path.stat().st_size}
+    result["raw_input"] = prep_consistency(graph, ort_session(P.onnx), files, size, sharpen)
     write_json(P.export, result)
     log.info("export: ONNX max |dp| %.2e, agreement %.3f; TorchScript max |dp| %.2e, agreement %.3f on %d test "
              "images -> %s, %s, %s", result["onnx"]["max_abs_diff"], result["onnx"]["agreement"],
              result["torchscript"]["max_abs_diff"], result["torchscript"]["agreement"], len(rows), P.onnx, P.ts, P.export)
+    r = result["raw_input"]
+    log.info("export: on raw %dx%d copies of those images, the graph agrees with the student on prep's JPEGs of them "
+             "for %.1f%% (max |dp| %.3f, mean %.4f)", *r["size_wh"], 100 * r["agreement"], r["max_abs_diff"],
+             r["mean_abs_diff"])
+    bad = [n for n in ("onnx", "torchscript") if result[n]["max_abs_diff"] > EXPORT_TOLERANCE]
+    if bad:
+        raise SystemExit(f"error: the exported {', '.join(bad)} graph differs from PyTorch by more than "
+                         f"{EXPORT_TOLERANCE} in probability (see {P.export}); do not ship it")
     return result
 
 
@@ -1585,11 +1641,13 @@ def step_serve(cfg, P):
                          f"run `uv run cifar_distill.py --step export --out_dir {P.out}` first")
     tau, rule, _ = fit_tau(cfg, best)
     manifest = load_manifest(P)
-    settings = read_json(P.prep_json).get("settings", {}) if P.prep_json.exists() else {}
+    session = ort_session(P.onnx, threads=cfg["num_threads"])
+    if [i.name for i in session.get_inputs()] != ["image"]:
+        raise SystemExit(f"error: {P.onnx} was exported before the graph took raw uint8 images; rerun "
+                         f"`uv run cifar_distill.py --step export --out_dir {P.out}`")
     ledger, esc = Ledger(P.ledger), EscalationLog(P.escalations)
     teacher = make_teacher(cfg, manifest)
-    svc = Service(P.out, ort_session(P.onnx, threads=cfg["num_threads"]), best["classes"], tau,
-                  best["model_args"]["img_size"], settings.get("sharpen", not cfg["no_sharpen"]), teacher, ledger,
+    svc = Service(P.out, session, best["classes"], tau, best["model_args"]["img_size"], prep_sharpens(cfg, P), teacher, ledger,
                   make_qc(cfg, P), make_budget(cfg, ledger), esc, student_id_of(best), turn, HUMAN_FIELDS,
                   int(cfg["max_upload_mb"] * 2**20))
     log.info("serve: turn %d's student (tau %.4f, %s) on http://%s:%d  (/v1/classify, /health, /review); "

@@ -5,9 +5,12 @@
     uv run simple_speed_test.py --backend all --compare_devices   # every backend on every available device
 
 Two figures per backend and device:
-  model-only  images/s at --batch_size on preprocessed tensors already in memory;
+  model-only  images/s at --batch_size on images already decoded in memory;
   end to end  JPEG decode (threads) + preprocess + model, images/s at --batch_size, and p50/p95 latency
               per image at batch 1.
+Every backend but "original" runs the exported graph's definition (flywheel.serve.serving_graph): raw
+uint8 pixels in, the resize, sharpening and normalisation inside, so its model-only figure includes the
+preprocessing the original path does outside the model.
 Warm-up runs come first; CUDA is synchronised around every timing. The speed-up column is against
 torch eager on the same device, measured in the same run (torch eager always runs as the baseline).
 Writes --json (default ROOT/artifacts/speed.json), which cost_breakeven.py and the report read.
@@ -23,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar_distill import Paths, load_manifest, heldout_rows
+from cifar_distill import Paths, heldout_rows, load_manifest, prep_sharpens
 from flywheel.io import write_json
-from flywheel.serve import ort_session, preprocess_files
 from flywheel.io import promoted_artifacts
+from flywheel.serve import load_images, ort_session
 from flywheel.student import load_student, model_from_checkpoint
 
 BACKENDS = ["original", "torch", "torch_channels_last", "torchscript", "onnxruntime"]
@@ -53,31 +56,31 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def make_runner(backend, device, P, best, threads):
-    """-> fn(float32 numpy [B,3,H,W]) -> calibrated logits numpy [B,C]."""
+def make_runner(backend, device, P, best, threads, sharpen):
+    """-> fn(input numpy) -> calibrated logits numpy [B,C]. The input is raw uint8 [B,H,W,3] for every
+    backend but "original", which takes its own float32 [B,3,H,W] (see original_preprocess)."""
     if backend == "onnxruntime":
         if device != "cpu":
             import onnxruntime as ort
             if device != "cuda" or "CUDAExecutionProvider" not in ort.get_available_providers():
                 return None  # this onnxruntime build has no provider for the device
         sess = ort_session(P.need(P.onnx, "export"), threads, device)
-        return lambda x: sess.run(None, {"input": x})[0]
+        return lambda x: sess.run(None, {"image": x})[0]
     dev = torch.device(device)
     if backend == "torchscript":
         m = torch.jit.load(str(P.need(P.ts, "export")), map_location=dev).eval()
-    else:
+    elif backend == "original":
         from flywheel.serve import CalibratedStudent
         m = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval().to(dev)
+    else:
+        from flywheel.serve import serving_graph
+        m = serving_graph(model_from_checkpoint(best), best["temperature"], best["model_args"]["img_size"], sharpen).to(dev)
         if backend == "torch_channels_last":
             m = m.to(memory_format=torch.channels_last)
-    cl = backend == "torch_channels_last"
 
     @torch.no_grad()
     def run(x):
-        t = torch.from_numpy(x).to(dev, non_blocking=True)
-        if cl:
-            t = t.contiguous(memory_format=torch.channels_last)
-        return m(t).float().cpu().numpy()
+        return m(torch.from_numpy(x).to(dev, non_blocking=True)).float().cpu().numpy()
     return run
 
 
@@ -92,7 +95,7 @@ def spread(xs):
 
 def original_preprocess(size):
     """-> fn(files, pool) -> float32 [B,3,H,W]: the original tool's PIL + torchvision transforms, per image,
-    sequentially (pool unused), so the same numbers come out as preprocess_files (checked in the tests)."""
+    sequentially (pool unused), so the same numbers reach the model as in training (checked in the tests)."""
     from PIL import Image
     from torchvision import transforms as T
     from flywheel.student import IMAGENET_MEAN, IMAGENET_STD
@@ -112,7 +115,7 @@ class BackendTimer:
     A B C, ...) by measure_all, so a machine that slows down mid-run slows every backend alike instead of
     whichever happened to run then."""
 
-    def __init__(self, run, device, files, batch_size, pool, prep=preprocess_files):
+    def __init__(self, run, device, files, batch_size, pool, prep=load_images):
         self.run, self.device, self.files, self.pool, self.prep = run, device, files, pool, prep
         self.x = prep(files[:batch_size], pool)
         self.n_iters = max(1, len(files) // batch_size)
@@ -219,16 +222,17 @@ def main(argv=None):
     # the original tool's path and torch eager always run too: the baselines of every speed-up
     backends = BACKENDS if a.backend == "all" else list(dict.fromkeys(["original", "torch", a.backend]))
     size = best["model_args"]["img_size"]
+    sharpen = prep_sharpens({"no_sharpen": False}, P)
     results = []
     with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
         for dev in devices:
             timers, names = [], []
             for b in backends:
-                run = make_runner("torch" if b == "original" else b, dev, P, best, a.threads)
+                run = make_runner(b, dev, P, best, a.threads, sharpen)
                 if run is None:
                     print(f"skip {b} on {dev}: this onnxruntime build has no provider for it", file=sys.stderr)
                     continue
-                prep = original_preprocess(size) if b == "original" else preprocess_files
+                prep = original_preprocess(size) if b == "original" else load_images
                 timers.append(BackendTimer(run, dev, files, a.batch_size, pool, prep))
                 names.append(b)
             for b, fig in zip(names, measure_all(timers, a.repeats)):

@@ -47,7 +47,8 @@ def one_seed(tmp, seed, a):
         for arm in ARMS:
             shutil.copytree(d / "run", d / arm)
             run_cli("--step", "flywheel", "--out_dir", d / arm, *common, "--llm_base_url", srv.url, *train,
-                    "--turns", 1, "--relabel_n", a.relabel_n, "--relabel_strategy", arm)
+                    "--turns", 1, "--relabel_n", a.relabel_n, "--relabel_strategy", arm,
+                    "--paid_answers", a.paid_answers)
             out[arm] = read_json(d / arm / "artifacts" / "flywheel.json")["turns"]
             out[arm][1]["promoted"] = read_json(d / arm / "artifacts" / "promoted.json")["turn"]
     shutil.rmtree(d)
@@ -66,6 +67,8 @@ def main():
     p.add_argument("--relabel_n", type=int, default=100, help="pool items relabeled in the turn, every arm (default: 100)")
     p.add_argument("--epochs", type=int, default=6, help="epochs of every training, turn 0 and each arm (default: 6)")
     p.add_argument("--accuracy", type=float, default=0.83, help="stand-in teacher's raw accuracy (default: 0.83)")
+    p.add_argument("--paid_answers", choices=["on", "off"], default="on",
+                   help="every arm: train on pool answers the cascade already paid for (default: on)")
     a = p.parse_args()
     tmp = quiet_offline_workdir("flywheel_bench_")
     t0 = time.time()
@@ -76,7 +79,7 @@ def main():
     print(f"SIMULATED teacher (raw accuracy {a.accuracy}) and synthetic 32px images; {a.max_label} labeled, then one "
           f"turn of {a.relabel_n} relabels per arm; {a.epochs} epochs for turn 0 and every arm (--retrain best: continued "
           f"and from scratch, the better on validation kept); "
-          f"no simulated human; {a.seeds} seeds, mean ± std; {time.time() - t0:.0f}s")
+          f"--paid_answers {a.paid_answers}; no simulated human; {a.seeds} seeds, mean ± std; {time.time() - t0:.0f}s")
     print(f"{'arm':<10}{'test acc %':>14}{'vs turn 0 (pts)':>17}{'escalation %':>15}{'LLM calls/1k':>15}"
           f"{'labels added':>14}{'labels per $':>14}{'promoted turn 1':>17}")
     t0s = [r["targeted"][0] for r in runs]

@@ -119,6 +119,33 @@ def label_posterior(p_student, teacher_acc, n_classes):
     return num / (num + (1.0 - p_student) * wrong) if num > 0 else 0.0
 
 
+def paid_labels(pool, escalations, classes, teacher_acc, min_posterior=0.5):
+    """Pool items the cascade already paid the LLM for and whose accepted answer the evidence supports:
+    {path: label}. They train at no new cost, so no relabel pick is spent on them.
+
+    A label is kept when label_posterior (the student's calibrated probability for it, combined with the
+    teacher's accuracy) is at least min_posterior: more likely right than wrong.
+
+    >>> esc = {"a": {"llm_status": "accepted", "llm_label": "y", "student_probs": [.55, .45]},
+    ...        "b": {"llm_status": "accepted", "llm_label": "y", "student_probs": [.99, .01]},
+    ...        "c": {"llm_status": "disagreed", "llm_label": "x", "student_probs": [.5, .5]},
+    ...        "z": {"llm_status": "accepted", "llm_label": "x", "student_probs": [.9, .1]}}
+    >>> paid_labels([{"path": p} for p in "abc"], esc, ["x", "y"], 0.85)  # b: .01 for y -> .13; z: not in the pool
+    {'a': 'y'}
+    """
+    in_pool = {r["path"] for r in pool}
+    k = len(classes)
+    out = {}
+    for p, e in escalations.items():
+        if p not in in_pool or e.get("llm_status") != "accepted" or e.get("llm_label") not in classes:
+            continue
+        q = (label_posterior(float(e["student_probs"][classes.index(e["llm_label"])]), teacher_acc, k)
+             if e.get("student_probs") else teacher_acc)
+        if q >= min_posterior:
+            out[p] = e["llm_label"]
+    return out
+
+
 def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0, classes=None,
                   teacher_acc=0.85, min_posterior=0.9):
     """Which pool items a flywheel turn relabels, at most n, as (paths, why).

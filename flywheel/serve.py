@@ -1,8 +1,12 @@
 """Serving the student: the calibrated wrapper, ONNX / TorchScript export, and backends that run it.
 
-The exported graphs output *calibrated* logits (logits / T), so softmax of the output is the
-calibrated probability the cascade thresholds; T and the class list are also stored as ONNX metadata.
-Input: float32 [B, 3, H, W], ImageNet-normalised RGB (see `preprocess_files`).
+The exported graphs take raw pixels, uint8 [B, H, W, 3] RGB at any H and W (an image as Pillow or
+numpy hands it over), and do prep's and training's preprocessing themselves (`Prepared`): an image
+at the run's size S x S is taken as prep wrote it and only normalised; any other size gets the
+antialiased bicubic resize to S and the unsharp mask when the run sharpens (`Preprocess`), then
+ImageNet normalisation. Serving, export and simple_speed_test.py share that one definition. They output
+*calibrated* logits (logits / T), so softmax of the output is the calibrated probability the cascade
+thresholds; T and the class list are also stored as ONNX metadata.
 """
 import json
 import logging
@@ -11,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, decode_jpeg
+from flywheel.student import Normalize, normalize
 
 log = logging.getLogger(__name__)
 ONNX_OPSET = 18
@@ -30,20 +35,124 @@ class CalibratedStudent(nn.Module):
         return self.model(x) * self.inv_t
 
 
-def export_onnx(wrapper, path, img_size, metadata: dict):
-    """Dynamic-batch ONNX. Uses the TorchScript-based exporter (0.6 s here) and falls back to the
-    dynamo exporter (onnxscript) where a torch release has dropped it."""
+# prep's unsharp mask (flywheel.data.upscale: PIL UnsharpMask(radius=2, percent=80, threshold=2))
+SHARPEN_SIGMA, SHARPEN_AMOUNT, SHARPEN_THRESHOLD = 2.0, 0.80, 2.0
+
+
+def gaussian_taps(sigma):
+    """1-D Gaussian weights over +-3 sigma, summing to 1.
+
+    sigma 0.5: taps at -2..2 are exp(-8), exp(-2), 1, ... = .000335, .1353, 1; their sum is 1.2713.
+    >>> [round(float(w), 3) for w in gaussian_taps(0.5)]
+    [0.0, 0.106, 0.787, 0.106, 0.0]
+    """
+    r = max(1, int(3 * sigma + 0.5))
+    w = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+    return w / w.sum()
+
+
+class Preprocess(nn.Module):
+    """What prep does to a source image, then what training does to the decoded JPEG, as graph ops:
+    uint8 [B, H, W, 3] RGB, any H and W -> float32 [B, 3, S, S], ImageNet-normalised.
+
+    Bicubic resize with antialiasing is PIL's filter (a = -0.5, support widened when shrinking), then prep's
+    unsharp mask when the run sharpens; in float, where PIL rounds to whole grey levels. The JPEG
+    round trip of the training images is the one step left out (export.json measures what that costs).
+    The exported graph sends only images of another size than S x S here (see Prepared)."""
+
+    def __init__(self, img_size, sharpen):
+        super().__init__()
+        self.img_size, self.sharpen = int(img_size), bool(sharpen)
+        self.amount, self.threshold = SHARPEN_AMOUNT, SHARPEN_THRESHOLD
+        self.normalize = Normalize()
+        g = gaussian_taps(SHARPEN_SIGMA)
+        self.register_buffer("taps_h", g.view(1, 1, 1, -1).repeat(3, 1, 1, 1))  # [3, 1, 1, K] depthwise
+        self.register_buffer("taps_v", g.view(1, 1, -1, 1).repeat(3, 1, 1, 1))
+
+    def forward(self, x_u8):
+        s = self.img_size
+        x = x_u8.permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
+        if self.sharpen:
+            r = self.taps_h.shape[-1] // 2
+            blur = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), self.taps_h, groups=3)
+            blur = F.conv2d(F.pad(blur, (0, 0, r, r), mode="replicate"), self.taps_v, groups=3)
+            diff = x - blur
+            # PIL leaves a pixel alone when |diff| < threshold; a one-grey-level ramp instead of that step keeps
+            # the graph continuous, so ORT's and torch's float rounding cannot flip a pixel by 1.6 grey levels
+            gate = (diff.abs() - (self.threshold - 1.0)).clamp(0, 1)
+            x = (x + self.amount * gate * diff).clamp(0, 255)
+        return self.normalize(x)
+
+
+class Prepared(nn.Module):
+    """The graph's front: an image already at the run's size (as prep wrote it) is only normalised, as
+    training normalises its decoded JPEGs; any other size goes through Preprocess. uint8 [B, H, W, 3]
+    -> float32 [B, 3, S, S]. Preprocess is traced (TorchScript's interpreter cannot run antialiased
+    bicubic) and this branch scripted, so the ONNX graph holds an If."""
+
+    def __init__(self, img_size, sharpen):
+        super().__init__()
+        self.img_size = int(img_size)
+        self.normalize = Normalize()
+        self.prep = torch.jit.trace(Preprocess(img_size, sharpen), example_images(img_size))
+
+    def forward(self, x_u8):
+        if x_u8.shape[1] == self.img_size and x_u8.shape[2] == self.img_size:
+            return self.normalize(x_u8.permute(0, 3, 1, 2))
+        return self.prep(x_u8)
+
+
+class ServingGraph(nn.Module):
+    def __init__(self, front, student):
+        super().__init__()
+        self.front, self.student = front, student
+
+    def forward(self, x_u8):
+        return self.student(self.front(x_u8))
+
+
+def serving_graph(model, temperature, img_size, sharpen):
+    """The exported model, scripted: raw uint8 [B, H, W, 3] -> calibrated logits [B, C]. `.student` is the
+    calibrated student alone (float32 [B, 3, S, S] normalised in)."""
+    import warnings
+    student = CalibratedStudent(model, temperature).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about constants: the shapes here are fixed by design
+        student = torch.jit.trace(student, torch.randn(2, 3, img_size, img_size))
+        return torch.jit.script(ServingGraph(Prepared(img_size, sharpen), student)).eval()
+
+
+def _resize_aa_bicubic(g, x, output_size, align_corners, scale_factors):
+    """ONNX for torch's antialiased bicubic (the TorchScript-based exporter has none): Resize-18 with
+    antialias=1 and cubic a=-0.5, which is PIL's filter, as torch's is."""
+    from torch.onnx import symbolic_helper as sh
+    size = sh._maybe_get_const(output_size, "is")
+    const = lambda v: g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))  # noqa: E731
+    sizes = g.op("Concat", g.op("Slice", g.op("Shape", x), const([0]), const([2])), const(list(size)), axis_i=0)
+    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    return g.op("Resize", x, empty, empty, sizes, mode_s="cubic", antialias_i=1, cubic_coeff_a_f=-0.5,
+                coordinate_transformation_mode_s="half_pixel")
+
+
+def example_images(img_size):
+    """A trace input: uint8 [2, H, W, 3] with H != W != S, so nothing is fixed to one image size."""
+    return torch.randint(0, 256, (2, img_size // 2 + 3, img_size // 2 + 5, 3), dtype=torch.uint8)
+
+
+def export_onnx(graph, path, img_size, metadata: dict):
+    """Dynamic batch, height and width, with the TorchScript-based exporter: the graph is scripted (its
+    If: prepared image or not), which the dynamo exporter does not take."""
     import onnx
-    wrapper = wrapper.eval().cpu()
-    x = torch.randn(2, 3, img_size, img_size)
-    kw = dict(input_names=["input"], output_names=["logits"], opset_version=ONNX_OPSET)
+    graph = graph.eval().cpu()
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _resize_aa_bicubic, ONNX_OPSET)
     try:
-        torch.onnx.export(wrapper, (x,), str(path), dynamo=False,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
-    except Exception as e:  # noqa: BLE001 - the legacy exporter is gone or failed: use the new one
-        log.info("legacy ONNX exporter unavailable (%s); using the dynamo exporter", type(e).__name__)
-        torch.onnx.export(wrapper, (x,), str(path), dynamo=True,
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), **kw)
+        torch.onnx.export(graph, (example_images(img_size),), str(path), dynamo=False, input_names=["image"],
+                          output_names=["logits"], opset_version=ONNX_OPSET,
+                          dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"}, "logits": {0: "batch"}})
+    except (TypeError, AttributeError) as e:
+        raise SystemExit(f"error: this torch ({torch.__version__}) has no TorchScript-based ONNX exporter, which "
+                         f"the export needs ({type(e).__name__}: {e}); use the torch version pinned in uv.lock") from None
     m = onnx.load(str(path))
     for k, v in metadata.items():
         p = m.metadata_props.add()
@@ -51,14 +160,12 @@ def export_onnx(wrapper, path, img_size, metadata: dict):
     onnx.save(m, str(path))
 
 
-def export_torchscript(wrapper, path, img_size):
+def export_torchscript(graph, path):
     """TorchScript still loads in C++ (libtorch) with no Python; torch 2.15 deprecates it, hence the filter."""
     import warnings
-    wrapper = wrapper.eval().cpu()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        ts = torch.jit.freeze(torch.jit.trace(wrapper, torch.randn(2, 3, img_size, img_size)))
-    ts.save(str(path))
+        torch.jit.freeze(graph.eval().cpu()).save(str(path))
 
 
 def ort_session(path, threads=0, device="cpu"):
@@ -67,6 +174,7 @@ def ort_session(path, threads=0, device="cpu"):
     if threads:
         so.intra_op_num_threads = threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: the If's shared normalisation constants draw a harmless rename warning
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), so, providers=providers)
 
@@ -76,23 +184,44 @@ def onnx_metadata(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
-# (x / 255 - mean) / std == x * A - B: one multiply and one subtract, in place
-_A = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1)
-_B = (torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+def load_images(files, pool: ThreadPoolExecutor = None) -> np.ndarray:
+    """Image files -> uint8 [B, H, W, 3] RGB, the exported graph's input (same-size files; decoding runs
+    in `pool` threads when given)."""
+    from PIL import Image
+
+    def load(f):
+        with Image.open(f) as im:
+            return np.asarray(im.convert("RGB"))
+    imgs = list(pool.map(load, files)) if pool is not None else [load(f) for f in files]
+    return np.stack(imgs)
 
 
-def preprocess_u8(x_u8) -> np.ndarray:
-    """uint8 [B, 3, H, W] (numpy or torch) -> float32 numpy [B, 3, H, W], ImageNet-normalised.
-
-    torch's in-place ops: 0.24 ms/img at 224px here, against 2.2 ms for the numpy expression."""
-    t = torch.as_tensor(x_u8).float()
-    return t.mul_(_A).sub_(_B).numpy()
+RAW_CHECK_WH = (53, 37)  # a raw upload smaller than the run's images and not square (width, height)
 
 
-def preprocess_files(files, pool: ThreadPoolExecutor = None) -> np.ndarray:
-    """JPEG files -> float32 [B, 3, H, W]; decoding runs in `pool` threads when given."""
-    imgs = list(pool.map(decode_jpeg, files)) if pool is not None else [decode_jpeg(f) for f in files]
-    return preprocess_u8(torch.stack(imgs))
+def prep_consistency(graph, session, files, img_size, sharpen, wh=RAW_CHECK_WH):
+    """Does a raw small image classify like the training images? Each file is shrunk to `wh` (a stand-in
+    for a raw upload); the exported graph (ORT `session`) takes it as is, and the student (graph.student) takes
+    prep's JPEG of it decoded as training decodes it. -> agreement and |probability| differences."""
+    import io
+
+    from PIL import Image
+
+    from flywheel.data import jpeg_bytes, upscale
+    raws, prepped = [], []
+    for f in files:
+        with Image.open(f) as im:
+            raw = im.convert("RGB").resize(wh, Image.BICUBIC)
+        raws.append(np.asarray(raw))
+        with Image.open(io.BytesIO(jpeg_bytes(upscale(raw, img_size, sharpen)))) as im:
+            prepped.append(np.asarray(im.convert("RGB")))
+    p_graph = softmax_np(session.run(None, {"image": np.stack(raws)})[0])
+    with torch.no_grad():
+        p_train = softmax_np(graph.student(normalize(torch.from_numpy(np.stack(prepped)).permute(0, 3, 1, 2))).numpy())
+    d = np.abs(p_graph - p_train)
+    return {"size_wh": list(wh), "n_images": len(files), "agreement": float((p_graph.argmax(1) == p_train.argmax(1)).mean()),
+            "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
+            "what": "graph on raw images vs the student on prep's JPEG of the same raw images"}
 
 
 def softmax_np(z):

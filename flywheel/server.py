@@ -2,9 +2,11 @@
 the label step's own teacher client, ledger, QC and budget, then a person, as an ASGI app (Starlette on
 uvicorn), plus a review page where that person answers.
 
-Every upload is prepared exactly as prep prepared the training images (flywheel.data.upscale, then the
-same JPEG encoding, decoded back); an escalated one is stored once under OUT/production/<sha256>.jpg,
-so the teacher, the review page and the flywheel can read it (the student route writes nothing). Every escalation is appended (and flushed) to
+The student takes each upload's raw pixels: the exported graph resizes, sharpens and normalises them as
+prep and training did (flywheel.serve.Preprocess). An escalated upload is prepared as prep prepares
+training images (flywheel.data.upscale, the same JPEG encoding) and stored once under
+OUT/production/<sha256>.jpg, so the teacher, the review page and the flywheel can read it (the student
+route writes nothing). Every escalation is appended (and flushed) to
 escalations.jsonl with split "production" before its answer is returned, so kill -9 loses no logged
 record; a human-routed one also gets a row in human_review.csv (written whole to a temp name, then
 renamed), which is the review queue.
@@ -48,19 +50,18 @@ class Service:
 
     # ------------------------------------------------------------------ one request
     def prepare(self, data: bytes):
-        """Upload bytes (any format and size Pillow reads) -> (JPEG bytes as prep writes them, uint8 [1, 3, H, W])."""
+        """Upload bytes (any format and size Pillow reads) -> the decoded image, RGB."""
         from PIL import Image, UnidentifiedImageError
-
-        from flywheel.data import jpeg_bytes, upscale
         try:
             with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                jpg = jpeg_bytes(upscale(im, self.img_size, self.sharpen))
+                return im.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise BadImage(f"not an image Pillow can read ({type(e).__name__}: {e})") from None
-        with Image.open(io.BytesIO(jpg)) as im:  # decode the JPEG, as training decodes its JPEGs
-            x = np.asarray(im.convert("RGB")).transpose(2, 0, 1)[None].copy()
-        return jpg, x
+
+    def prepped_jpeg(self, img) -> bytes:
+        """The image as prep writes training images (upscale, sharpen, JPEG): what the LLM and a person see."""
+        from flywheel.data import jpeg_bytes, upscale
+        return jpeg_bytes(upscale(img, self.img_size, self.sharpen))
 
     def store(self, jpg: bytes):
         """An escalated upload -> (path relative to the run, sha256), written once."""
@@ -71,17 +72,18 @@ class Service:
             atomic_write_bytes(self.out / rel, jpg)
         return rel, sha
 
-    def student(self, x_u8):
-        """Calibrated class probabilities [C] (the exported graph divides by T)."""
-        from flywheel.serve import preprocess_u8, softmax_np
-        logits = self.session.run(None, {"input": preprocess_u8(x_u8)})[0]
+    def student(self, img):
+        """Calibrated class probabilities [C]. The exported graph takes the raw pixels, uint8 [1, H, W, 3], and
+        does the resize, sharpening and normalisation itself; it divides by T."""
+        from flywheel.serve import softmax_np
+        logits = self.session.run(None, {"image": np.asarray(img)[None]})[0]
         return softmax_np(logits)[0]
 
     def classify(self, data: bytes) -> dict:
         from flywheel.cascade import route_of
         rid = uuid.uuid4().hex[:16]
-        jpg, x = self.prepare(data)
-        probs = self.student(x)
+        img = self.prepare(data)
+        probs = self.student(img)
         k = int(probs.argmax())
         conf, guess = float(probs[k]), self.classes[k]
         out = {"label": guess, "confidence": round(conf, 6), "route": "student",
@@ -89,7 +91,7 @@ class Service:
                "request_id": rid}
         if conf >= self.tau:
             return out
-        rel, sha = self.store(jpg)
+        rel, sha = self.store(self.prepped_jpeg(img))
         upload_sha = hashlib.sha256(data).hexdigest()  # lets the flywheel refuse a test image sent as-is
         status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
         route = route_of(conf, self.tau, status)

@@ -108,11 +108,25 @@ def decode_images(files, workers=8, desc="decode") -> torch.Tensor:
     return torch.stack(imgs)
 
 
+class Normalize(nn.Module):
+    """uint8 (or float on the 0-255 scale) [B, 3, H, W] -> float [B, 3, H, W] in ImageNet normalisation:
+    the one normalisation training, eval and the exported graph share (a module, so it scripts and exports)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return (x.float() / 255.0 - self.mean) / self.std
+
+
+_NORMALIZE = Normalize()
+
+
 def normalize(x_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float [B, 3, H, W] in ImageNet normalisation."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x_u8.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x_u8.device).view(1, 3, 1, 1)
-    return (x_u8.float() / 255.0 - mean) / std
+    """Normalize() on x's device."""
+    return _NORMALIZE.to(x_u8.device)(x_u8)
 
 
 def augment(x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -144,10 +158,7 @@ def augment(x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x = (x - m) * jit[:, 1].view(B, 1, 1, 1) + m
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
     x = (x - gray) * jit[:, 2].view(B, 1, 1, 1) + gray
-    x = x.clamp(0, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(x.clamp(0, 1) * 255.0)
 
 
 def hash_split(keys, labels, val_frac, seed):

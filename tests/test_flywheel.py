@@ -29,9 +29,13 @@ def test_flywheel_turn_grows_training_from_pool_only_and_human_edits_win(copy_ru
     rows0 = read_csv(run / "artifacts" / "train_rows.csv")
     fly(copy_run)
     new = read_csv(run / "flywheel_labels.csv")
-    assert 0 < len(new) <= 30 and {r["path"] for r in new} <= pool_before
+    turn1 = read_json(run / "artifacts" / "flywheel.json")["turns"][1]
+    cascade_paid = [r for r in new if r["source"] == "cascade"]  # already-paid pool answers: no pick spent on them
+    assert len(new) == turn1["new_labels"] and turn1["picks_labeled"] == len(new) - turn1["paid_labels"]
+    assert 0 < turn1["picks_labeled"] <= 30 and len(cascade_paid) <= turn1["paid_labels"]
+    assert {r["path"] for r in new} <= pool_before
     assert all(manifest[r["path"]]["split"] == "train" for r in new)
-    assert {r["source"] for r in new} <= {"escalation", "human", "simulated_human"}
+    assert {r["source"] for r in new} <= {"escalation", "cascade", "human", "simulated_human"}
     got = {r["path"]: r for r in new}
     assert got[target["path"]]["label"] == edited and got[target["path"]]["source"] == "human"
     rows1 = read_csv(run / "artifacts" / "turn_1" / "train_rows.csv")
@@ -62,9 +66,15 @@ def test_promotion_follows_validation_never_test(tmp_path):
     P.artifacts.mkdir(parents=True)
     fly = {"turns": [{"turn": 0, "val_acc": 0.80, "accuracy": 0.95}, {"turn": 1, "val_acc": 0.90, "accuracy": 0.50},
                      {"turn": 2, "val_acc": 0.90, "accuracy": 0.99}]}
-    assert C.promote(P, fly) == 1  # best validation; the earlier turn on a tie; test accuracy is ignored
+    assert C.promote(P, fly) == 1  # best validation; the earlier turn on a full tie; test accuracy is ignored
     d = read_json(P.artifacts / "promoted.json")
     assert d["dir"] == "turn_1" and [c["turn"] for c in d["candidates"]] == [0, 1, 2]
+    # an accuracy tie goes to the lower validation NLL, whatever the test says
+    for t, v in zip(fly["turns"], (0.2, 0.5, 0.4)):
+        t["val_nll"] = v
+    assert C.promote(P, fly) == 2 and read_json(P.artifacts / "promoted.json")["val_nll"] == 0.4
+    fly["turns"][1]["val_nll"] = 0.3
+    assert C.promote(P, fly) == 1
 
 
 def test_export_and_report_ship_the_promoted_student(copy_run):
@@ -72,7 +82,9 @@ def test_export_and_report_ship_the_promoted_student(copy_run):
     run = copy_run / "run"
     fly(copy_run)
     promoted = read_json(run / "artifacts" / "promoted.json")
-    vals = {t: load_student(run / "artifacts" / d / "best.pt")["best_val_acc"] for t, d in ((0, "."), (1, "turn_1"))}
+    import cifar_distill as C
+    vals = {t: C.better_key(C.validation_score(load_student(run / "artifacts" / d / "best.pt")))
+            for t, d in ((0, "."), (1, "turn_1"))}
     assert vals[promoted["turn"]] == max(vals.values())
     # whichever won, pin turn 1 and check every consumer follows promoted.json
     from flywheel.io import write_json
@@ -119,8 +131,11 @@ def test_continue_or_scratch_is_decided_on_validation(copy_run, retrain):
     t1 = read_json(run / "artifacts" / "flywheel.json")["turns"][1]["retrain"]
     kept = load_student(run / "artifacts" / "turn_1" / "best.pt")
     if retrain == "best":
-        assert set(t1["val_acc"]) == {"continue", "scratch"} and t1["val_acc"][t1["choice"]] == max(t1["val_acc"].values())
-        assert kept["best_val_acc"] == t1["val_acc"][t1["choice"]]
+        import cifar_distill as C
+        scores = t1["val_acc"]  # {candidate: {val_acc, val_nll}}
+        assert set(scores) == {"continue", "scratch"}
+        assert C.better_key(scores[t1["choice"]]) == max(map(C.better_key, scores.values()))
+        assert kept["best_val_acc"] == scores[t1["choice"]]["val_acc"]
         assert not list((run / "artifacts" / "turn_1").glob("_*"))  # the candidates' folders are gone
     else:
         assert t1 == {"choice": "continue"} and kept["init_weights"].endswith("best.pt")
@@ -133,8 +148,11 @@ def test_no_test_image_enters_selection_training_or_promotion(copy_run, strategy
     manifest = {r["path"]: r for r in read_csv(run / "manifest.csv")}
     test = {p for p, r in manifest.items() if r["split"] == "test"}
     P = C.Paths(run)
-    picked, _ = C.select_relabel(P, P.artifacts, 10_000, strategy)  # everything the strategy would ever pick
-    assert picked and not set(picked) & test
+    from flywheel.cascade import paid_labels, pick_relabels
+    ev = C.turn_evidence(P, P.artifacts)
+    picked, _ = pick_relabels(ev.pool, ev.escalations, 10_000, strategy, (), 0, ev.classes, ev.teacher_acc)
+    assert picked and not set(picked) & test  # everything the strategy would ever pick
+    assert not set(paid_labels(ev.pool, ev.escalations, ev.classes, ev.teacher_acc)) & test
     fly(copy_run, "--relabel_strategy", strategy, "--retrain", "continue")
     rows = read_csv(run / "artifacts" / "turn_1" / "train_rows.csv")
     assert not {r["path"] for r in rows} & test
