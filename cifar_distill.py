@@ -1416,7 +1416,8 @@ def step_export(cfg, P):
     x = load_images(files)
     with torch.no_grad():
         ref = softmax_np(graph(torch.from_numpy(x)).numpy())
-    outs = {"onnx": softmax_np(ort_session(P.onnx).run(None, {"image": x})[0]),
+    session = ort_session(P.onnx)
+    outs = {"onnx": softmax_np(session.run(None, {"image": x})[0]),
             "torchscript": softmax_np(torch.jit.load(str(P.ts))(torch.from_numpy(x)).detach().numpy())}
     result = {"n_images": len(rows), "temperature": best["temperature"], "classes": best["classes"],
               "turn": turn, "student": str(art / "best.pt"), "val_acc": best["best_val_acc"], "sharpen": sharpen,
@@ -1425,7 +1426,7 @@ def step_export(cfg, P):
         result[name] = {"path": str(path), "max_abs_diff": float(np.abs(outs[name] - ref).max()),
                         "agreement": float((outs[name].argmax(1) == ref.argmax(1)).mean()),
                         "bytes": path.stat().st_size}
-    result["raw_input"] = prep_consistency(graph, ort_session(P.onnx), files, size, sharpen)
+    result["raw_input"] = prep_consistency(graph, session, files, size, sharpen)
     write_json(P.export, result)
     log.info("export: ONNX max |dp| %.2e, agreement %.3f; TorchScript max |dp| %.2e, agreement %.3f on %d test "
              "images -> %s, %s, %s", result["onnx"]["max_abs_diff"], result["onnx"]["agreement"],

@@ -134,16 +134,17 @@ def paid_labels(pool, escalations, classes, teacher_acc, min_posterior=0.5):
     {'a': 'y'}
     """
     in_pool = {r["path"] for r in pool}
-    k = len(classes)
-    out = {}
-    for p, e in escalations.items():
-        if p not in in_pool or e.get("llm_status") != "accepted" or e.get("llm_label") not in classes:
-            continue
-        q = (label_posterior(float(e["student_probs"][classes.index(e["llm_label"])]), teacher_acc, k)
-             if e.get("student_probs") else teacher_acc)
-        if q >= min_posterior:
-            out[p] = e["llm_label"]
-    return out
+    return {p: e["llm_label"] for p, e in escalations.items()
+            if p in in_pool and e.get("llm_status") == "accepted" and e.get("llm_label") in classes
+            and escalation_posterior(e, classes, teacher_acc) >= min_posterior}
+
+
+def escalation_posterior(e, classes, teacher_acc):
+    """label_posterior of an escalation record's LLM label, from the student_probs it logged (in `classes`
+    order); the teacher's accuracy alone when the record has no usable probabilities."""
+    if classes and e.get("student_probs") and e.get("llm_label") in classes:
+        return label_posterior(float(e["student_probs"][classes.index(e["llm_label"])]), teacher_acc, len(classes))
+    return teacher_acc
 
 
 def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0, classes=None,
@@ -185,13 +186,7 @@ def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0
         picked = [r["path"] for r in sorted(pool, key=lambda r: float(r["margin"]))][:n]
         return picked, {"strategy": strategy, "picked": len(picked)}
     human = [p for p in answered if p in in_pool]
-    k = len(classes) if classes else 2
-
-    def posterior(e):
-        if classes and e.get("student_probs") and e["llm_label"] in classes:
-            return label_posterior(float(e["student_probs"][classes.index(e["llm_label"])]), teacher_acc, k)
-        return teacher_acc
-    ok = {p: posterior(e) for p, e in escalations.items()
+    ok = {p: escalation_posterior(e, classes, teacher_acc) for p, e in escalations.items()
           if p in in_pool and e.get("llm_status") == "accepted" and e.get("llm_label")}
     sure = sorted((p for p, q in ok.items() if q >= min_posterior), key=lambda p: float(escalations[p].get("student_conf") or 0))
     rest = sorted((p for p, q in ok.items() if 0.5 <= q < min_posterior), key=lambda p: -ok[p])
