@@ -22,6 +22,11 @@ Serve the promoted student (student -> LLM -> person), and answer what it escala
     open http://127.0.0.1:8000/review                        # one click or key press per label
 Your own images (DIR/train/<class>/*, DIR/test/<class>/*):
     uv run cifar_distill.py --step all --dataset folder --data_root DIR --out_dir my_run
+Past one machine: label in parts, merge, then train on N processes (GPUs, or CPU with gloo):
+    uv run cifar_distill.py --step label --shard 0/2         # on machine 0 (1/2 on machine 1)
+    uv run cifar_distill.py --step merge                     # labels.shard-*.jsonl copied here -> labels.jsonl
+    uv run cifar_distill.py --step label                     # review files from the merged ledger
+    uv run torchrun --nproc_per_node 2 cifar_distill.py --step train
 
 Measured results live in each run's report.md (every number there is read from the run's artifacts);
 blog.md lists the figures this project measured and the command and machine behind each.
@@ -45,12 +50,13 @@ log = logging.getLogger("cifar_distill")
 CIFAR5 = "apple,mushroom,orange,pear,sweet_pepper"
 STEPS = ["prep", "label", "train", "eval", "cascade", "flywheel", "export", "report"]
 SERVICE_STEPS = ["serve"]  # long-running: never part of --step all
+TOOL_STEPS = ["merge"]      # run by hand: merge sharded label ledgers
 
 # name: (type, default, help). argparse is built from this one table; help gets "(default: ...)".
 # A default of None means "unset"; the help says what unset means.
 OPTIONS = {
     # pipeline
-    "step": (str, "all", "pipeline step to run: " + "|".join(STEPS + ["all"] + SERVICE_STEPS)),
+    "step": (str, "all", "pipeline step to run: " + "|".join(STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS)),
     "out_dir": (str, "cifar5_run", "run folder; every step reads and writes only under it"),
     "seed": (int, 0, "seed for sampling, splits, oracle noise and training"),
     "log_level": (str, "INFO", "logging level: DEBUG shows every retry decision"),
@@ -88,6 +94,9 @@ OPTIONS = {
     "usd_per_mtok_in": (float, 0.30, "USD per million prompt tokens, used only when the server reports no cost"),
     "usd_per_mtok_out": (float, 2.50, "USD per million completion tokens, used only when the server reports no cost"),
     "gold_csv": (str, None, "hand-checked path,label rows labeled first as a prompt check (unset: use --gold_n)"),
+    "shard": (str, None, "label: I/N labels only part I of N disjoint parts of the sample (I from 0; parts by image "
+                         "hash) into labels.shard-I-of-N.jsonl, for N machines; then --step merge and a plain --step "
+                         "label (unset: the whole sample)"),
     "gold_n": (int, 0, "gold items drawn from the sample with manifest labels as stand-in checks; 0 = no gate"),
     "min_gold_acc": (float, 0.8, "stop before labeling the rest when the teacher's gold accuracy is below this"),
     # train
@@ -121,7 +130,7 @@ OPTIONS = {
                              "both, keep the better on validation; twice the training)"),
     "from_scratch": (bool, False, "flywheel: same as --retrain scratch"),
 }
-CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
+CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
            "second_pass": ["fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "relabel_strategy": ["targeted", "random", "margin"],
            "paid_answers": ["on", "off"],
            "retrain": ["best", "continue", "scratch"], "device": ["auto", "cpu", "cuda", "mps"],
@@ -176,6 +185,16 @@ def validate(cfg: dict) -> dict:
         bad("port", f"must be a TCP port in 0-65535, got {cfg['port']}")
     if not cfg["max_upload_mb"] > 0:
         bad("max_upload_mb", f"must be > 0, got {cfg['max_upload_mb']}")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun
+        if cfg["step"] != "train":
+            bad("step", f"{cfg['step']} does not run under torchrun; only --step train does (DistributedDataParallel)")
+        if cfg["measure_noise_cost"]:
+            bad("measure_noise_cost", "is not supported under torchrun; measure it in a single-process run")
+    if cfg["shard"] is not None:
+        cfg["shard_i"], cfg["shard_n"] = parse_shard(cfg["shard"])
+        if cfg["step"] != "label":
+            bad("shard", f"applies to --step label only (got --step {cfg['step']}); merge the shards' ledgers with "
+                         f"--step merge")
     if not cfg["llm_base_url"].startswith(("http://", "https://")):
         bad("llm_base_url", f"must start with http:// or https://, got {cfg['llm_base_url']!r}")
     flag_classes = cfg["classes"]
@@ -193,6 +212,26 @@ def validate(cfg: dict) -> dict:
         print(NO_KEY_MESSAGE, file=sys.stderr)
         raise SystemExit(EXIT_NO_KEY)
     return cfg
+
+
+def parse_shard(text):
+    """'I/N' -> (I, N) with 0 <= I < N.
+
+    >>> parse_shard("1/4")
+    (1, 4)
+    >>> parse_shard("4/4")
+    Traceback (most recent call last):
+    ...
+    SystemExit: error: --shard 4/4: I must be in 0..N-1 (parts are numbered from 0: 0/4, 1/4, 2/4, 3/4)
+    """
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise SystemExit(f"error: --shard {text}: expected I/N, e.g. 0/2 and 1/2 for two machines") from None
+    if n < 1 or not 0 <= i < n:
+        raise SystemExit(f"error: --shard {text}: I must be in 0..N-1 (parts are numbered from 0: "
+                         + ", ".join(f"{k}/{n}" for k in range(max(n, 1))) + ")")
+    return i, n
 
 
 def resolve_classes(cfg):
@@ -251,6 +290,7 @@ class Paths:
         self.label_summary, self.label_flags = o / "label_summary.json", o / "label_flags.csv"
         self.escalations, self.human_review = o / "escalations.jsonl", o / "human_review.csv"
         self.flywheel_labels = o / "flywheel_labels.csv"
+        self.label_merge = o / "labels_merge.json"
         self.report, self.datacard = o / "report.md", o / "datacard.md"
         a = self.artifacts = o / "artifacts"
         self.last, self.best, self.mobilenet = a / "last.pt", a / "best.pt", a / "mobilenet.pt"
@@ -259,6 +299,12 @@ class Paths:
         self.cascade, self.flywheel = a / "cascade.json", a / "flywheel.json"
         self.onnx, self.ts, self.export = a / "mobilenet.onnx", a / "mobilenet.ts", a / "export.json"
         self.speed = a / "speed.json"
+
+    def shard_ledger(self, i, n):
+        return self.out / f"labels.shard-{i}-of-{n}.jsonl"
+
+    def shard_ledgers(self):
+        return sorted(self.out.glob("labels.shard-*-of-*.jsonl"))
 
     def need(self, path, step):
         if not Path(path).exists():
@@ -280,6 +326,8 @@ def step_prep(cfg, P):
     Idempotent: an image made with the same settings is kept; a change of --img_size or sharpening
     regenerates every image (prep.json records the settings the images were made with).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
@@ -317,23 +365,32 @@ def step_prep(cfg, P):
                 jobs += [PrepJob(split, c, folder_image_name(f.name), f.name, (lambda f=f: _open_image(f)), str(f))
                          for f in files[:cap]]
 
-    rows = []
-    made = kept = 0
-    for job in tqdm(jobs, desc="prep images", unit="img"):
+    def make(job):
+        """-> (job, path under OUT, 'made' | 'kept' | error text, sha256). Runs in threads: Pillow releases
+        the GIL while it decodes, resizes and encodes."""
         rel = Path("images") / job.split / job.cls / job.name
         dst = P.out / rel
-        if not dst.exists():
-            try:
-                img = job.load()
-            except Exception as e:  # unreadable files are skipped and listed, never fatal
-                skipped.append({"file": job.source, "error": f"{type(e).__name__}: {e}"})
-                continue
-            atomic_write_bytes(dst, jpeg_bytes(upscale(img, size, sharpen), 90))
-            made += 1
-        else:
-            kept += 1
-        rows.append({"path": rel.as_posix(), "split": job.split, "label": job.cls, "source_index": job.source_index,
-                     "sha256": sha256_file(dst)})
+        if dst.exists():
+            return job, rel, "kept", sha256_file(dst)
+        try:
+            img = job.load()
+        except Exception as e:  # unreadable files are skipped and listed, never fatal
+            return job, rel, f"{type(e).__name__}: {e}", None
+        atomic_write_bytes(dst, jpeg_bytes(upscale(img, size, sharpen), 90))
+        return job, rel, "made", sha256_file(dst)
+
+    rows = []
+    made = kept = 0
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex, tqdm(total=len(jobs), desc="prep images", unit="img") as bar:
+        for s in range(0, len(jobs), PREP_CHUNK):  # a chunk at a time: a million jobs are never all queued
+            for job, rel, what, sha in ex.map(make, jobs[s:s + PREP_CHUNK]):
+                bar.update(1)
+                if sha is None:
+                    skipped.append({"file": job.source, "error": what})
+                    continue
+                made, kept = made + (what == "made"), kept + (what == "kept")
+                rows.append({"path": rel.as_posix(), "split": job.split, "label": job.cls,
+                             "source_index": job.source_index, "sha256": sha})
     if not rows:
         raise SystemExit(f"error: prep found no images for classes {classes} under {cfg['data_root']}")
     rows, dups = drop_cross_split_duplicates(rows)
@@ -356,6 +413,7 @@ def step_prep(cfg, P):
 
 
 MIN_CLASS_IMAGES = 10
+PREP_CHUNK = 4096  # images queued to the prep threads at once
 
 
 class PrepJob(NamedTuple):
@@ -474,6 +532,21 @@ def label_sample(cfg, manifest):
     return list(gold) + rest, gold
 
 
+def shard_of(sample, gold, manifest, i, n):
+    """The part of the sample (and of its gold) that shard i of n labels: a stable hash of each image's
+    sha256 picks its part, so parts are disjoint, cover the sample, and do not depend on the machine.
+
+    >>> m = {f"p{k}": {"sha256": f"{k:064x}"} for k in range(100)}
+    >>> parts = [shard_of(list(m), {"p1": "x"}, m, i, 3) for i in range(3)]
+    >>> sorted(sum((p for p, _ in parts), [])) == sorted(m), sum(len(g) for _, g in parts)
+    (True, 1)
+    """
+    from flywheel.io import stable_unit
+    mine = [p for p in sample if int(stable_unit("shard", manifest[p]["sha256"]) * n) == i]
+    keep = set(mine)
+    return mine, {p: lab for p, lab in gold.items() if p in keep}
+
+
 def plan_calls(items, model, ledger, qc):
     """(fewest, most) calls still needed for items, from what the ledger already holds."""
     lo = hi = 0
@@ -498,8 +571,14 @@ def step_label(cfg, P):
     from flywheel.teacher import FatalTeacherError
     manifest = load_manifest(P)
     sample, gold = label_sample(cfg, manifest)
+    ledger_path = P.ledger
+    if cfg["shard"]:
+        sample, gold = shard_of(sample, gold, manifest, cfg["shard_i"], cfg["shard_n"])
+        ledger_path = P.shard_ledger(cfg["shard_i"], cfg["shard_n"])
+        log.info("label: shard %s: %d of the sample's images (%d gold) -> %s", cfg["shard"], len(sample), len(gold),
+                 ledger_path)
     items = [item(P, manifest, p) for p in sample]
-    ledger = Ledger(P.ledger)
+    ledger = Ledger(ledger_path)
     qc = make_qc(cfg)
     qc.always_second = {it["sha256"] for it in items if it["path"] in gold}
     if cfg["dry_run"]:
@@ -518,6 +597,10 @@ def step_label(cfg, P):
     rule = fit_rule([], cfg["target_label_precision"])
     outputs = lambda **kw: write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc,  # noqa: E731
                                                person_gold, rule=rule, **kw)
+    if cfg["shard"]:  # a part's review files would describe a part: the merged ledger's plain label run writes them
+        outputs = lambda **kw: log.info("label: shard %s done: %d calls, $%.4f in %s. Copy it into the main run "  # noqa: E731
+                                        "folder, run --step merge, then --step label without --shard.", cfg["shard"],
+                                        budget.calls, budget.run_spent, ledger_path)
     write_flags(P, None, None)  # refilled below when the held-out model's flags are fitted; no stale ones
     try:
         rest = [it for it in items if it["path"] not in gold]
@@ -538,6 +621,7 @@ def step_label(cfg, P):
             if qc.second_pass == "fitted":
                 rule = fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget)
         label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label")
+        return outputs(budget_stopped=budget.stopped)  # before the ledger closes: the outputs read it
     except FatalTeacherError as e:
         outputs(budget_stopped=budget.stopped)
         print(f"error: {e}", file=sys.stderr)
@@ -548,7 +632,6 @@ def step_label(cfg, P):
     finally:
         teacher.close()
         ledger.close()
-    return outputs(budget_stopped=budget.stopped)
 
 
 def fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget):
@@ -685,7 +768,7 @@ def write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, q
 
     counts = {s: sum(v[0] == s for v in vs.values()) for s in STATUSES}
     keys = current_keys(items, teacher, qc)  # this model, prompt and sample only: not every ledger line
-    recs = [r for r in ledger.records if r["key"] in keys]
+    recs = ledger.calls(keys)
     paid = [r for r in recs if r.get("status") in ("ok", "invalid")]
     two = [v for v in vs.values() if len(v[3]) == 2]
     acc = [v for p, v in vs.items() if v[0] == "accepted"]
@@ -740,6 +823,36 @@ def _fmt(x, nd=3):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+# ----------------------------------------------------------------------------- merge (sharded labeling)
+
+def step_merge(cfg, P):
+    """OUT/labels.shard-*.jsonl (copied here from the machines that labeled them) -> appended to labels.jsonl.
+
+    Every call a shard paid for is kept, except an answer to a key labels.jsonl already answers, so no key
+    has two answers. labels_merge.json remembers how far each shard file was merged: a rerun, or a shard
+    that grew since, adds only what is new. Then `--step label` (no --shard) writes the review files from
+    the merged ledger, asking only what the whole sample's QC rule still needs."""
+    from flywheel.ledger import Ledger, merge_ledger_file
+    shards = P.shard_ledgers()
+    if not shards:
+        raise SystemExit(f"error: no labels.shard-I-of-N.jsonl in {P.out}; label with --step label --shard I/N on "
+                         f"each machine, copy those files here, then rerun --step merge")
+    done = read_json(P.label_merge) if P.label_merge.exists() else {}
+    ledger = Ledger(P.ledger)
+    try:
+        for path in shards:
+            r = merge_ledger_file(ledger, path, done.get(path.name))
+            done[path.name] = r.state
+            write_json(P.label_merge, done)  # after each shard: an interrupted merge resumes where it stopped
+            log.info("merge: %s: %d call(s) added, %d answer(s) already in %s skipped, %d bad line(s)", path.name,
+                     r.added, r.duplicates, P.ledger.name, r.bad_lines)
+        log.info("merge: %s now holds %d calls ($%.4f); next: uv run cifar_distill.py --step label --out_dir %s",
+                 P.ledger, len(ledger), ledger.total_cost(), P.out)
+    finally:
+        ledger.close()
+    return done
+
+
 # ----------------------------------------------------------------------------- student: train
 TRAIN_ROW_FIELDS = ["path", "label", "source", "split", "turn"]
 
@@ -783,17 +896,29 @@ def training_rows(cfg, P, manifest, upto_turn=0):
     return train, val
 
 
+def image_cache(P):
+    """The run's memory-mapped image cache (flywheel.imcache), built or finished on first use."""
+    from flywheel.imcache import ImageCache
+    return ImageCache(P.out, read_csv(P.need(P.manifest, "prep")))
+
+
+def images_of(P, rows, desc="decode"):
+    """A lazy uint8 [N, 3, H, W] view of rows' images: manifest images come from the cache in chunks as
+    they are used; production uploads (not in the manifest) are decoded into memory."""
+    from flywheel.student import decode_images
+    return image_cache(P).view([r["path"] for r in rows],
+                               extra=lambda paths: decode_images([P.out / p for p in paths], desc=desc))
+
+
 def load_split(P, rows, classes, desc):
     import numpy as np
-    from flywheel.student import decode_images
-    x = decode_images([P.out / r["path"] for r in rows], desc=desc)
     y = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
-    return x, y
+    return images_of(P, rows, desc), y
 
 
 def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
     """review_labels.csv (+ flywheel labels) -> art/{last,best}.pt, mobilenet.pt, train_rows.csv."""
-    from flywheel.student import WeightsError, calibrate_checkpoint, pick_device, save_torch, train_student
+    from flywheel.student import WeightsError, calibrate_checkpoint, dist_world, pick_device, save_torch, train_student
     art = Path(art or P.artifacts)
     art.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(P)
@@ -814,6 +939,8 @@ def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
                              resume=cfg["resume"] if resume is None else resume)
     except WeightsError as e:
         raise SystemExit(f"error: {e}")
+    if dist_world()[0] != 0:
+        return best  # under torchrun, rank 0 calibrates and writes; the others are done
     best["val_paths"] = [r["path"] for r in val]
     best = calibrate_checkpoint(best, x_va, y_va, device, art / "best.pt")
     write_csv(art / "train_rows.csv", TRAIN_ROW_FIELDS, train + val)  # the rows best.pt was trained on
@@ -846,7 +973,7 @@ def train_clean_twin(cfg, P, art, manifest, train, val, x_tr, x_va, tcfg, init, 
     classes = cfg["classes"]
     # production uploads (--step serve) have no ground truth: the twin trains without them
     keep_tr = [i for i, r in enumerate(train) if r["path"] in manifest]
-    train, x_tr = [train[i] for i in keep_tr], x_tr[keep_tr]
+    train, x_tr = [train[i] for i in keep_tr], x_tr.take(keep_tr)
     y_tr = np.array([classes.index(manifest[r["path"]]["label"]) for r in train], dtype=np.int64)
     y_va = np.array([classes.index(manifest[r["path"]]["label"]) for r in val], dtype=np.int64)
     wrong = sum(manifest[r["path"]]["label"] != r["label"] for r in train + val)
@@ -886,10 +1013,11 @@ def heldout_rows(manifest):
 
 def student_probs(P, rows, best, device, desc, keep_images=False):
     """Calibrated probabilities [N, C] and uncalibrated logits for manifest rows, with the mean
-    student time per image in ms (batched, on `device`); keep_images adds the decoded uint8 images."""
+    student time per image in ms (batched, on `device`, reading the image cache one batch at a time);
+    keep_images adds the lazy uint8 image view."""
     from flywheel.calibrate import softmax
-    from flywheel.student import decode_images, model_from_checkpoint, predict_logits
-    x = decode_images([P.out / r["path"] for r in rows], desc=desc)
+    from flywheel.student import model_from_checkpoint, predict_logits
+    x = images_of(P, rows, desc)
     model = model_from_checkpoint(best, device)
     t0 = time.perf_counter()
     logits = predict_logits(model, x, device, best["config"]["batch_size"], desc=desc)
@@ -1044,9 +1172,9 @@ def step_cascade(cfg, P, art=None, turn=None):
     humans = human_answers(P)
     label_summary = read_json(P.label_summary) if P.label_summary.exists() else {}
     calls_per_item = LLM_ONLY_CALLS_PER_ITEM
-    same_model = [r for r in ledger.records if r.get("model") == teacher.model and r.get("status") in ("ok", "invalid")]
-    cost_per_call = (sum(float(r.get("cost_usd") or 0) for r in same_model) / len(same_model)) if same_model else cfg["usd_per_call"]
-    llm_call_ms = 1000 * (sum(float(r.get("latency_s") or 0) for r in same_model) / len(same_model)) if same_model else 0.0
+    n_paid, mean_cost, mean_latency_s = ledger.paid_means(teacher.model)
+    cost_per_call = mean_cost if n_paid else cfg["usd_per_call"]
+    llm_call_ms = 1000 * mean_latency_s
     streams = {"test": heldout_rows(manifest), "pool": pool_rows(P, manifest, turn)}
     result = {"tau": tau, "tau_rule": rule, "target_precision": cfg["target_precision"],
               "escalation_budget": cfg["escalation_budget"], **val_stats, "student_id": sid, "turn": turn,
@@ -1138,6 +1266,7 @@ def step_cascade(cfg, P, art=None, turn=None):
         write_csv(P.human_review, HUMAN_FIELDS, list(human_rows.values()))
         teacher.close()
         esc.close()
+        ledger.close()
     result["budget_stopped"] = budget.stopped
     write_json(art / "cascade.json", result)
     for split in streams:
@@ -1299,12 +1428,11 @@ def step_flywheel(cfg, P):
         try:
             verdicts = label_items([item(P, manifest, p) for p in picked], teacher, ledger, qc, budget, "flywheel",
                                    cfg["max_workers"], f"flywheel turn {k} relabel")
+            # what the picked items' answers cost, whether this turn or the cascade before it paid for them
+            picked_usd = ledger.cost_of({manifest[p]["sha256"] for p in [*picked, *paid]})
         finally:
             teacher.close()
             ledger.close()
-        # what the picked items' answers cost, whether this turn or the cascade before it paid for them
-        shas = {manifest[p]["sha256"] for p in [*picked, *paid]}
-        picked_usd = sum(float(r.get("cost_usd") or 0) for r in ledger.records if r.get("sha256") in shas)
         humans = human_answers(P)
         new = []
         for p in picked:
@@ -1665,10 +1793,11 @@ def step_serve(cfg, P):
 
 def run_step(name, cfg, P):
     return {"prep": step_prep, "label": step_label, "train": step_train, "eval": step_eval, "cascade": step_cascade,
-            "flywheel": step_flywheel, "export": step_export, "report": step_report, "serve": step_serve}[name](cfg, P)
+            "flywheel": step_flywheel, "export": step_export, "report": step_report, "serve": step_serve,
+            "merge": step_merge}[name](cfg, P)
 
 
-SPENDING_STEPS = ("label", "cascade", "flywheel", "all", "serve")  # they pay through the ledger: one process at a time
+SPENDING_STEPS = ("label", "cascade", "flywheel", "all", "serve", "merge")  # they write the ledger: one process at a time
 EXIT_INTERRUPTED = 130
 
 
@@ -1690,6 +1819,10 @@ def main(argv=None):
     if cfg["num_threads"]:
         import torch
         torch.set_num_threads(cfg["num_threads"])
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: join the group; rank 0 alone logs progress
+        from flywheel.student import start_distributed
+        if start_distributed(cfg["device"])[0] != 0:
+            logging.getLogger().setLevel(logging.WARNING)
     steps = STEPS if cfg["step"] == "all" else [cfg["step"]]
     lock = RunLock(P.out, cfg["step"]) if cfg["step"] in SPENDING_STEPS and not cfg["dry_run"] else None
     with _sigterm_as_interrupt():
@@ -1713,6 +1846,14 @@ def main(argv=None):
         finally:
             if lock is not None:
                 lock.release()
+            _leave_distributed()
+
+
+def _leave_distributed():
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class _sigterm_as_interrupt:

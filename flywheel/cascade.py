@@ -38,7 +38,7 @@ class EscalationLog:
 
     def append(self, rec):
         rec = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec}
-        return self._file.append(rec, on_written=lambda r: self.records.__setitem__(self._key(r), r))
+        return self._file.append(rec, on_written=lambda r, _end: self.records.__setitem__(self._key(r), r))
 
     def close(self):
         self._file.close()

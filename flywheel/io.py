@@ -127,26 +127,31 @@ def read_jsonl(path, is_record=lambda r: isinstance(r, dict)):
 class JsonlAppender:
     """An append-only JSONL file shared by threads: `records` are the complete lines already there
     (a torn line from a crash is skipped and counted in `bad_lines`), `append` writes and flushes one
-    more. Flushed lines survive kill -9 (they are in the OS page cache); close() also fsyncs."""
+    more. Flushed lines survive kill -9 (they are in the OS page cache); close() also fsyncs.
+    load=False reads nothing (a caller that indexes the file itself, like the ledger); `records` is then
+    empty. on_written(rec, end) gets the byte offset just past the new line."""
 
-    def __init__(self, path, is_record=lambda r: isinstance(r, dict)):
+    def __init__(self, path, is_record=lambda r: isinstance(r, dict), load=True):
         import threading
         self.path = Path(path)
-        self.records, self.bad_lines, torn = read_jsonl(self.path, is_record)
+        if load:
+            self.records, self.bad_lines, torn = read_jsonl(self.path, is_record)
+        else:
+            self.records, self.bad_lines, torn = [], 0, _ends_torn(self.path)
         self._lock = threading.Lock()
         if torn:
             with open(self.path, "ab") as f:  # our appends start on a fresh line
                 f.write(b"\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = open(self.path, "ab")
 
     def append(self, rec: dict, on_written=None) -> dict:
-        line = json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n"
+        line = (json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
         with self._lock:
             self._f.write(line)
             self._f.flush()
             if on_written is not None:
-                on_written(rec)
+                on_written(rec, self._f.tell())
         return rec
 
     def close(self):
@@ -154,6 +159,16 @@ class JsonlAppender:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
+
+
+def _ends_torn(path) -> bool:
+    """Whether a file ends in a line with no newline (a crash mid-write)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def promoted_artifacts(out_dir):

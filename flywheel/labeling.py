@@ -124,11 +124,11 @@ class QC:
 def ledger_verdict(item, teacher, ledger, qc):
     """(status, label, confidence, [pass records]) for one image from the ledger alone."""
     keys = [qc.call(item["sha256"], p, teacher.model).key for p in (1, 2)]
-    p1, p2 = ledger.ok(keys[0]), ledger.ok(keys[1])
+    got = ledger.answers(keys)
+    (p1, invalid1), (p2, invalid2) = got[keys[0]], got[keys[1]]
     need2 = p1 is not None and qc.second_needed(item["sha256"], float(p1["confidence"]))
     single_at, pair_at = qc.thresholds()
-    st, lab, conf = image_verdict(p1, p2, need2, single_at, ledger.count(keys[0], "invalid"),
-                                  ledger.count(keys[1], "invalid"), pair_thresh=pair_at)
+    st, lab, conf = image_verdict(p1, p2, need2, single_at, invalid1, invalid2, pair_thresh=pair_at)
     if p1 is not None and item["sha256"] in qc.flagged and item["sha256"] not in qc.always_second:
         st = "flagged"  # the held-out model confidently contradicts this label: never silently kept
     return st, lab, conf, [r for r in (p1, p2 if need2 else None) if r is not None]

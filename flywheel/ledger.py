@@ -1,4 +1,4 @@
-"""The append-only JSONL ledger of teacher calls, per-image QC verdicts, and the review CSV round trip.
+"""The append-only JSONL ledger of teacher calls, its index, per-image QC verdicts, and the review CSV round trip.
 
 One line per finished call, flushed as written (fsynced on close), so `kill -9` loses at most the
 calls in flight. A call is keyed by (image sha256, pass, model, question hash), where the question hash
@@ -8,20 +8,39 @@ model, prompt or class list asks again under new keys while old records stay. Re
 the question hash existed (prompt version v1) are re-keyed on load from their own class_order and
 temperature, so nothing already paid for is lost. A truncated last line (a crash mid-write) is skipped
 with a warning.
+
+labels.jsonl is the record (a person reads and greps it); labels.index.sqlite beside it is an index
+derived from it: one row per line with the key and the small fields (status, label, confidence, cost,
+tokens, latency), never the raw reply, plus how many bytes of the JSONL it covers. Opening a ledger
+indexes only the lines past that point (all of them the first time, or when the JSONL no longer starts
+as the index remembers), so a 2M-record ledger opens in milliseconds and the process holds SQLite's page
+cache, not 2M dicts. Why SQLite and not a JSONL index read into memory: lookups, sums and counts run in
+SQLite without loading anything, WAL lets a reader open while a writer appends, and it ships with Python.
+Each append writes the JSONL line first, then its index row; a kill between the two loses only that
+row, which the next open indexes from the JSONL. Deleting the index is always safe.
 """
+import hashlib
+import json
 import logging
+import sqlite3
+import threading
 import time
-from collections import defaultdict
+from typing import NamedTuple
 
 from flywheel.io import JsonlAppender
 
 log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 2
+INDEX_VERSION = 1
+HEAD_BYTES = 4096  # the index remembers a hash of the JSONL's first bytes: a replaced file is reindexed
 REVIEW_FIELDS = ["path", "llm_label", "confidence", "label_final", "status"]
 REVIEW_REQUIRED = ["path", "llm_label", "label_final", "status"]
 STATUSES = ["accepted", "disagreed", "low_confidence", "flagged", "invalid", "failed"]  # flagged: confident learning
 APPROVED, GOLD = "approved", "gold"  # statuses a person sets (approve a row as it is) or --gold_csv sets
+# the small fields the index keeps per call: what QC, costs and summaries read (never raw or why)
+INDEX_FIELDS = ["key", "status", "pass", "model", "purpose", "source", "path", "sha256", "label", "confidence",
+                "cost_usd", "cost_estimated", "latency_s", "prompt_tokens", "completion_tokens", "http_status", "ts"]
 
 
 def call_key(sha256, pass_no, model, question) -> str:
@@ -42,45 +61,289 @@ def _rekey_legacy(rec):
     return {**rec, "question": q, "key": call_key(rec["sha256"], rec["pass"], rec["model"], q)}
 
 
+def _is_call(rec):
+    return isinstance(rec, dict) and "key" in rec
+
+
+def index_path(ledger_path):
+    from pathlib import Path
+    p = Path(ledger_path)
+    return p.with_name(p.name.replace(".jsonl", "") + ".index.sqlite")
+
+
 class Ledger:
-    """labels.jsonl: read once, then appended to under a lock by many worker threads."""
+    """labels.jsonl, appended to under a lock by many worker threads, looked up through its SQLite index."""
 
     def __init__(self, path):
-        self._ok = {}                                     # key -> latest ok record
-        self._n = defaultdict(lambda: defaultdict(int))   # key -> status -> count
-        self._file = JsonlAppender(path, lambda r: isinstance(r, dict) and "key" in r)
-        self.path, self.bad_lines = self._file.path, self._file.bad_lines
-        self.records = []
-        for rec in self._file.records:
-            self._index(_rekey_legacy(rec))
+        self._file = JsonlAppender(path, _is_call, load=False)
+        self.path, self.bad_lines = self._file.path, 0
+        self._lock = threading.RLock()                     # the writer connection
+        self._local, self._readers = threading.local(), []  # one reader connection per thread
+        # autocommit: each append's index row commits alone (WAL, no fsync), so no write lock is ever held
+        # between calls and another process or Ledger can open the index at any time
+        self._db = sqlite3.connect(index_path(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._catch_up()
 
-    def _index(self, rec):
-        self.records.append(rec)
-        self._n[rec["key"]][rec.get("status")] += 1
-        if rec.get("status") == "ok":
-            self._ok[rec["key"]] = rec
+    # --------------------------------------------------------------- the index
+    def _schema(self, reset):
+        db = self._db
+        if reset:
+            db.execute("DROP TABLE IF EXISTS calls")
+            db.execute("DROP TABLE IF EXISTS meta")
+        cols = ", ".join(f"{c} {'TEXT' if c in ('key', 'status', 'model', 'purpose', 'source', 'path', 'sha256', 'label', 'ts') else 'REAL'}"
+                         for c in INDEX_FIELDS)
+        db.execute(f"CREATE TABLE IF NOT EXISTS calls (end_offset INTEGER PRIMARY KEY, {cols})")
+        db.execute("CREATE INDEX IF NOT EXISTS calls_key ON calls(key, status)")
+        db.execute("CREATE INDEX IF NOT EXISTS calls_sha ON calls(sha256)")
+        db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
 
+    def _meta(self, k):
+        row = self._db.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+        return row[0] if row else None
+
+    def _head_hash(self, n):
+        with open(self.path, "rb") as f:
+            return hashlib.sha256(f.read(n)).hexdigest()
+
+    def _state(self, size):
+        """-> bytes of the JSONL the index covers (0: rebuild it), and whether the index is usable as is."""
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"calls", "meta"} <= tables or self._meta("version") != str(INDEX_VERSION):
+            return 0, False
+        covered, head_n = int(self._meta("covered") or 0), int(self._meta("head_n") or 0)
+        if covered > size or (covered and self._meta("head") != self._head_hash(head_n)):
+            log.warning("%s does not match %s (the ledger was replaced or cut): rebuilding the index",
+                        index_path(self.path), self.path)
+            return 0, False
+        return covered, covered == size
+
+    def _catch_up(self):
+        """Index the JSONL lines the index does not cover yet; rebuild it when it describes another file."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        covered, current = self._state(size)
+        if not current:
+            self._db.execute("BEGIN IMMEDIATE")  # one indexer at a time across processes
+            try:
+                covered, current = self._state(size)  # another process may have done it meanwhile
+                if not current:
+                    self._schema(reset=covered == 0)
+                    self._index_from(covered, size)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self.bad_lines = int(self._meta("bad_lines") or 0)
+        self._head_n = int(self._meta("head_n") or 0)
+
+    def _index_from(self, start, size):
+        from tqdm import tqdm
+        t0, rows, bad, end = time.monotonic(), [], int(self._meta("bad_lines") or 0) if start else 0, start
+        with open(self.path, "rb") as f, tqdm(total=size - start, unit="B", unit_scale=True, leave=False,
+                                              desc="index labels.jsonl", disable=size - start < (64 << 20)) as bar:
+            f.seek(start)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a torn last line: left for the next open (JsonlAppender starts a fresh line after it)
+                end += len(line)
+                bar.update(len(line))
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    if not _is_call(rec):
+                        raise ValueError
+                except ValueError:
+                    bad += 1
+                    log.warning("%s: a line ending at byte %d is not a complete record (a crash mid-write?); "
+                                "skipped", self.path, end)
+                    continue
+                rows.append(self._row(_rekey_legacy(rec), end))
+                if len(rows) >= 10000:
+                    self._insert(rows)
+                    rows = []
+        self._insert(rows)
+        head_n = min(end, HEAD_BYTES)
+        self._set_meta(covered=end, bad_lines=bad, head=self._head_hash(head_n), head_n=head_n, version=INDEX_VERSION)
+        if end - start > (64 << 20):
+            log.info("indexed %.0f MB of %s in %.1fs", (end - start) / 2**20, self.path, time.monotonic() - t0)
+
+    @staticmethod
+    def _row(rec, end):
+        return (end, *[rec.get(c) if not isinstance(rec.get(c), (dict, list)) else json.dumps(rec.get(c))
+                       for c in INDEX_FIELDS])
+
+    def _insert(self, rows):
+        if rows:
+            self._db.executemany(f"INSERT OR IGNORE INTO calls VALUES ({', '.join('?' * (len(INDEX_FIELDS) + 1))})", rows)
+
+    def _set_meta(self, **kv):
+        self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in kv.items()])
+
+    def _written(self, rec, end):
+        """After a line reached the JSONL (under its lock): its index row and the new coverage, one commit."""
+        with self._lock:
+            meta = {"covered": end}
+            if self._head_n < HEAD_BYTES:  # the remembered head grows with the file up to HEAD_BYTES
+                self._head_n = min(end, HEAD_BYTES)
+                meta.update(head=self._head_hash(self._head_n), head_n=self._head_n)
+            self._db.execute("BEGIN")
+            self._insert([self._row(rec, end)])
+            self._set_meta(**meta)
+            self._db.execute("COMMIT")
+
+    def _query(self, sql, args=()):
+        """Reads go through a connection of the calling thread's own (WAL readers run beside the writer,
+        and every append has committed, so a thread sees its own and every earlier append)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = sqlite3.connect(index_path(self.path), check_same_thread=False)
+            db.execute("PRAGMA query_only = 1")
+            with self._lock:
+                self._readers.append(db)
+        return db.execute(sql, args).fetchall()
+
+    # --------------------------------------------------------------- the API
     def append(self, rec: dict) -> dict:
         rec = {"v": LEDGER_VERSION, "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec}
-        return self._file.append(rec, on_written=self._index)
+        return self._file.append(rec, on_written=self._written)
 
     def close(self):
         self._file.close()
+        with self._lock:
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
+            self._local = threading.local()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     def ok(self, key):
-        return self._ok.get(key)
+        """The latest valid answer under key, as a dict of INDEX_FIELDS, or None."""
+        rows = self._query(f"SELECT {', '.join(INDEX_FIELDS)} FROM calls WHERE key = ? AND status = 'ok' "
+                           f"ORDER BY end_offset DESC LIMIT 1", (key,))
+        return _as_record(rows[0]) if rows else None
+
+    def answers(self, keys) -> dict:
+        """{key: (latest valid answer or None, number of invalid replies)} for a few keys, in one query
+        (QC verdicts read both passes of an image at once)."""
+        keys = list(keys)
+        rows = self._query(f"SELECT end_offset, {', '.join(INDEX_FIELDS)} FROM calls WHERE key IN "
+                           f"({', '.join('?' * len(keys))}) AND status IN ('ok', 'invalid') ORDER BY end_offset", keys)
+        out = {k: (None, 0) for k in keys}
+        for r in rows:
+            rec = _as_record(r[1:])
+            ok, n_invalid = out[rec["key"]]
+            out[rec["key"]] = (rec, n_invalid) if rec["status"] == "ok" else (ok, n_invalid + 1)
+        return out
 
     def count(self, key, status) -> int:
-        return self._n[key][status]
+        return self._query("SELECT COUNT(*) FROM calls WHERE key = ? AND status = ?", (key, status))[0][0]
+
+    def calls(self, keys) -> list:
+        """Every record (INDEX_FIELDS dicts) under these keys, in ledger order."""
+        keys, out = list(keys), []
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            out += self._query(f"SELECT end_offset, {', '.join(INDEX_FIELDS)} FROM calls WHERE key IN "
+                               f"({', '.join('?' * len(part))})", part)
+        return [_as_record(r[1:]) for r in sorted(out)]
+
+    def cost_of(self, shas) -> float:
+        """USD recorded for calls about these images (sha256s)."""
+        shas, total = list(shas), 0.0
+        for i in range(0, len(shas), 500):
+            part = shas[i:i + 500]
+            total += self._query(f"SELECT COALESCE(SUM(cost_usd), 0) FROM calls WHERE sha256 IN "
+                                 f"({', '.join('?' * len(part))})", part)[0][0]
+        return total
 
     def total_cost(self, purposes=None) -> float:
-        return sum(float(r.get("cost_usd") or 0) for r in self.records
-                   if purposes is None or r.get("purpose") in purposes)
+        if purposes is None:
+            return float(self._query("SELECT COALESCE(SUM(cost_usd), 0) FROM calls")[0][0])
+        purposes = list(purposes)
+        return float(self._query(f"SELECT COALESCE(SUM(cost_usd), 0) FROM calls WHERE purpose IN "
+                                 f"({', '.join('?' * len(purposes))})", purposes)[0][0])
 
     def max_cost_per_call(self, model) -> float:
         """The dearest paid call this model has cost so far (0 if none): the budget reserves at least this."""
-        return max((float(r.get("cost_usd") or 0) for r in self.records
-                    if r.get("model") == model and r.get("status") in ("ok", "invalid")), default=0.0)
+        return float(self._query("SELECT COALESCE(MAX(cost_usd), 0) FROM calls WHERE model = ? AND status IN "
+                                 "('ok', 'invalid')", (model,))[0][0])
+
+    def paid_means(self, model):
+        """(paid calls, mean USD per call, mean latency in s) for this model's ok and invalid calls."""
+        n, cost, lat = self._query("SELECT COUNT(*), AVG(COALESCE(cost_usd, 0)), AVG(COALESCE(latency_s, 0)) FROM "
+                                   "calls WHERE model = ? AND status IN ('ok', 'invalid')", (model,))[0]
+        return n, cost or 0.0, lat or 0.0
+
+    def __len__(self):
+        return self._query("SELECT COUNT(*) FROM calls")[0][0]
+
+
+class Merged(NamedTuple):
+    added: int         # calls appended to the ledger
+    duplicates: int    # answers skipped: the ledger already answers their key
+    bad_lines: int     # lines that were not complete records (a crash mid-write)
+    state: dict        # {"bytes": merged up to, "head": sha256 of the first bytes}: where the next merge starts
+
+
+def merge_ledger_file(ledger, path, state=None) -> Merged:
+    """Append the calls of another ledger file (a shard's) to `ledger`, from where `state` says the last
+    merge of that file stopped. An answer (status ok) to a key the ledger already answers is skipped;
+    every other record is kept (failed and invalid calls were paid for too). Each kept record gains
+    merged_from (the file's name)."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
+    start = int((state or {}).get("bytes", 0))
+    if state and (state.get("head") != head or start > size):
+        log.warning("%s is not the file merged before (it was replaced): merging it from the start; answers "
+                    "already in the ledger are still skipped", path)
+        start = 0
+    added = dup = bad = 0
+    end = start
+    with open(path, "rb") as f, tqdm(total=size - start, unit="B", unit_scale=True, desc=f"merge {path.name}",
+                                     leave=False) as bar:
+        f.seek(start)
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # a torn last line (the shard is still being written, or crashed): merged next time
+            end += len(line)
+            bar.update(len(line))
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not _is_call(rec):
+                    raise ValueError
+            except ValueError:
+                bad += 1
+                continue
+            rec = _rekey_legacy(rec)
+            if rec.get("status") == "ok" and ledger.ok(rec["key"]) is not None:
+                dup += 1
+                continue
+            ledger.append({**rec, "merged_from": path.name})
+            added += 1
+    return Merged(added, dup, bad, {"bytes": end, "head": head})
+
+
+def _as_record(row) -> dict:
+    rec = dict(zip(INDEX_FIELDS, row))
+    if rec["pass"] is not None:
+        rec["pass"] = int(rec["pass"])
+    for c in ("prompt_tokens", "completion_tokens", "http_status"):
+        if rec[c] is not None:
+            rec[c] = int(rec[c])
+    rec["cost_estimated"] = bool(rec["cost_estimated"])
+    return rec
 
 
 # ----------------------------------------------------------------------------- QC verdicts

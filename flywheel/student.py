@@ -17,6 +17,7 @@ classes, model_args, RNG states, history, and after calibration the temperature 
 """
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,6 +57,25 @@ def pick_device(name="auto") -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise SystemExit("error: --device mps but MPS is not available; use --device auto or cpu")
     return torch.device(name)
+
+
+def dist_world() -> tuple:
+    """(rank, world size) of this process: torchrun's RANK and WORLD_SIZE, or (0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def start_distributed(device_name="auto"):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU), one GPU per
+    process (LOCAL_RANK). -> (rank, world). Alone: nothing to do, (0, 1)."""
+    import torch.distributed as dist
+    rank, world = dist_world()
+    if world == 1 or dist.is_initialized():
+        return rank, world
+    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world
 
 
 def build_model(num_classes: int, weights="none") -> nn.Module:
@@ -129,13 +149,18 @@ def normalize(x_u8: torch.Tensor) -> torch.Tensor:
     return _NORMALIZE.to(x_u8.device)(x_u8)
 
 
-def augment(x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x_u8: torch.Tensor, gen: torch.Generator, part=(0, 1)) -> torch.Tensor:
     """Batched augmentation on the batch's device: one affine warp per image (random resized crop with
     area 35-100% and aspect 3/4-4/3, rotation within +-10 degrees, horizontal flip) and colour jitter
     (brightness/contrast/saturation +-20%). Random numbers come from `gen` (CPU), so runs repeat.
+    part=(rank, world): x_u8 is slice `rank` of a global batch world times its size; the random numbers
+    are drawn for the whole global batch and this slice's are used, so DDP ranks augment their images
+    exactly as one process would.
     uint8 [B, 3, H, W] -> normalised float [B, 3, H, W]."""
     B = x_u8.shape[0]
-    r = torch.rand((B, 8), generator=gen)
+    rank, world = part
+    mine = slice(rank * B, (rank + 1) * B)
+    r = torch.rand((B * world, 8), generator=gen)[mine]
     area = 0.35 + 0.65 * r[:, 0]
     logr = (r[:, 1] * 2 - 1) * math.log(4 / 3)
     aspect = torch.exp(logr)
@@ -152,7 +177,7 @@ def augment(x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x = x_u8.float() / 255.0
     grid = F.affine_grid(theta.to(dev), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    jit = (0.8 + 0.4 * torch.rand((B, 3), generator=gen)).to(dev)   # brightness, contrast, saturation
+    jit = (0.8 + 0.4 * torch.rand((B * world, 3), generator=gen)[mine]).to(dev)   # brightness, contrast, saturation
     x = x * jit[:, 0].view(B, 1, 1, 1)
     m = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - m) * jit[:, 1].view(B, 1, 1, 1) + m
@@ -316,8 +341,14 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
                   _on_batch=None):
     """Train, checkpoint each epoch to art_dir/last.pt, keep the best-validation model in best.pt.
 
-    x_* uint8 [N, 3, H, W]; y_* int64 [N]. cfg needs epochs, batch_size, lr, weight_decay, seed.
-    Returns the best checkpoint dict (without calibration; see calibrate_checkpoint).
+    x_* uint8 [N, 3, H, W] (a tensor, or an Images view read one batch at a time); y_* int64 [N]. cfg needs
+    epochs, batch_size, lr, weight_decay, seed. Returns the best checkpoint dict (without calibration; see
+    calibrate_checkpoint).
+
+    Under torchrun (WORLD_SIZE > 1, after start_distributed) the model is wrapped in DistributedDataParallel:
+    every process draws the same permutation and augmentation numbers, trains on its slice of each global
+    batch of --batch_size, and DDP averages the gradients, so a step sees what one process would (up to
+    BatchNorm on CPU, which normalises per slice). Rank 0 alone writes checkpoints.
     """
     art_dir = Path(art_dir)
     # the best epoch so far goes to best_epoch.pt; only calibrate_checkpoint writes best.pt, so best.pt is
@@ -331,8 +362,19 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = BN_MOMENTUM
     model = prepare_for_device(model, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    bs = min(cfg["batch_size"], len(x_tr))
+    rank, world = dist_world()
+    bs = min(cfg["batch_size"], len(x_tr))  # the global batch; each of `world` processes takes bs / world of it
+    if bs % world:
+        raise SystemExit(f"error: --batch_size {bs} must divide evenly over the {world} training processes")
+    per = bs // world
+    core = model  # the module itself: what is checkpointed, evaluated and recalibrated
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        if device.type == "cuda":  # BN statistics over the global batch, as one process would have them
+            core = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # on CPU (gloo) SyncBatchNorm is unsupported: each process normalises over its own slice
+        model = DistributedDataParallel(core, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(core.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     steps_per_epoch = max(1, len(x_tr) // bs)  # drop the ragged last batch: BN needs >1 sample
     total = cfg["epochs"] * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -352,7 +394,7 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
         if changed:
             raise SystemExit(f"error: --resume: the training rows changed since {last_p} was written ({changed}); "
                              f"resuming would mix two data sets. Train without --resume.")
-        model.load_state_dict(ck["model"])
+        core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         if ck.get("scaler"):
@@ -360,7 +402,6 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
         start_epoch, best_acc, history = ck["epoch"] + 1, ck["best_val_acc"], ck["history"]
         _set_rng_state(ck["rng"], gen)
         log.info("resumed from %s at epoch %d (best val acc %.4f)", last_p, start_epoch, best_acc)
-    x_tr_pinned = x_tr.pin_memory() if device.type == "cuda" else x_tr
     y_tr_t = torch.as_tensor(y_tr)
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.time()
@@ -369,10 +410,11 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
         loss_sum = correct = seen = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", leave=False)
         for step in bar:
-            idx = perm[step * bs:(step + 1) * bs]
-            xb = x_tr_pinned[idx].to(device, non_blocking=True)
+            idx = perm[step * bs:(step + 1) * bs][rank * per:(rank + 1) * per]  # this process's slice
+            xb = x_tr[idx]  # one batch gathered from the cache (a tensor or a flywheel.imcache.Images view)
+            xb = (xb.pin_memory() if device.type == "cuda" else xb).to(device, non_blocking=True)
             yb = y_tr_t[idx].to(device, non_blocking=True)
-            xb = augment(xb, gen)
+            xb = augment(xb, gen, (rank, world))
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with amp_context(device):
@@ -389,16 +431,20 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
             bar.set_postfix(loss=f"{loss.item():.4f}", avg=f"{loss_sum / seen:.4f}", refresh=False)
             if _on_batch is not None:
                 _on_batch(epoch, step)
-        recalibrate_bn(model, x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(epoch))[:BN_RECAL_IMAGES]], device)
-        val_logits = predict_logits(model, x_va, device, cfg["batch_size"])
+        if world > 1:  # the epoch's figures over every process's slice, and a check that DDP kept one model
+            loss_sum, correct, seen = _sum_over_ranks([loss_sum, correct, seen])
+            _check_ranks_agree(core)
+        # every process recalibrates and validates the same way on the same images, so all agree on "improved"
+        recalibrate_bn(core, x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(epoch))[:BN_RECAL_IMAGES]], device)
+        val_logits = predict_logits(core, x_va, device, cfg["batch_size"])
         val_acc = float((val_logits.argmax(1) == np.asarray(y_va)).mean()) if len(y_va) else 0.0
         dt = time.time() - t0
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                        "val_acc": val_acc, "seconds": dt, "lr": sched.get_last_lr()[0]})
+                        "val_acc": val_acc, "seconds": dt, "lr": sched.get_last_lr()[0], "processes": world})
         improved = val_acc > best_acc
         log.info("epoch %3d/%d | train loss %.4f acc %.3f | val acc %.3f%s | %.1fs", epoch + 1, cfg["epochs"],
                  history[-1]["train_loss"], history[-1]["train_acc"], val_acc, " *" if improved else "", dt)
-        ck = {"version": CKPT_VERSION, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        ck = {"version": CKPT_VERSION, "model": core.state_dict(), "optimizer": opt.state_dict(),
               "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if use_scaler else None,
               "epoch": epoch, "best_val_acc": max(best_acc, val_acc), "config": dict(cfg), "classes": list(classes),
               "model_args": model_args, "init_weights": str(init_weights), "rng": _rng_state(gen),
@@ -406,11 +452,36 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
         if improved:
             best_acc = val_acc
             ck["best_epoch"] = epoch + 1
-            save_checkpoint(best_p, {**ck, "optimizer": None, "scheduler": None, "scaler": None})
-        save_checkpoint(last_p, ck)
+            if rank == 0:
+                save_checkpoint(best_p, {**ck, "optimizer": None, "scheduler": None, "scaler": None})
+        if rank == 0:
+            save_checkpoint(last_p, ck)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # rank 0 has written best_epoch.pt
     best = load_checkpoint(best_p)
     best["history"] = history
     return best
+
+
+def _sum_over_ranks(values):
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _check_ranks_agree(model):
+    """Every DDP process must hold the same weights after an epoch (a float64 checksum per process);
+    processes that drifted apart would write a model none of them trained."""
+    import torch.distributed as dist
+    mine = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())], dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    sums = [float(t) for t in every]
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise RuntimeError(f"DDP processes hold different weights after an epoch (checksums {sums}); their "
+                           f"gradients were not averaged")
 
 
 def calibrate_checkpoint(best, x_va, y_va, device, path):

@@ -16,6 +16,7 @@ Shortcut taken: one image per request (no batching of images into one prompt), s
 maps to exactly one ledger record and one price.
 """
 import base64
+import functools
 import json
 import logging
 import random
@@ -99,9 +100,14 @@ def question_hash(class_order, temperature, max_tokens=MAX_TOKENS) -> str:
     >>> len({question_hash(["a", "b"], 0.0), question_hash(["b", "a"], 0.0), question_hash(["a", "b"], 0.7)})
     3
     """
+    return _question_hash(tuple(class_order), float(temperature), int(max_tokens))
+
+
+@functools.lru_cache(maxsize=4096)  # QC asks it for every image and pass; the orders repeat
+def _question_hash(class_order, temperature, max_tokens):
     import hashlib
     spec = json.dumps({"system": SYSTEM_PROMPT, "user": build_prompt(class_order),
-                       "temperature": float(temperature), "max_tokens": int(max_tokens)}, sort_keys=True)
+                       "temperature": temperature, "max_tokens": max_tokens}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 

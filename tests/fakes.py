@@ -138,7 +138,8 @@ def truth_by_sha(run) -> dict:
     return {r["sha256"]: r["label"] for r in read_csv(Path(run) / "manifest.csv")}
 
 
-def ledger_records(run) -> list:
-    """labels.jsonl through the project's torn-line-tolerant reader (tests poll it while a child appends)."""
+def ledger_records(run, name="labels.jsonl") -> list:
+    """labels.jsonl (or another ledger file in the run) through the project's torn-line-tolerant reader
+    (tests poll it while a child appends)."""
     from flywheel.io import read_jsonl
-    return read_jsonl(Path(run) / "labels.jsonl")[0]
+    return read_jsonl(Path(run) / name)[0]

@@ -81,6 +81,8 @@ PARSERS = {"cifar_distill.py": cifar_distill.build_parser, "cost_breakeven.py": 
 
 def parse(cmd):
     argv = shlex.split(cmd)[2:]  # drop "uv run"
+    if argv[0] == "torchrun":  # torchrun's own options come before the script
+        argv = argv[next(i for i, a in enumerate(argv) if a.endswith(".py")):]
     script = Path(argv[0]).name
     assert script in PARSERS, f"unknown script in {cmd!r}"
     PARSERS[script]().parse_args(argv[1:])  # argparse exits on any flag it does not know

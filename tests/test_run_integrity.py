@@ -48,11 +48,11 @@ def test_interrupted_train_leaves_a_usable_run(copy_run, monkeypatch):
     from flywheel import student as S
     real, n = S.augment, {"batches": 0}
 
-    def dying_augment(x, gen):
+    def dying_augment(x, gen, *part):
         n["batches"] += 1
         if n["batches"] == 10:  # in epoch 2 of 4 (~6 batches each), after epoch 1 saved its best
             raise KeyboardInterrupt
-        return real(x, gen)
+        return real(x, gen, *part)
     monkeypatch.setattr(S, "augment", dying_augment)
     with pytest.raises(SystemExit) as e:
         run_cli("--step", "train", *common(d), *TRAIN_FLAGS)
