@@ -190,6 +190,9 @@ def validate(cfg: dict) -> dict:
             bad("step", f"{cfg['step']} does not run under torchrun; only --step train does (DistributedDataParallel)")
         if cfg["measure_noise_cost"]:
             bad("measure_noise_cost", "is not supported under torchrun; measure it in a single-process run")
+        if cfg["batch_size"] % int(os.environ["WORLD_SIZE"]):
+            bad("batch_size", f"{cfg['batch_size']} must divide evenly over the {os.environ['WORLD_SIZE']} torchrun "
+                              f"processes (it is the global batch; each process takes an equal slice)")
     if cfg["shard"] is not None:
         cfg["shard_i"], cfg["shard_n"] = parse_shard(cfg["shard"])
         if cfg["step"] != "label":

@@ -61,8 +61,12 @@ def test_each_process_augments_its_slice_as_one_process_would():
     torch.testing.assert_close(torch.cat(parts), whole)
 
 
-def test_other_steps_refuse_to_run_under_torchrun(labeled, monkeypatch):
+@pytest.mark.parametrize("argv,why", [(["--step", "eval"], "only --step train does"),
+                                      (["--step", "train", "--batch_size", "31"], "must divide evenly"),
+                                      (["--step", "train", "--measure_noise_cost"], "not supported under torchrun")])
+def test_what_cannot_run_under_torchrun_fails_before_work(labeled, monkeypatch, argv, why):
     monkeypatch.setenv("OPENROUTER_API_KEY", "unused")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="only --step train does"):
-        run_cli("--step", "eval", "--out_dir", labeled, "--data_root", labeled.parent / "data")
+    with pytest.raises(SystemExit, match=why):
+        run_cli(*argv, "--out_dir", labeled, "--data_root", labeled.parent / "data")
+    assert not (labeled / "cache").exists()  # nothing ran
