@@ -36,6 +36,8 @@ from flywheel.io import stable_unit
 
 FLAG_SHARES = (0.05, 0.1, 0.15, 0.2)  # candidate shares of images to flag (quantiles of the held-out score)
 CL_MIN_ITEMS, CL_FOLDS, CL_PIXELS = 50, 5, 12  # fewest first answers to train on; folds; feature side (px)
+CL_MAX_TRAIN = 20_000  # each fold's model trains on at most this many items (a sample): heap and time stay flat
+CL_CHUNK = 8192        # items scored at once
 TIE_BREAK = 1e-4  # stated confidences come with <= 3 decimals: the hash only orders equal ones
 CONF_AUROC_MIN = 0.6  # below this, stated confidence is treated as uninformative (verbalised-confidence literature: ~0.55-0.6)
 Z95 = 1.959964
@@ -249,9 +251,11 @@ def estimate_on_gold(gold, threshold):
 
 # ----------------------------------------------------------------------------- the held-out model
 
-def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0):
+def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0, max_train=CL_MAX_TRAIN):
     """[n, k] probabilities for each item from a logistic regression trained on the other folds (so no item
-    is judged by a model that saw its label). x [n, d] float features, y [n] ints in [0, k)."""
+    is judged by a model that saw its label), on a sample of at most max_train of them, scored in chunks.
+    x [n, d] float features, or uint8 pixels (read as /255 in float32, a few rows at a time, so the heap
+    holds 1 byte a feature), y [n] ints in [0, k)."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -262,21 +266,31 @@ def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0):
     smallest = counts[counts > 0].min()
     folds = int(max(2, min(folds, smallest)))
     out = np.zeros((len(y), k))
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+    rng = np.random.default_rng(seed)
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
+        if len(tr) > max_train:
+            tr = np.sort(rng.choice(tr, max_train, replace=False))
         m = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300))
-        m.fit(x[tr], y[tr])
-        out[np.ix_(te, m.classes_)] = m.predict_proba(x[te])
+        m.fit(_as_float(x[tr]), y[tr])
+        for start in range(0, len(te), CL_CHUNK):
+            part = te[start:start + CL_CHUNK]
+            out[np.ix_(part, m.classes_)] = m.predict_proba(_as_float(x[part]))
     return out
 
 
+def _as_float(x):
+    import numpy as np
+    return x.astype(np.float32) / 255 if x.dtype == np.uint8 else x
+
+
 def pixel_features(files, side=CL_PIXELS, desc="held-out model: features"):
-    """[n, side*side*3] float32 in [0, 1]: each image shrunk to side x side RGB, a cheap, label-free
-    representation for the held-out model."""
+    """[n, side*side*3] uint8: each image shrunk to side x side RGB, a cheap, label-free representation for
+    the held-out model (432 bytes an image; out_of_fold_probs reads them as float32 / 255)."""
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
-    out = np.zeros((len(files), side * side * 3), np.float32)
+    out = np.zeros((len(files), side * side * 3), np.uint8)
     for i, f in enumerate(tqdm(files, desc=desc, unit="img", leave=False)):
         with Image.open(f) as im:
-            out[i] = np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR), np.float32).reshape(-1) / 255
+            out[i] = np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR)).reshape(-1)
     return out
