@@ -601,9 +601,10 @@ def step_label(cfg, P):
     outputs = lambda **kw: write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc,  # noqa: E731
                                                person_gold, rule=rule, **kw)
     if cfg["shard"]:  # a part's review files would describe a part: the merged ledger's plain label run writes them
-        outputs = lambda **kw: log.info("label: shard %s done: %d calls, $%.4f in %s. Copy it into the main run "  # noqa: E731
-                                        "folder, run --step merge, then --step label without --shard.", cfg["shard"],
-                                        budget.calls, budget.run_spent, ledger_path)
+        def outputs(**_):
+            log.info("label: shard %s stopped or done: %d calls, $%.4f in %s. Copy it into the main run folder, "
+                     "run --step merge, then --step label without --shard.", cfg["shard"], budget.calls,
+                     budget.run_spent, ledger_path)
     write_flags(P, None, None)  # refilled below when the held-out model's flags are fitted; no stale ones
     try:
         rest = [it for it in items if it["path"] not in gold]
