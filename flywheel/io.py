@@ -124,6 +124,34 @@ def read_jsonl(path, is_record=lambda r: isinstance(r, dict)):
     return records, bad, bool(data) and not data.endswith(b"\n")
 
 
+def iter_jsonl(path, start=0, is_record=lambda r: isinstance(r, dict), desc=None, bar_from_bytes=0):
+    """The complete lines of a JSONL file from byte offset `start`, as (record, end): end is the byte
+    offset just past the line, record is None for a line that is not a record (a crash mid-write).
+    Blank lines are skipped; it stops before a torn last line (no newline), which a later read picks
+    up once it is finished. A tqdm bar (in bytes) shows when at least bar_from_bytes are left to read."""
+    from tqdm import tqdm
+    path = Path(path)
+    size = path.stat().st_size
+    end = start
+    with open(path, "rb") as f, tqdm(total=size - start, unit="B", unit_scale=True, leave=False, desc=desc,
+                                     disable=desc is None or size - start < bar_from_bytes) as bar:
+        f.seek(start)
+        for line in f:
+            if not line.endswith(b"\n"):
+                return
+            end += len(line)
+            bar.update(len(line))
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not is_record(rec):
+                    raise ValueError
+            except ValueError:
+                rec = None
+            yield rec, end
+
+
 class JsonlAppender:
     """An append-only JSONL file shared by threads: `records` are the complete lines already there
     (a torn line from a crash is skipped and counted in `bad_lines`), `append` writes and flushes one

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from flywheel.io import JsonlAppender
+from flywheel.io import JsonlAppender, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ def index_path(ledger_path):
     return p.with_name(p.name.replace(".jsonl", "") + ".index.sqlite")
 
 
+def head_hash(path, n) -> str:
+    """sha256 of a file's first n bytes: whether a file is still the one an index or a merge saw."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(n)).hexdigest()
+
+
 class Ledger:
     """labels.jsonl, appended to under a lock by many worker threads, looked up through its SQLite index."""
 
@@ -104,17 +110,13 @@ class Ledger:
         row = self._db.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
         return row[0] if row else None
 
-    def _head_hash(self, n):
-        with open(self.path, "rb") as f:
-            return hashlib.sha256(f.read(n)).hexdigest()
-
     def _state(self, size):
         """-> bytes of the JSONL the index covers (0: rebuild it), and whether the index is usable as is."""
         tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not {"calls", "meta"} <= tables or self._meta("version") != str(INDEX_VERSION):
             return 0, False
         covered, head_n = int(self._meta("covered") or 0), int(self._meta("head_n") or 0)
-        if covered > size or (covered and self._meta("head") != self._head_hash(head_n)):
+        if covered > size or (covered and self._meta("head") != head_hash(self.path, head_n)):
             log.warning("%s does not match %s (the ledger was replaced or cut): rebuilding the index",
                         index_path(self.path), self.path)
             return 0, False
@@ -130,7 +132,7 @@ class Ledger:
                 covered, current = self._state(size)  # another process may have done it meanwhile
                 if not current:
                     self._schema(reset=covered == 0)
-                    self._index_from(covered, size)
+                    self._index_from(covered)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -138,35 +140,21 @@ class Ledger:
         self.bad_lines = int(self._meta("bad_lines") or 0)
         self._head_n = int(self._meta("head_n") or 0)
 
-    def _index_from(self, start, size):
-        from tqdm import tqdm
+    def _index_from(self, start):
         t0, rows, bad, end = time.monotonic(), [], int(self._meta("bad_lines") or 0) if start else 0, start
-        with open(self.path, "rb") as f, tqdm(total=size - start, unit="B", unit_scale=True, leave=False,
-                                              desc="index labels.jsonl", disable=size - start < (64 << 20)) as bar:
-            f.seek(start)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # a torn last line: left for the next open (JsonlAppender starts a fresh line after it)
-                end += len(line)
-                bar.update(len(line))
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    if not _is_call(rec):
-                        raise ValueError
-                except ValueError:
-                    bad += 1
-                    log.warning("%s: a line ending at byte %d is not a complete record (a crash mid-write?); "
-                                "skipped", self.path, end)
-                    continue
-                rows.append(self._row(_rekey_legacy(rec), end))
-                if len(rows) >= 10000:
-                    self._insert(rows)
-                    rows = []
+        for rec, end in iter_jsonl(self.path, start, _is_call, "index labels.jsonl", bar_from_bytes=64 << 20):
+            if rec is None:
+                bad += 1
+                log.warning("%s: a line ending at byte %d is not a complete record (a crash mid-write?); "
+                            "skipped", self.path, end)
+                continue
+            rows.append(self._row(_rekey_legacy(rec), end))
+            if len(rows) >= 10000:
+                self._insert(rows)
+                rows = []
         self._insert(rows)
         head_n = min(end, HEAD_BYTES)
-        self._set_meta(covered=end, bad_lines=bad, head=self._head_hash(head_n), head_n=head_n, version=INDEX_VERSION)
+        self._set_meta(covered=end, bad_lines=bad, head=head_hash(self.path, head_n), head_n=head_n, version=INDEX_VERSION)
         if end - start > (64 << 20):
             log.info("indexed %.0f MB of %s in %.1fs", (end - start) / 2**20, self.path, time.monotonic() - t0)
 
@@ -188,7 +176,7 @@ class Ledger:
             meta = {"covered": end}
             if self._head_n < HEAD_BYTES:  # the remembered head grows with the file up to HEAD_BYTES
                 self._head_n = min(end, HEAD_BYTES)
-                meta.update(head=self._head_hash(self._head_n), head_n=self._head_n)
+                meta.update(head=head_hash(self.path, self._head_n), head_n=self._head_n)
             self._db.execute("BEGIN")
             self._insert([self._row(rec, end)])
             self._set_meta(**meta)
@@ -296,12 +284,9 @@ def merge_ledger_file(ledger, path, state=None) -> Merged:
     every other record is kept (failed and invalid calls were paid for too). Each kept record gains
     merged_from (the file's name)."""
     from pathlib import Path
-
-    from tqdm import tqdm
     path = Path(path)
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
+    head = head_hash(path, HEAD_BYTES)
     start = int((state or {}).get("bytes", 0))
     if state and (state.get("head") != head or start > size):
         log.warning("%s is not the file merged before (it was replaced): merging it from the start; answers "
@@ -309,29 +294,16 @@ def merge_ledger_file(ledger, path, state=None) -> Merged:
         start = 0
     added = dup = bad = 0
     end = start
-    with open(path, "rb") as f, tqdm(total=size - start, unit="B", unit_scale=True, desc=f"merge {path.name}",
-                                     leave=False) as bar:
-        f.seek(start)
-        for line in f:
-            if not line.endswith(b"\n"):
-                break  # a torn last line (the shard is still being written, or crashed): merged next time
-            end += len(line)
-            bar.update(len(line))
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not _is_call(rec):
-                    raise ValueError
-            except ValueError:
-                bad += 1
-                continue
-            rec = _rekey_legacy(rec)
-            if rec.get("status") == "ok" and ledger.ok(rec["key"]) is not None:
-                dup += 1
-                continue
-            ledger.append({**rec, "merged_from": path.name})
-            added += 1
+    for rec, end in iter_jsonl(path, start, _is_call, f"merge {path.name}"):
+        if rec is None:
+            bad += 1
+            continue
+        rec = _rekey_legacy(rec)
+        if rec.get("status") == "ok" and ledger.ok(rec["key"]) is not None:
+            dup += 1
+            continue
+        ledger.append({**rec, "merged_from": path.name})
+        added += 1
     return Merged(added, dup, bad, {"bytes": end, "head": head})
 
 
