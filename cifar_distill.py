@@ -1153,7 +1153,7 @@ def step_cascade(cfg, P, art=None, turn=None):
     art/pool_predictions.csv"""
     import numpy as np
     from flywheel.calibrate import margin
-    from flywheel.cascade import EscalationLog, route_of, summarize, tau_sweep
+    from flywheel.cascade import EscalationLog, escalation_record, route_of, summarize, tau_sweep
     from flywheel.costs import LLM_ONLY_CALLS_PER_ITEM
     from flywheel.labeling import label_items
     from flywheel.ledger import Ledger
@@ -1210,15 +1210,8 @@ def step_cascade(cfg, P, art=None, turn=None):
                         h_lab, h_src = humans[it["path"]]
                     elif cfg["simulate_human"]:
                         h_lab, h_src = manifest[it["path"]]["label"], "simulated_human"
-                rec = {"student_id": sid, "turn": turn, "split": split, "path": it["path"], "sha256": it["sha256"],
-                       "student_probs": [round(float(x), 6) for x in probs[i]], "student_pred": classes[pred[i]],
-                       "student_conf": round(float(conf[i]), 6), "tau": tau, "route": route, "llm_status": st,
-                       "llm_label": lab or None,
-                       "llm_answers": [{"pass": r["pass"], "label": r["label"], "confidence": r["confidence"],
-                                        "cost_usd": r.get("cost_usd", 0.0), "latency_s": r.get("latency_s", 0.0),
-                                        "source": r.get("source")} for r in recs],
-                       "llm_cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in recs), 6),
-                       "human_label": h_lab, "human_source": h_src}
+                rec = escalation_record(sid, turn, split, it["path"], it["sha256"], probs[i], classes, tau, route, st,
+                                        lab, recs, h_lab, h_src)
                 if st == "failed":  # not asked (budget, stop) or transport errors: not settled, never logged
                     unsettled[it["path"]] = rec
                 else:
@@ -1527,8 +1520,9 @@ def step_export(cfg, P):
     test images, and the graph on raw small images against the student on prep's JPEGs of them."""
     import numpy as np
     import torch
+    from flywheel.calibrate import softmax
     from flywheel.serve import (export_onnx, export_torchscript, load_images, ort_session, prep_consistency,
-                                serving_graph, softmax_np)
+                                serving_graph)
     from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_student, model_from_checkpoint
     art, turn = promoted_artifacts(P.out)
     best = load_student(art / "best.pt")  # the promoted student: the one that ships
@@ -1547,10 +1541,10 @@ def step_export(cfg, P):
     files = [P.out / r["path"] for r in rows]
     x = load_images(files)
     with torch.no_grad():
-        ref = softmax_np(graph(torch.from_numpy(x)).numpy())
+        ref = softmax(graph(torch.from_numpy(x)).numpy())
     session = ort_session(P.onnx)
-    outs = {"onnx": softmax_np(session.run(None, {"image": x})[0]),
-            "torchscript": softmax_np(torch.jit.load(str(P.ts))(torch.from_numpy(x)).detach().numpy())}
+    outs = {"onnx": softmax(session.run(None, {"image": x})[0]),
+            "torchscript": softmax(torch.jit.load(str(P.ts))(torch.from_numpy(x)).detach().numpy())}
     result = {"n_images": len(rows), "temperature": best["temperature"], "classes": best["classes"],
               "turn": turn, "student": str(art / "best.pt"), "val_acc": best["best_val_acc"], "sharpen": sharpen,
               "tolerance": EXPORT_TOLERANCE}

@@ -44,6 +44,28 @@ class EscalationLog:
         self._file.close()
 
 
+def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau, route, llm_status, llm_label,
+                      answers, human_label=None, human_source=None):
+    """One escalations.jsonl record (the cascade's and the server's): the student's view, the route, and
+    the LLM's answers (ledger records) with what they cost.
+
+    >>> r = escalation_record("s1", 0, "pool", "a.jpg", "ab", [0.4, 0.6], ["x", "y"], 0.9, "llm", "accepted", "y",
+    ...                       [{"pass": 1, "label": "y", "confidence": 0.8, "cost_usd": 0.001}])
+    >>> r["student_pred"], r["student_conf"], r["llm_cost_usd"], r["llm_answers"][0]["latency_s"]
+    ('y', 0.6, 0.001, 0.0)
+    """
+    k = int(np.argmax(probs))
+    return {"student_id": student_id, "turn": turn, "split": split, "path": path, "sha256": sha256,
+            "student_probs": [round(float(p), 6) for p in probs], "student_pred": classes[k],
+            "student_conf": round(float(probs[k]), 6), "tau": tau, "route": route, "llm_status": llm_status,
+            "llm_label": llm_label or None,
+            "llm_answers": [{"pass": r["pass"], "label": r["label"], "confidence": r["confidence"],
+                             "cost_usd": r.get("cost_usd", 0.0), "latency_s": r.get("latency_s", 0.0),
+                             "source": r.get("source")} for r in answers],
+            "llm_cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in answers), 6),
+            "human_label": human_label, "human_source": human_source}
+
+
 def route_of(student_conf, tau, llm_status):
     """The route an item takes.
 

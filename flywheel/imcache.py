@@ -44,10 +44,9 @@ def rows_key(rows) -> str:
 
 
 def _decode_hwc(path) -> np.ndarray:
-    """One image file -> uint8 [H, W, 3] RGB, decoded as the student's decode_jpeg does."""
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    """One image file -> uint8 [H, W, 3] RGB, decoded as training decodes it (flywheel.student.decode_rgb)."""
+    from flywheel.student import decode_rgb
+    return decode_rgb(path)
 
 
 class ImageCache:

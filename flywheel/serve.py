@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flywheel.student import Normalize, normalize
+from flywheel.calibrate import softmax
+from flywheel.student import Normalize, decode_rgb, normalize
 
 log = logging.getLogger(__name__)
 ONNX_OPSET = 18
@@ -187,12 +188,7 @@ def onnx_metadata(path) -> dict:
 def load_images(files, pool: ThreadPoolExecutor = None) -> np.ndarray:
     """Image files -> uint8 [B, H, W, 3] RGB, the exported graph's input (same-size files; decoding runs
     in `pool` threads when given)."""
-    from PIL import Image
-
-    def load(f):
-        with Image.open(f) as im:
-            return np.asarray(im.convert("RGB"))
-    imgs = list(pool.map(load, files)) if pool is not None else [load(f) for f in files]
+    imgs = list(pool.map(decode_rgb, files)) if pool is not None else [decode_rgb(f) for f in files]
     return np.stack(imgs)
 
 
@@ -215,16 +211,11 @@ def prep_consistency(graph, session, files, img_size, sharpen, wh=RAW_CHECK_WH):
         raws.append(np.asarray(raw))
         with Image.open(io.BytesIO(jpeg_bytes(upscale(raw, img_size, sharpen)))) as im:
             prepped.append(np.asarray(im.convert("RGB")))
-    p_graph = softmax_np(session.run(None, {"image": np.stack(raws)})[0])
+    p_graph = softmax(session.run(None, {"image": np.stack(raws)})[0])
     with torch.no_grad():
-        p_train = softmax_np(graph.student(normalize(torch.from_numpy(np.stack(prepped)).permute(0, 3, 1, 2))).numpy())
+        p_train = softmax(graph.student(normalize(torch.from_numpy(np.stack(prepped)).permute(0, 3, 1, 2))).numpy())
     d = np.abs(p_graph - p_train)
     return {"size_wh": list(wh), "n_images": len(files), "agreement": float((p_graph.argmax(1) == p_train.argmax(1)).mean()),
             "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
             "what": "graph on raw images vs the student on prep's JPEG of the same raw images"}
 
-
-def softmax_np(z):
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)

@@ -75,12 +75,12 @@ class Service:
     def student(self, img):
         """Calibrated class probabilities [C]. The exported graph takes the raw pixels, uint8 [1, H, W, 3], and
         does the resize, sharpening and normalisation itself; it divides by T."""
-        from flywheel.serve import softmax_np
+        from flywheel.calibrate import softmax
         logits = self.session.run(None, {"image": np.asarray(img)[None]})[0]
-        return softmax_np(logits)[0]
+        return softmax(logits)[0]
 
     def classify(self, data: bytes) -> dict:
-        from flywheel.cascade import route_of
+        from flywheel.cascade import escalation_record, route_of
         rid = uuid.uuid4().hex[:16]
         img = self.prepare(data)
         probs = self.student(img)
@@ -95,15 +95,9 @@ class Service:
         upload_sha = hashlib.sha256(data).hexdigest()  # lets the flywheel refuse a test image sent as-is
         status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
         route = route_of(conf, self.tau, status)
-        rec = {"student_id": self.student_id, "turn": self.turn, "split": "production", "path": rel, "sha256": sha,
-               "request_id": rid, "upload_sha256": upload_sha, "student_probs": [round(float(p), 6) for p in probs], "student_pred": guess,
-               "student_conf": round(conf, 6), "tau": self.tau, "route": route, "llm_status": status,
-               "llm_label": label or None,
-               "llm_answers": [{"pass": r["pass"], "label": r["label"], "confidence": r["confidence"],
-                                "cost_usd": r.get("cost_usd", 0.0), "latency_s": r.get("latency_s", 0.0),
-                                "source": r.get("source")} for r in answers],
-               "llm_cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in answers), 6),
-               "human_label": None, "human_source": None, "error": error}
+        rec = {**escalation_record(self.student_id, self.turn, "production", rel, sha, probs, self.classes, self.tau,
+                                   route, status, label, answers),
+               "request_id": rid, "upload_sha256": upload_sha, "error": error}
         self.esc.append(rec)  # flushed before the answer leaves: kill -9 loses no logged escalation
         if route == "human":
             self.enqueue_for_review(rec)

@@ -107,12 +107,17 @@ def build_model(num_classes: int, weights="none") -> nn.Module:
 
 # ----------------------------------------------------------------------------- data
 
-def decode_jpeg(path) -> torch.Tensor:
-    """One image file -> uint8 [3, H, W] RGB (Pillow releases the GIL while decoding, so threads scale)."""
+def decode_rgb(path) -> np.ndarray:
+    """One image file -> uint8 [H, W, 3] RGB: the one decoder of training, the image cache and serving
+    (Pillow releases the GIL while decoding, so threads scale)."""
     from PIL import Image
     with Image.open(path) as im:
-        a = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert() would copy: 2x the decode
-    return torch.from_numpy(a.copy()).permute(2, 0, 1)
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert() would copy: 2x the decode
+
+
+def decode_jpeg(path) -> torch.Tensor:
+    """One image file -> uint8 [3, H, W] RGB."""
+    return torch.from_numpy(decode_rgb(path).copy()).permute(2, 0, 1)
 
 
 def decode_images(files, workers=8, desc="decode") -> torch.Tensor:

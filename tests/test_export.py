@@ -8,7 +8,8 @@ import onnxruntime as ort
 import torch
 
 from flywheel.io import read_csv, read_json
-from flywheel.serve import load_images, onnx_metadata, softmax_np
+from flywheel.calibrate import softmax
+from flywheel.serve import load_images, onnx_metadata
 
 
 def test_export_matches_torch_and_folds_temperature(exported_run):
@@ -24,9 +25,9 @@ def test_export_matches_torch_and_folds_temperature(exported_run):
     x = load_images([exported_run / p["path"] for p in preds])
     assert x.dtype == np.uint8 and x.shape[-1] == 3
     sess = ort.InferenceSession(str(exported_run / "artifacts" / "mobilenet.onnx"), providers=["CPUExecutionProvider"])
-    p = softmax_np(sess.run(None, {"image": x})[0])
+    p = softmax(sess.run(None, {"image": x})[0])
     ts = torch.jit.load(str(exported_run / "artifacts" / "mobilenet.ts"))
-    assert np.abs(softmax_np(ts(torch.from_numpy(x[:1])).numpy()) - p[:1]).max() < 1e-3
+    assert np.abs(softmax(ts(torch.from_numpy(x[:1])).numpy()) - p[:1]).max() < 1e-3
     want = np.array([json.loads(r["probs"]) for r in preds])
     assert np.abs(p - want).max() < 1e-3
 
@@ -56,12 +57,12 @@ def test_graph_takes_any_size_and_matches_prep(exported_run, wh):
         grey = (ours - pil).abs() * 0.226 * 255  # back to grey levels (ImageNet's std is about 0.226)
         assert float(grey.mean()) < 1.0, float(grey.mean())
     sess = ort.InferenceSession(str(exported_run / "artifacts" / "mobilenet.onnx"), providers=["CPUExecutionProvider"])
-    p_graph = softmax_np(sess.run(None, {"image": np.stack([np.asarray(r) for r in raws])})[0])
+    p_graph = softmax(sess.run(None, {"image": np.stack([np.asarray(r) for r in raws])})[0])
     best = load_student(exported_run / "artifacts" / "best.pt")
     student = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval()
     jpgs = [np.asarray(Image.open(io.BytesIO(jpeg_bytes(upscale(r, size, sharpen)))).convert("RGB")) for r in raws]
     with torch.no_grad():
-        p_prep = softmax_np(student(normalize(torch.from_numpy(np.stack(jpgs)).permute(0, 3, 1, 2))).numpy())
+        p_prep = softmax(student(normalize(torch.from_numpy(np.stack(jpgs)).permute(0, 3, 1, 2))).numpy())
     # only the JPEG round trip separates them; this tiny 32px student is jumpy, so the bound is on the mean
     d = np.abs(p_graph - p_prep)
     assert d.mean() < 0.03 and (p_graph.argmax(1) == p_prep.argmax(1)).mean() >= 0.75, (d.mean(), d.max())
