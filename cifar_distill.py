@@ -1768,7 +1768,7 @@ def step_serve(cfg, P):
                          f"run `uv run cifar_distill.py --step export --out_dir {P.out}` first")
     tau, rule, _ = fit_tau(cfg, best)
     manifest = load_manifest(P)
-    session = ort_session(P.onnx, threads=cfg["num_threads"])
+    session = ort_session(P.onnx, threads=cfg["num_threads"], spin=False)
     if [i.name for i in session.get_inputs()] != ["image"]:
         raise SystemExit(f"error: {P.onnx} was exported before the graph took raw uint8 images; rerun "
                          f"`uv run cifar_distill.py --step export --out_dir {P.out}`")

@@ -169,11 +169,15 @@ def export_torchscript(graph, path):
         torch.jit.freeze(graph.eval().cpu()).save(str(path))
 
 
-def ort_session(path, threads=0, device="cpu"):
+def ort_session(path, threads=0, device="cpu", spin=True):
+    """An ONNX Runtime session. spin=False stops its idle threads from busy-waiting for the next run: a
+    server whose runs come one request at a time would otherwise burn the cores its HTTP work needs."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: the If's shared normalisation constants draw a harmless rename warning
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
