@@ -118,6 +118,9 @@ OPTIONS = {
     # cascade + flywheel
     "target_precision": (float, 0.95, "cascade: lowest student threshold whose auto-accepted validation precision reaches this"),
     "escalation_budget": (float, None, "cascade: escalate at most this fraction instead (unset: use --target_precision)"),
+    "contest_below": (float, 0.5, "cascade and serve: an accepted LLM label whose probability of being right, the "
+                                  "student's calibrated probabilities combined with the teacher's accuracy on gold pins, "
+                                  "is below this goes to a person (0 = the LLM's label always stands, the original rule)"),
     "simulate_human": (bool, False, "answer human-review items from ground truth (SIMULATED, offline evaluation only)"),
     "relabel_n": (int, 200, "flywheel: pool items relabeled per turn"),
     "relabel_strategy": (str, "targeted", "flywheel: targeted (picks that can yield a label: LLM-student disagreements, "
@@ -135,7 +138,7 @@ CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["ci
            "paid_answers": ["on", "off"],
            "retrain": ["best", "continue", "scratch"], "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
-UNIT_INTERVAL = ["oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
+UNIT_INTERVAL = ["contest_below", "oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
                  "target_precision", "target_label_precision"]
 POSITIVE = ["img_size", "max_workers", "epochs", "batch_size", "lr", "timeout", "relabel_n", "turns"]
 NON_NEGATIVE = ["max_per_class", "max_label", "max_retries", "max_invalid", "max_usd", "usd_per_call",
@@ -1147,134 +1150,234 @@ def human_answers(P):
             for r in read_csv(P.human_review) if (r.get("label_final") or "").strip()}
 
 
+def teacher_accuracy(P) -> float:
+    """Accuracy of accepted teacher labels, estimated from gold pins by the label step (never from the
+    manifest's truth); DEFAULT_TEACHER_ACC when no gold pins estimated it."""
+    est = (read_json(P.label_summary).get("estimated_accuracy") or {}) if P.label_summary.exists() else {}
+    return est.get("accuracy") or DEFAULT_TEACHER_ACC
+
+
+DEFAULT_TEACHER_ACC = 0.85  # prior accuracy of accepted teacher labels when no gold pins estimated it
+
+
+class CascadeContext(NamedTuple):
+    """What routing one item needs, shared by the splits of one cascade run."""
+    sid: str              # student id (escalation records are keyed by it)
+    turn: int
+    classes: list
+    tau: float
+    teacher_acc: float    # from gold pins: weighs the LLM's answer against the student's probabilities
+    contest_below: float  # an accepted LLM label less likely than this to be right goes to a person
+    humans: dict          # {path: (label, source)} answered in human_review.csv
+    truth: dict           # {path: label} for --simulate_human (SIMULATED answers), else {}
+
+    def decide(self, probs, e=None):
+        from flywheel.cascade import decide
+        return decide(probs, self.classes, self.tau, e and e["llm_status"], e and e["llm_label"], self.teacher_acc,
+                      self.contest_below)
+
+    def person(self, path):
+        """A person's answer so far: (label, source) or (None, None)."""
+        if path in self.humans:
+            return self.humans[path]
+        return (self.truth[path], "simulated_human") if path in self.truth else (None, None)
+
+
+class CascadeIO(NamedTuple):
+    """The files and clients one cascade run writes through."""
+    esc: object          # flywheel.cascade.EscalationLog
+    teacher: object
+    ledger: object
+    qc: object
+    budget: object
+    human_rows: dict     # {path: human_review.csv row}, written whole at the end
+
+
+class EscalationLogger:
+    """label_items' on_done for one split: each item the LLM phase finishes becomes an escalation record,
+    appended before the next one finishes (a killed cascade resumes without re-asking). Items with no LLM
+    answer (budget stop, errors) are not settled: kept in .unsettled, never logged, asked again next run."""
+
+    def __init__(self, ctx, esc, split, rows, probs):
+        self.ctx, self.esc, self.split, self.probs = ctx, esc, split, probs
+        self.index = {r["path"]: i for i, r in enumerate(rows)}
+        self.unsettled = {}
+
+    def __call__(self, it, verdict):
+        from flywheel.cascade import escalation_record
+        ctx, probs = self.ctx, self.probs[self.index[it["path"]]]
+        st, lab, _, recs = verdict
+        d = ctx.decide(probs, {"llm_status": st, "llm_label": lab})
+        h_lab, h_src = ctx.person(it["path"]) if d.route == "human" else (None, None)
+        rec = escalation_record(ctx.sid, ctx.turn, self.split, it["path"], it["sha256"], probs, ctx.classes, ctx.tau,
+                                d.route, st, lab, recs, h_lab, h_src, d.llm_posterior)
+        if st == "failed":
+            self.unsettled[it["path"]] = rec
+        else:
+            self.esc.append(rec)
+
+
+class Settled(NamedTuple):
+    items: list        # [{route, final, true}] under the rule in force (final None: waiting for a person)
+    plain: list        # the same items under the student-then-LLM rule (the control: same LLM answers)
+    n_calls: int       # LLM calls behind this split's escalations
+    cost_usd: float
+
+
+def settle_split(ctx, rows, probs, records, human_rows, split):
+    """Every item's route and answer from the student's probabilities and its escalation record (the route
+    is recomputed with the current rule, so changing --contest_below needs no new calls). Human-routed items
+    get a row in human_rows (a person's earlier answer kept). -> Settled"""
+    from flywheel.cascade import route_of
+    s = Settled([], [], 0, 0.0)
+    for i, r in enumerate(rows):
+        e = records.get(r["path"])
+        d = ctx.decide(probs[i], e)
+        if d.route == "student":
+            s.items.append({"route": "student", "final": d.label, "true": r["label"]})
+            s.plain.append(s.items[-1])
+            continue
+        s = s._replace(n_calls=s.n_calls + len(e["llm_answers"]), cost_usd=s.cost_usd + e["llm_cost_usd"])
+        person = ctx.person(r["path"])[0] or e.get("human_label")
+        final = e["llm_label"] if d.route == "llm" else person
+        if d.route == "human":
+            old = human_rows.get(r["path"], {})
+            h_lab, h_src = ctx.person(r["path"])
+            human_rows[r["path"]] = {
+                "path": r["path"], "split": split, "student_label": e["student_pred"],
+                "student_conf": f"{e['student_conf']:.4f}",
+                "llm_answers": "|".join(f"{a['label']}@{a['confidence']}" for a in e["llm_answers"]) or e["llm_status"],
+                "llm_status": e["llm_status"], "label_final": old.get("label_final") or (h_lab or ""),
+                "source": old.get("source") if old.get("label_final") else (h_src or ""), "turn": ctx.turn}
+        s.items.append({"route": d.route, "final": final, "true": r["label"]})
+        plain = route_of(float(probs[i].max()), ctx.tau, e["llm_status"])
+        s.plain.append({"route": plain, "final": e["llm_label"] if plain == "llm" else person, "true": r["label"]})
+    return s
+
+
+def rule_comparison(settled, contest_below):
+    """The combined rule against the student-then-LLM rule it replaces, on the same LLM answers (so the
+    same calls): wrong answers returned without a person, and items sent to a person. Uses the split's
+    ground truth: measuring only, never choosing."""
+    def tally(items):
+        auto = [x for x in items if x["route"] != "human"]
+        return {"wrong_without_person": sum(x["final"] != x["true"] for x in auto), "to_person": len(items) - len(auto),
+                "accuracy_without_person": (sum(x["final"] == x["true"] for x in auto) / len(auto)) if auto else None}
+    contested = [(x, y) for x, y in zip(settled.items, settled.plain) if x["route"] == "human" and y["route"] == "llm"]
+    return {"contest_below": contest_below, "combined": tally(settled.items), "student_then_llm": tally(settled.plain),
+            "contested": len(contested),
+            "contested_llm_wrong": sum(y["final"] != y["true"] for _, y in contested),
+            "llm_calls_both": settled.n_calls,
+            "what": "the same LLM answers routed by each rule; ground truth used to measure, never to choose"}
+
+
 def step_cascade(cfg, P, art=None, turn=None):
     """Route the test split and the unlabeled pool through student -> LLM -> human, with the promoted
     student unless `art` names another. -> escalations.jsonl, human_review.csv, art/cascade.json,
     art/pool_predictions.csv"""
-    import numpy as np
-    from flywheel.calibrate import margin
-    from flywheel.cascade import EscalationLog, escalation_record, route_of, summarize, tau_sweep
+    from flywheel.cascade import EscalationLog
     from flywheel.costs import LLM_ONLY_CALLS_PER_ITEM
-    from flywheel.labeling import label_items
     from flywheel.ledger import Ledger
-    from flywheel.student import load_student, pick_device
+    from flywheel.student import load_student
     from flywheel.teacher import FatalTeacherError
     if art is None:
         art, turn = promoted_artifacts(P.out)
     art, turn = Path(art), turn or 0
     best = load_student(art / "best.pt")
-    classes = best["classes"]
     manifest = load_manifest(P)
     tau, rule, val_stats = fit_tau(cfg, best)
-    sid = student_id_of(best)
-    log.info("cascade: tau = %.4f (%s; validation coverage %.3f, precision %s); student %s", tau, rule,
-             val_stats["val_coverage"], _fmt(val_stats["val_precision"]), sid)
-    device = pick_device(cfg["device"])
+    ctx = CascadeContext(student_id_of(best), turn, best["classes"], tau, teacher_accuracy(P), cfg["contest_below"],
+                         human_answers(P), {p: r["label"] for p, r in manifest.items()} if cfg["simulate_human"] else {})
+    log.info("cascade: tau = %.4f (%s; validation coverage %.3f, precision %s); student %s; an LLM label below "
+             "%.2f probability of being right goes to a person (teacher accuracy %.3f)", tau, rule,
+             val_stats["val_coverage"], _fmt(val_stats["val_precision"]), ctx.sid, ctx.contest_below, ctx.teacher_acc)
     ledger, esc = Ledger(P.ledger), EscalationLog(P.escalations)
-    teacher, qc = make_teacher(cfg, manifest), make_qc(cfg, P)
-    budget = make_budget(cfg, ledger)
-    humans = human_answers(P)
-    label_summary = read_json(P.label_summary) if P.label_summary.exists() else {}
-    calls_per_item = LLM_ONLY_CALLS_PER_ITEM
+    teacher = make_teacher(cfg, manifest)
     n_paid, mean_cost, mean_latency_s = ledger.paid_means(teacher.model)
-    cost_per_call = mean_cost if n_paid else cfg["usd_per_call"]
-    llm_call_ms = 1000 * mean_latency_s
-    streams = {"test": heldout_rows(manifest), "pool": pool_rows(P, manifest, turn)}
+    cost_per_call, llm_call_ms = (mean_cost if n_paid else cfg["usd_per_call"]), 1000 * mean_latency_s
     result = {"tau": tau, "tau_rule": rule, "target_precision": cfg["target_precision"],
-              "escalation_budget": cfg["escalation_budget"], **val_stats, "student_id": sid, "turn": turn,
+              "escalation_budget": cfg["escalation_budget"], **val_stats, "student_id": ctx.sid, "turn": turn,
+              "contest_below": ctx.contest_below, "teacher_accuracy_from_gold": ctx.teacher_acc,
               "teacher": {"source": teacher.source, "model": teacher.model, "simulated": teacher.source == "oracle"},
               "simulated_human": bool(cfg["simulate_human"]),
-              "inputs": {"calls_per_item_llm_only": calls_per_item, "cost_per_call_usd": cost_per_call,
+              "inputs": {"calls_per_item_llm_only": LLM_ONLY_CALLS_PER_ITEM, "cost_per_call_usd": cost_per_call,
                          "llm_call_ms": llm_call_ms}}
-    human_rows = {r["path"]: r for r in (read_csv(P.human_review) if P.human_review.exists() else [])}
+    io = CascadeIO(esc, teacher, ledger, make_qc(cfg, P), make_budget(cfg, ledger),
+                   {r["path"]: r for r in (read_csv(P.human_review) if P.human_review.exists() else [])})
     try:
-        for split, rows in streams.items():
-            if not rows:
-                result[split] = summarize([], 0, 0.0, calls_per_item, cost_per_call, 0.0, llm_call_ms)
-                continue
-            probs, _, student_ms = student_probs(P, rows, best, device, f"student {split}")
-            conf, pred = probs.max(1), probs.argmax(1)
-            by_path = {r["path"]: i for i, r in enumerate(rows)}
-            todo = [item(P, manifest, r["path"]) for i, r in enumerate(rows)
-                    if conf[i] < tau and esc.get(sid, split, r["path"]) is None]
-
-            unsettled = {}  # escalations with no LLM answer yet: routed to a human now, asked again next run
-
-            def log_escalation(it, v, split=split):
-                i = by_path[it["path"]]
-                st, lab, c, recs = v
-                route = route_of(float(conf[i]), tau, st)
-                h_lab, h_src = None, None
-                if route == "human":
-                    if it["path"] in humans:
-                        h_lab, h_src = humans[it["path"]]
-                    elif cfg["simulate_human"]:
-                        h_lab, h_src = manifest[it["path"]]["label"], "simulated_human"
-                rec = escalation_record(sid, turn, split, it["path"], it["sha256"], probs[i], classes, tau, route, st,
-                                        lab, recs, h_lab, h_src)
-                if st == "failed":  # not asked (budget, stop) or transport errors: not settled, never logged
-                    unsettled[it["path"]] = rec
-                else:
-                    esc.append(rec)
-            label_items(todo, teacher, ledger, qc, budget, "cascade", cfg["max_workers"], f"cascade {split} LLM",
-                        on_done=log_escalation)
-            items, n_calls, cost = [], 0, 0.0
-            for i, r in enumerate(rows):
-                if conf[i] >= tau:
-                    items.append({"route": "student", "final": classes[pred[i]], "true": r["label"]})
-                    continue
-                e = esc.get(sid, split, r["path"]) or unsettled[r["path"]]
-                n_calls += len(e["llm_answers"])
-                cost += e["llm_cost_usd"]
-                if e["route"] == "llm":
-                    final = e["llm_label"]
-                else:
-                    final = e["human_label"]
-                    if r["path"] in humans:  # an answer given since the record was written
-                        final = humans[r["path"]][0]
-                    old = human_rows.get(r["path"], {})
-                    human_rows[r["path"]] = {
-                        "path": r["path"], "split": split, "student_label": e["student_pred"],
-                        "student_conf": f"{e['student_conf']:.4f}",
-                        "llm_answers": "|".join(f"{a['label']}@{a['confidence']}" for a in e["llm_answers"]) or e["llm_status"],
-                        "llm_status": e["llm_status"],
-                        "label_final": old.get("label_final") or (e["human_label"] or ""),
-                        "source": old.get("source") if old.get("label_final") else (e["human_source"] or ""),
-                        "turn": turn}
-                items.append({"route": e["route"], "final": final, "true": r["label"]})
-            result[split] = summarize(items, n_calls, cost, calls_per_item, cost_per_call, student_ms, llm_call_ms)
-            result[split]["student_ms_per_item"] = student_ms
-            if split == "test":
-                esc_items = [x for x in items if x["route"] != "student" and x["final"] is not None]
-                esc_acc = (sum(x["final"] == x["true"] for x in esc_items) / len(esc_items)) if esc_items else \
-                    (label_summary.get("teacher_accuracy") or 1.0)
-                result["sweep"] = tau_sweep(conf, pred == np.array([classes.index(r["label"]) for r in rows]), esc_acc)
-                result["sweep_note"] = (f"accuracy at taus other than {tau:.3f} counts escalated items as right with "
-                                        f"the measured LLM+human route accuracy {esc_acc:.3f}; student_precision is exact")
-            else:
-                mg = margin(probs)
-                write_csv(art / "pool_predictions.csv", ["path", "pred", "confidence", "margin", "escalated"],
-                          [{"path": r["path"], "pred": classes[pred[i]], "confidence": f"{conf[i]:.6f}",
-                            "margin": f"{mg[i]:.6f}", "escalated": int(conf[i] < tau)} for i, r in enumerate(rows)])
+        for split, rows in {"test": heldout_rows(manifest), "pool": pool_rows(P, manifest, turn)}.items():
+            result.update(cascade_split(cfg, P, art, best, ctx, io, manifest, split, rows, result["inputs"]))
     except FatalTeacherError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_TEACHER_FATAL)
     finally:
-        write_csv(P.human_review, HUMAN_FIELDS, list(human_rows.values()))
+        write_csv(P.human_review, HUMAN_FIELDS, list(io.human_rows.values()))
         teacher.close()
         esc.close()
         ledger.close()
-    result["budget_stopped"] = budget.stopped
+    result["budget_stopped"] = io.budget.stopped
     write_json(art / "cascade.json", result)
-    for split in streams:
+    print_cascade(P, art, result, cfg)
+    return result
+
+
+def cascade_split(cfg, P, art, best, ctx, io, manifest, split, rows, inputs):
+    """One split through the cascade: the student on every item, the LLM on those below tau not yet
+    answered for this student, then every item settled. -> {split: summary} (+ the sweep and the rule
+    comparison for test; pool_predictions.csv for the pool)"""
+    import numpy as np
+    from flywheel.calibrate import margin
+    from flywheel.cascade import summarize, tau_sweep
+    from flywheel.labeling import label_items
+    from flywheel.student import pick_device
+    per_call = (inputs["calls_per_item_llm_only"], inputs["cost_per_call_usd"])
+    if not rows:
+        return {split: summarize([], 0, 0.0, *per_call, 0.0, inputs["llm_call_ms"])}
+    probs, _, student_ms = student_probs(P, rows, best, pick_device(cfg["device"]), f"student {split}")
+    conf, pred = probs.max(1), probs.argmax(1)
+    todo = [item(P, manifest, r["path"]) for i, r in enumerate(rows)
+            if conf[i] < ctx.tau and io.esc.get(ctx.sid, split, r["path"]) is None]
+    logger = EscalationLogger(ctx, io.esc, split, rows, probs)
+    label_items(todo, io.teacher, io.ledger, io.qc, io.budget, "cascade", cfg["max_workers"], f"cascade {split} LLM",
+                on_done=logger)
+    records = {r["path"]: io.esc.get(ctx.sid, split, r["path"]) or logger.unsettled[r["path"]]
+               for i, r in enumerate(rows) if conf[i] < ctx.tau}
+    s = settle_split(ctx, rows, probs, records, io.human_rows, split)
+    out = {split: {**summarize(s.items, s.n_calls, s.cost_usd, *per_call, student_ms, inputs["llm_call_ms"]),
+                   "student_ms_per_item": student_ms}}
+    if split == "test":
+        esc_items = [x for x in s.items if x["route"] != "student" and x["final"] is not None]
+        ls = read_json(P.label_summary) if P.label_summary.exists() else {}
+        esc_acc = (sum(x["final"] == x["true"] for x in esc_items) / len(esc_items)) if esc_items else \
+            (ls.get("teacher_accuracy") or 1.0)
+        out["sweep"] = tau_sweep(conf, pred == np.array([ctx.classes.index(r["label"]) for r in rows]), esc_acc)
+        out["sweep_note"] = (f"accuracy at taus other than {ctx.tau:.3f} counts escalated items as right with "
+                             f"the measured LLM+human route accuracy {esc_acc:.3f}; student_precision is exact")
+        out["rule_comparison"] = rule_comparison(s, ctx.contest_below)
+    else:
+        mg = margin(probs)
+        write_csv(art / "pool_predictions.csv", ["path", "pred", "confidence", "margin", "escalated"],
+                  [{"path": r["path"], "pred": ctx.classes[pred[i]], "confidence": f"{conf[i]:.6f}",
+                    "margin": f"{mg[i]:.6f}", "escalated": int(conf[i] < ctx.tau)} for i, r in enumerate(rows)])
+    return out
+
+
+def print_cascade(P, art, result, cfg):
+    for split in ("test", "pool"):
         r = result[split]
         log.info("cascade %s: n=%d routes %s | accuracy %s | LLM calls %d ($%.4f) vs LLM-only %d ($%.4f) | "
                  "~%.0f ms/item%s", split, r["n"], {k: round(v, 3) for k, v in r["routes"].items()}, _fmt(r["accuracy"]),
                  r["llm_calls"], r["cost_usd"], r["llm_only_calls"], r["llm_only_cost_usd"], r["mean_latency_ms"],
                  f" | {r['human_pending']} awaiting a human in {P.human_review}" if r["human_pending"] else "")
+    c = result.get("rule_comparison")
+    if c:
+        log.info("cascade test, same %d LLM calls: combined rule %d wrong answers without a person, %d to a person; "
+                 "student-then-LLM %d and %d (%d LLM labels contested, %d of them wrong)", c["llm_calls_both"],
+                 c["combined"]["wrong_without_person"], c["combined"]["to_person"],
+                 c["student_then_llm"]["wrong_without_person"], c["student_then_llm"]["to_person"],
+                 c["contested"], c["contested_llm_wrong"])
     log.info("cascade: wrote %s, %s, %s%s", art / "cascade.json", P.escalations, P.human_review,
              " (SIMULATED human answers)" if cfg["simulate_human"] else "")
-    return result
 
 
 # ----------------------------------------------------------------------------- flywheel
@@ -1316,11 +1419,7 @@ def turn_evidence(P, art) -> TurnEvidence:
     preds = read_csv(P.need(art / "pool_predictions.csv", "cascade"))
     sid = read_json(art / "cascade.json")["student_id"]
     esc = {r["path"]: r for r in read_jsonl(P.escalations)[0] if r.get("student_id") == sid and r.get("split") == "pool"}
-    est = (read_json(P.label_summary).get("estimated_accuracy") or {}) if P.label_summary.exists() else {}
-    return TurnEvidence(preds, esc, load_student(art / "best.pt")["classes"], est.get("accuracy") or DEFAULT_TEACHER_ACC)
-
-
-DEFAULT_TEACHER_ACC = 0.85  # prior accuracy of accepted teacher labels when no gold pins estimated it
+    return TurnEvidence(preds, esc, load_student(art / "best.pt")["classes"], teacher_accuracy(P))
 
 
 def validation_score(best) -> dict:
@@ -1413,7 +1512,8 @@ def step_flywheel(cfg, P):
             step_cascade(cfg, P, prev, turn=k - 1)
         ev = turn_evidence(P, prev)
         # answers the cascade already paid for train at no new cost; the picks go to items without one
-        paid = paid_labels(ev.pool, ev.escalations, ev.classes, ev.teacher_acc) if cfg["paid_answers"] == "on" else {}
+        paid = paid_labels(ev.pool, ev.escalations, ev.classes, ev.teacher_acc, max(0.5, cfg["contest_below"])) \
+            if cfg["paid_answers"] == "on" else {}
         picked, why = pick_relabels([r for r in ev.pool if r["path"] not in paid], ev.escalations, cfg["relabel_n"],
                                     cfg["relabel_strategy"],
                                     [p for p, (_, src) in human_answers(P).items() if src != "simulated_human"],
@@ -1776,7 +1876,7 @@ def step_serve(cfg, P):
     teacher = make_teacher(cfg, manifest)
     svc = Service(P.out, session, best["classes"], tau, best["model_args"]["img_size"], prep_sharpens(cfg, P), teacher, ledger,
                   make_qc(cfg, P), make_budget(cfg, ledger), esc, student_id_of(best), turn, HUMAN_FIELDS,
-                  int(cfg["max_upload_mb"] * 2**20))
+                  int(cfg["max_upload_mb"] * 2**20), teacher_accuracy(P), cfg["contest_below"])
     log.info("serve: turn %d's student (tau %.4f, %s) on http://%s:%d  (/v1/classify, /health, /review); "
              "escalations -> %s", turn, tau, rule, cfg["host"], cfg["port"], P.escalations)
     try:

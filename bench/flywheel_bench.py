@@ -8,7 +8,9 @@ pairs, faults, informative-but-noisy confidence) on synthetic 32px colour images
     uv run python bench/flywheel_bench.py --seeds 5 --relabel_n 150 --epochs 8
 
 Prints test accuracy, escalation rate at --target_precision 0.95, LLM calls per 1,000 test items and
-labels added per dollar, as mean ± std over seeds. Everything is simulated (teacher, images); it
+labels added per dollar, as mean ± std over seeds; and, for turn 0's cascade on the test split, the
+combined rule (--contest_below 0.5) against the student-then-LLM rule on the same LLM answers, and
+what label noise costs the turn-0 student (--measure_noise_cost). Everything is simulated (teacher, images); it
 measures the machinery, not CIFAR-100.
 """
 import argparse
@@ -41,9 +43,11 @@ def one_seed(tmp, seed, a):
                          cost=0.0002) as srv:
         c = ["--out_dir", d / "run", *common, "--llm_base_url", srv.url]
         run_cli("--step", "label", *c, "--max_label", a.max_label)
-        run_cli("--step", "train", *c, *train)
+        run_cli("--step", "train", *c, *train, "--measure_noise_cost")  # turn 0 also trains on ground truth
         run_cli("--step", "eval", *c)
+        out["noise"] = read_json(d / "run" / "artifacts" / "eval.json")["noise_cost"]
         run_cli("--step", "cascade", *c)
+        out["rules"] = read_json(d / "run" / "artifacts" / "cascade.json")["rule_comparison"]
         for arm in ARMS:
             shutil.copytree(d / "run", d / arm)
             run_cli("--step", "flywheel", "--out_dir", d / arm, *common, "--llm_base_url", srv.url, *train,
@@ -56,6 +60,18 @@ def one_seed(tmp, seed, a):
 
 
 ms = mean_std
+
+
+def print_rules(rules):
+    """Turn 0's cascade on the test split, the combined rule against student-then-LLM on the same answers."""
+    print(f"turn 0 cascade on test, same LLM answers for both rules (--contest_below {rules[0]['contest_below']}):")
+    print(f"{'rule':<18}{'wrong, no person':>18}{'to a person':>14}{'accuracy w/o person %':>23}")
+    for name in ("student_then_llm", "combined"):
+        t = [r[name] for r in rules]
+        print(f"{name:<18}{ms([x['wrong_without_person'] for x in t], nd=1):>18}{ms([x['to_person'] for x in t], nd=1):>14}"
+              f"{ms([100 * x['accuracy_without_person'] for x in t]):>23}")
+    print(f"contested LLM labels: {ms([r['contested'] for r in rules], nd=1)}, of which the LLM was wrong on "
+          f"{ms([r['contested_llm_wrong'] for r in rules], nd=1)}")
 
 
 def main():
@@ -91,6 +107,12 @@ def main():
         print(f"{arm:<10}{ms([100 * t['accuracy'] for t in t1]):>14}{ms(gain):>17}{ms([100 * t['escalation_rate'] for t in t1]):>15}"
               f"{ms([t['llm_calls_per_1k'] for t in t1], nd=0):>15}{ms([t['new_labels'] for t in t1], nd=0):>14}"
               f"{ms([t['labels_per_usd'] for t in t1], nd=0):>14}{sum(t['promoted'] == 1 for t in t1):>14}/{len(t1)}")
+    print_rules([r["rules"] for r in runs])
+    nz = [r["noise"] for r in runs]
+    print(f"label noise at turn 0 (--measure_noise_cost: the same images, epochs, init and seed on the manifest's "
+          f"ground truth, measuring only): student {ms([100 * x['student_accuracy'] for x in nz])}% vs ground-truth "
+          f"twin {ms([100 * x['ground_truth_twin_accuracy'] for x in nz])}%, noise cost {ms([x['noise_cost_pts'] for x in nz])} "
+          f"pts (goal <= 3)")
     d = [100 * (r["targeted"][1]["accuracy"] - r["random"][1]["accuracy"]) for r in runs]
     print(f"targeted - random: {ms(d)} pts test accuracy (goal >= +1); targeted - turn 0: "
           f"{ms([100 * (r['targeted'][1]['accuracy'] - r['targeted'][0]['accuracy']) for r in runs])} pts (goal >= +2)")

@@ -3,13 +3,17 @@
 Routing (tau from the validation split, never from test):
   1. student calibrated confidence >= tau: the student's label;
   2. else the LLM, through the same dual-pass QC and ledger as the label step (nothing is paid twice);
-  3. if the LLM is unsure (passes disagree, low confidence, invalid, failed or out of budget): a human.
+  3. a human when the LLM is unsure (passes disagree, low confidence, invalid, failed or out of budget),
+     or when its accepted label is contested: the evidence combined (the student's calibrated
+     probabilities times the teacher's accuracy, estimated on gold pins) makes the LLM's label less likely
+     than --contest_below to be right, which is what a confident student disagreeing with the LLM looks like.
 
 escalations.jsonl is append-only: one record per escalated item and student, written as each item
 finishes, so a killed cascade resumes where it stopped without re-logging or re-asking.
 """
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,7 +49,7 @@ class EscalationLog:
 
 
 def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau, route, llm_status, llm_label,
-                      answers, human_label=None, human_source=None):
+                      answers, human_label=None, human_source=None, llm_posterior=None):
     """One escalations.jsonl record (the cascade's and the server's): the student's view, the route, and
     the LLM's answers (ledger records) with what they cost.
 
@@ -63,18 +67,77 @@ def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau
                              "cost_usd": r.get("cost_usd", 0.0), "latency_s": r.get("latency_s", 0.0),
                              "source": r.get("source")} for r in answers],
             "llm_cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in answers), 6),
-            "human_label": human_label, "human_source": human_source}
+            "human_label": human_label, "human_source": human_source,
+            "llm_posterior": None if llm_posterior is None else round(float(llm_posterior), 6)}
 
 
-def route_of(student_conf, tau, llm_status):
-    """The route an item takes.
+def route_of(student_conf, tau, llm_status, llm_posterior=1.0, contest_below=0.0):
+    """The route an item takes. llm_posterior: the probability that the LLM's accepted label is right, the
+    evidence combined (combined_posterior); below contest_below the label is contested and goes to a person
+    (contest_below 0: the LLM's accepted label always stands, the original student-then-LLM rule).
 
     >>> route_of(0.9, 0.8, None), route_of(0.5, 0.8, "accepted"), route_of(0.5, 0.8, "disagreed")
     ('student', 'llm', 'human')
+    >>> route_of(0.5, 0.8, "accepted", llm_posterior=0.3, contest_below=0.5)  # a contested LLM label
+    'human'
     """
     if student_conf >= tau:
         return "student"
-    return "llm" if llm_status == "accepted" else "human"
+    return "llm" if llm_status == "accepted" and llm_posterior >= contest_below else "human"
+
+
+def combined_posterior(p_student, llm_index, teacher_acc):
+    """P(class | the student's calibrated probabilities, the LLM answered class llm_index): the student's
+    probabilities times the LLM's likelihood (right with probability teacher_acc, its errors spread evenly
+    over the other classes), normalised; the two are taken as independent evidence. float [C].
+
+    Student [.6, .3, .1], LLM says class 1 at accuracy .8 (an error lands on each other class with .1):
+    [.6 * .1, .3 * .8, .1 * .1] = [.06, .24, .01], / .31:
+    >>> [round(float(x), 3) for x in combined_posterior([0.6, 0.3, 0.1], 1, 0.8)]
+    [0.194, 0.774, 0.032]
+    """
+    p = np.asarray(p_student, np.float64)
+    like = np.full(len(p), (1.0 - teacher_acc) / max(len(p) - 1, 1))
+    like[llm_index] = teacher_acc
+    q = p * like
+    return q / q.sum() if q.sum() > 0 else like / like.sum()
+
+
+class Decision(NamedTuple):
+    route: str             # student | llm | human
+    label: str             # the answer returned: the student's, the LLM's, or the best guess so far for a person
+    llm_posterior: float   # P(the LLM's label is right | the evidence); None when it gave no accepted label
+
+
+def decide(probs, classes, tau, llm_status=None, llm_label=None, teacher_acc=0.85, contest_below=0.0):
+    """The cascade's rule for one item, used by the cascade step and the server alike.
+
+    probs: the student's calibrated probabilities [C] in `classes` order. For a person, label is the best
+    guess so far: the combined evidence's top class for a contested LLM label, else the LLM's answer if it
+    gave one, else the student's.
+
+    >>> decide([.9, .1], ["x", "y"], 0.8)
+    Decision(route='student', label='x', llm_posterior=None)
+    >>> d = decide([.7, .3], ["x", "y"], 0.8, "accepted", "y", teacher_acc=0.9, contest_below=0.5)  # .27 / (.27 + .07)
+    >>> d.route, d.label, round(d.llm_posterior, 3)
+    ('llm', 'y', 0.794)
+    >>> d = decide([.98, .02], ["x", "y"], 0.99, "accepted", "y", teacher_acc=0.9, contest_below=0.5)  # .018 / .116
+    >>> d.route, d.label, round(d.llm_posterior, 3)
+    ('human', 'x', 0.155)
+    >>> decide([.6, .4], ["x", "y"], 0.8, "disagreed", "y").label
+    'y'
+    """
+    probs = np.asarray(probs, np.float64)
+    k = int(probs.argmax())
+    conf = float(probs[k])
+    if conf >= tau:
+        return Decision("student", classes[k], None)
+    post, guess = None, llm_label or classes[k]
+    if llm_status == "accepted" and llm_label in classes:
+        q = combined_posterior(probs, classes.index(llm_label), teacher_acc)
+        post, guess = float(q[classes.index(llm_label)]), classes[int(q.argmax())]
+    route = route_of(conf, tau, llm_status, 1.0 if post is None else post, contest_below)
+    return Decision(route, llm_label if route == "llm" else guess, post)
 
 
 def summarize(items, n_calls, cost_usd, calls_per_item, cost_per_call, student_ms, llm_call_ms):
@@ -129,23 +192,11 @@ def tau_sweep(conf, student_correct, escalated_acc, taus=SWEEP_TAUS):
 UNANSWERABLE = ("disagreed", "low_confidence", "flagged", "invalid")  # the ledger holds a rejected answer: asking again repeats it
 
 
-def label_posterior(p_student, teacher_acc, n_classes):
-    """Probability that the teacher's label c is right, from the student's calibrated probability for c
-    and the teacher's accuracy, taking the teacher's errors as spread over the other classes.
-
-    >>> round(label_posterior(0.5, 0.85, 5), 3), round(label_posterior(0.05, 0.85, 5), 3)  # .0425 / (.0425 + .95 * .0375)
-    (0.958, 0.544)
-    """
-    wrong = (1.0 - teacher_acc) / max(n_classes - 1, 1)
-    num = p_student * teacher_acc
-    return num / (num + (1.0 - p_student) * wrong) if num > 0 else 0.0
-
-
 def paid_labels(pool, escalations, classes, teacher_acc, min_posterior=0.5):
     """Pool items the cascade already paid the LLM for and whose accepted answer the evidence supports:
     {path: label}. They train at no new cost, so no relabel pick is spent on them.
 
-    A label is kept when label_posterior (the student's calibrated probability for it, combined with the
+    A label is kept when escalation_posterior (the student's calibrated probability for it, combined with the
     teacher's accuracy) is at least min_posterior: more likely right than wrong.
 
     >>> esc = {"a": {"llm_status": "accepted", "llm_label": "y", "student_probs": [.55, .45]},
@@ -162,10 +213,17 @@ def paid_labels(pool, escalations, classes, teacher_acc, min_posterior=0.5):
 
 
 def escalation_posterior(e, classes, teacher_acc):
-    """label_posterior of an escalation record's LLM label, from the student_probs it logged (in `classes`
-    order); the teacher's accuracy alone when the record has no usable probabilities."""
+    """The probability that an escalation record's LLM label is right (combined_posterior), from the
+    student_probs it logged (in `classes` order); the teacher's accuracy alone when the record has no usable
+    probabilities.
+
+    Student .05 for the label, 5 classes, teacher .85: .0425 / (.0425 + .95 * .0375) = .544
+    >>> round(escalation_posterior({"llm_label": "a", "student_probs": [.05, .5, .15, .15, .15]}, list("abcde"), .85), 3)
+    0.544
+    """
     if classes and e.get("student_probs") and e.get("llm_label") in classes:
-        return label_posterior(float(e["student_probs"][classes.index(e["llm_label"])]), teacher_acc, len(classes))
+        i = classes.index(e["llm_label"])
+        return float(combined_posterior(e["student_probs"], i, teacher_acc)[i])
     return teacher_acc
 
 
@@ -177,7 +235,7 @@ def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0
     student (llm_status, llm_label, student_pred, student_conf, student_probs in `classes` order);
     answered: pool paths a person labeled.
       targeted: a person's answers first (their work is never wasted). Then escalations whose accepted
-        LLM label is probably right (label_posterior >= min_posterior, combining the student's calibrated
+        LLM label is probably right (escalation_posterior >= min_posterior, combining the student's calibrated
         probability for it with teacher_acc, estimated from gold pins), least confident student first:
         labels the student was unsure of, already paid for. Then never-asked items by lowest margin,
         round-robin over predicted classes (class-balanced, not 300 look-alikes). Then the remaining

@@ -36,11 +36,12 @@ class Service:
     """What one request needs, shared by every request (ORT sessions and the ledger are thread-safe)."""
 
     def __init__(self, out, session, classes, tau, img_size, sharpen, teacher, ledger, qc, budget, esc,
-                 student_id, turn, human_fields, max_upload_bytes):
+                 student_id, turn, human_fields, max_upload_bytes, teacher_acc=0.85, contest_below=0.0):
         self.out, self.session, self.classes, self.tau = Path(out), session, list(classes), float(tau)
         self.img_size, self.sharpen, self.teacher, self.ledger, self.qc = img_size, sharpen, teacher, ledger, qc
         self.budget, self.esc, self.student_id, self.turn = budget, esc, student_id, turn
         self.human_fields, self.max_upload_bytes = human_fields, max_upload_bytes
+        self.teacher_acc, self.contest_below = float(teacher_acc), float(contest_below)  # the cascade step's rule
         self.human_path = self.out / "human_review.csv"
         self.stop = getattr(teacher, "stop", None) or threading.Event()
         self._human_lock = threading.Lock()
@@ -80,30 +81,29 @@ class Service:
         return softmax(logits)[0]
 
     def classify(self, data: bytes) -> dict:
-        from flywheel.cascade import escalation_record, route_of
+        from flywheel.cascade import decide, escalation_record
         rid = uuid.uuid4().hex[:16]
         img = self.prepare(data)
         probs = self.student(img)
-        k = int(probs.argmax())
-        conf, guess = float(probs[k]), self.classes[k]
-        out = {"label": guess, "confidence": round(conf, 6), "route": "student",
+        d = decide(probs, self.classes, self.tau)
+        out = {"label": d.label, "confidence": round(float(probs.max()), 6), "route": "student",
                "probs": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}, "needs_review": False,
                "request_id": rid}
-        if conf >= self.tau:
+        if d.route == "student":
             return out
         rel, sha = self.store(self.prepped_jpeg(img))
         upload_sha = hashlib.sha256(data).hexdigest()  # lets the flywheel refuse a test image sent as-is
         status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
-        route = route_of(conf, self.tau, status)
+        d = decide(probs, self.classes, self.tau, status, label, self.teacher_acc, self.contest_below)
         rec = {**escalation_record(self.student_id, self.turn, "production", rel, sha, probs, self.classes, self.tau,
-                                   route, status, label, answers),
+                                   d.route, status, label, answers, llm_posterior=d.llm_posterior),
                "request_id": rid, "upload_sha256": upload_sha, "error": error}
         self.esc.append(rec)  # flushed before the answer leaves: kill -9 loses no logged escalation
-        if route == "human":
+        if d.route == "human":
             self.enqueue_for_review(rec)
-        best = label if route == "llm" else (label or guess)  # for a person: the best guess so far
-        return {**out, "label": best, "confidence": round(float(llm_conf if route == "llm" else conf), 6),
-                "route": route, "needs_review": route == "human"}
+        # for a person: the best guess so far (a contested LLM label: the top class of the combined evidence)
+        return {**out, "label": d.label, "confidence": round(float(llm_conf if d.route == "llm" else probs.max()), 6),
+                "route": d.route, "needs_review": d.route == "human"}
 
     def escalate(self, it):
         """The label step's QC on one image. -> (status, label, confidence, pass records, error or None)."""

@@ -167,3 +167,53 @@ def test_cascade_budget_stop_then_higher_budget_asks_the_rest(llm_run, tmp_path,
     for split in ("test", "pool"):
         n_esc = round((c[split]["routes"]["llm"] + c[split]["routes"]["human"]) * c[split]["n"])
         assert sum(e["split"] == split for e in recs) == n_esc
+
+
+@pytest.mark.parametrize("probs, status, label, contest, route, answer", [
+    ([.9, .1], None, None, .5, "student", "x"),             # above tau: the LLM is never asked
+    ([.6, .4], "accepted", "y", .5, "llm", "y"),            # .4 * .85 / (.34 + .6 * .15) = .79: the LLM's label stands
+    ([.6, .4], "accepted", "y", .8, "human", "y"),           # .79 < .8: contested; y stays the top of the evidence
+    ([.79, .21], "accepted", "y", .5, "llm", "y"),           # .21 * .85 / (.1785 + .79 * .15) = .60
+    ([.79, .01, .2], "accepted", "y", .5, "human", "x"),    # .0085 / (.0085 + .99 * .075) = .10: student's x wins
+    ([.79, .01, .2], "accepted", "y", 0.0, "llm", "y"),     # contest off: the original student-then-LLM rule
+    ([.6, .4], "disagreed", "y", .5, "human", "y"),         # the LLM was unsure: a person, its answer as the guess
+    ([.6, .4], "failed", None, .5, "human", "x"),            # no answer at all: the student's guess
+])
+def test_decide_combines_student_and_llm(probs, status, label, contest, route, answer):
+    from flywheel.cascade import decide
+    classes = ["x", "y", "z"][:len(probs)]
+    d = decide(probs, classes, 0.8, status, label, teacher_acc=0.85, contest_below=contest)
+    assert (d.route, d.label) == (route, answer)
+
+
+def test_combined_rule_against_the_plain_rule_on_the_same_answers(llm_run, tmp_path, monkeypatch):
+    """cascade.json compares the combined rule with student-then-LLM on the same LLM answers: the counts
+    reconcile, contest_below 0 is the plain rule, and changing it asks the teacher nothing new."""
+    src, truth = llm_run
+    d = tmp_path / "r"
+    shutil.copytree(src, d)
+    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
+    run = d / "run"
+    out = {}
+    with LoopbackTeacher(truth, CLASSES, wrong_rate=0.15, seed=2) as srv:
+        for contest in (0.5, 0.0, 0.99):
+            cascade_llm(d, srv, "--contest_below", contest)
+            out[contest] = read_json(run / "artifacts" / "cascade.json")
+            if contest == 0.5:
+                asked = dict(srv.requests)
+        assert srv.requests == asked  # rerouting reuses the logged answers
+    for contest, c in out.items():
+        r = c["rule_comparison"]
+        assert r["contest_below"] == contest and r["llm_calls_both"] == c["test"]["llm_calls"]
+        assert r["combined"]["to_person"] == r["student_then_llm"]["to_person"] + r["contested"]
+        assert r["combined"]["wrong_without_person"] == r["student_then_llm"]["wrong_without_person"] - r["contested_llm_wrong"]
+        assert r["combined"]["to_person"] == round(c["test"]["routes"]["human"] * c["test"]["n"])
+    assert out[0.0]["rule_comparison"]["contested"] == 0
+    assert out[0.0]["rule_comparison"]["combined"] == out[0.0]["rule_comparison"]["student_then_llm"]
+    assert out[0.99]["rule_comparison"]["contested"] > out[0.5]["rule_comparison"]["contested"]
+    # a contested LLM label waits for a person: in human_review.csv although the LLM's answer was accepted
+    hr = {r["path"]: r for r in read_csv(run / "human_review.csv") if r["split"] == "test"}
+    c = out[0.99]
+    contested = [e for e in escalations(run) if e["student_id"] == c["student_id"] and e["split"] == "test"
+                 and e["llm_status"] == "accepted" and e["llm_posterior"] is not None and e["llm_posterior"] < 0.99]
+    assert contested and all(e["path"] in hr for e in contested)
