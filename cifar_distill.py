@@ -1540,11 +1540,13 @@ def step_flywheel(cfg, P):
                 new.append({"path": p, "label": lab, "source": "simulated_human" if src == "simulated_human" else "human", "turn": k})
             elif verdicts[p][0] == "accepted":
                 new.append({"path": p, "label": verdicts[p][1], "source": "escalation", "turn": k})
+        n_from_picks = len(new)
         new += [{"path": p, "label": humans[p][0] if p in humans else lab,
                  "source": humans[p][1] if p in humans else "cascade", "turn": k} for p, lab in sorted(paid.items())]
         old = read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []
         old = [r for r in old if int(r["turn"]) != k]  # a crashed turn k is redone whole
-        new += production_labels(P, manifest, cfg["classes"], k, {r["path"] for r in old + new})
+        served = production_labels(P, manifest, cfg["classes"], k, {r["path"] for r in old + new})
+        new += served
         write_csv(P.flywheel_labels, FLYWHEEL_LABEL_FIELDS, old + new)
         relabel_usd = budget.spent - spent0
         log.info("flywheel turn %d: %d pool answer(s) the cascade already paid for; picked %d pool items %s; "
@@ -1556,7 +1558,8 @@ def step_flywheel(cfg, P):
         step_eval(cfg, P, art)
         step_cascade(cfg, P, art, turn=k)
         entry = turn_entry(P, art, k, cfg)
-        entry.update(new_labels=len(new), paid_labels=len(paid), picks_labeled=len(new) - len(paid), picked=why, relabel_strategy=cfg["relabel_strategy"], retrain=retrain,
+        entry.update(new_labels=len(new), paid_labels=len(paid), picks_labeled=n_from_picks, serving_labels=len(served),
+                     picked=why, relabel_strategy=cfg["relabel_strategy"], retrain=retrain,
                      relabel_usd=round(relabel_usd, 6), picked_answers_usd=round(picked_usd, 6),
                      labels_per_usd=round(len(new) / picked_usd, 1) if picked_usd > 0 else None)
         fly["turns"].append(entry)

@@ -31,7 +31,7 @@ def test_flywheel_turn_grows_training_from_pool_only_and_human_edits_win(copy_ru
     new = read_csv(run / "flywheel_labels.csv")
     turn1 = read_json(run / "artifacts" / "flywheel.json")["turns"][1]
     cascade_paid = [r for r in new if r["source"] == "cascade"]  # already-paid pool answers: no pick spent on them
-    assert len(new) == turn1["new_labels"] and turn1["picks_labeled"] == len(new) - turn1["paid_labels"]
+    assert len(new) == turn1["new_labels"] and turn1["picks_labeled"] == len(new) - turn1["paid_labels"] - turn1["serving_labels"]
     assert 0 < turn1["picks_labeled"] <= 30 and len(cascade_paid) <= turn1["paid_labels"]
     assert {r["path"] for r in new} <= pool_before
     assert all(manifest[r["path"]]["split"] == "train" for r in new)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from fakes import COLOURS, KEY
-from flywheel.io import read_csv, read_jsonl
+from flywheel.io import read_csv, read_json, read_jsonl
 from loopback import LoopbackTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,3 +238,5 @@ def test_next_flywheel_turn_trains_on_what_serving_logged(served):
         assert fl[prod[0]["path"]]["label"] == "mushroom" and fl[prod[0]["path"]]["source"] == "human"
     trained = {r["path"] for r in read_csv(run / "artifacts" / "turn_1" / "train_rows.csv")}
     assert settled <= trained
+    turn1 = read_json(run / "artifacts" / "flywheel.json")["turns"][1]
+    assert turn1["serving_labels"] == sum(p.startswith("production/") for p in fl)  # counted apart from the picks
