@@ -113,7 +113,7 @@ def test_every_flag_help_ends_with_default():
 def test_bad_flag_values_fail_before_work(tmp_path):
     for argv, flag in ((["--conf_thresh", "1.5"], "--conf_thresh"), (["--epochs", "0"], "--epochs"),
                        (["--weights", "nope.pt"], "--weights"), (["--val_frac", "0.7"], "--val_frac"),
-                       (["--llm_base_url", "ftp://x"], "--llm_base_url")):
+                       (["--llm_base_url", "ftp://x"], "--llm_base_url"), (["--contest_below", "1.5"], "--contest_below")):
         with pytest.raises(SystemExit, match=flag):
             run_cli("--out_dir", tmp_path / "r", "--teacher", "oracle", *argv)
         assert not (tmp_path / "r").exists()
