@@ -1769,6 +1769,7 @@ def step_report(cfg, P):
                      f"{_usd(r['cost_usd'])} | {_usd(r['llm_only_cost_usd'])} | {r['mean_latency_ms']:.1f} |")
         L += ["", "Route accuracy on test: " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in cas["test"]["route_accuracy"].items())
               + (f"; {cas['test']['human_pending']} item(s) still wait for a human in human_review.csv" if cas["test"]["human_pending"] else ""), ""]
+        L += rule_comparison_lines(cas.get("rule_comparison"))
     if fly:
         L += ["## Flywheel turns (flywheel.json)", "", "| turn | labeled | spend | test accuracy | macro-F1 | escalation rate | $ per 1k served |",
               "|---|---|---|---|---|---|---|"]
@@ -1811,6 +1812,20 @@ def step_report(cfg, P):
     write_datacard(P, ls, ev, prep, best, cas)
     log.info("report: wrote %s, %s", P.report, P.datacard)
     return P.report
+
+
+def rule_comparison_lines(rc):
+    """report.md's table of the cascade rules on the same LLM answers (cascade.json rule_comparison)."""
+    if not rc:
+        return []
+    L = [f"Escalated test items, the same {rc['llm_calls_both']} LLM calls routed by each rule "
+         f"(ground truth measures, never chooses):", "",
+         "| rule | wrong answers returned without a person | sent to a person | accuracy without a person |", "|---|---|---|---|"]
+    for name, label in (("student_then_llm", "student, then the LLM's label"),
+                        ("combined", f"combined evidence (--contest_below {rc['contest_below']})")):
+        t = rc[name]
+        L.append(f"| {label} | {t['wrong_without_person']} | {t['to_person']} | {_fmt(t['accuracy_without_person'], 4)} |")
+    return L + ["", f"{rc['contested']} LLM label(s) contested; the LLM was wrong on {rc['contested_llm_wrong']} of them.", ""]
 
 
 def write_datacard(P, ls, ev, prep, best, cas):

@@ -49,6 +49,12 @@ def test_report_numbers_match_artifacts(reported):
     assert int(n) == t["n"] and int(calls) == t["llm_calls"] and int(only) == t["llm_only_calls"]
     assert float(stu) == pytest.approx(100 * t["routes"]["student"], abs=0.05)
     assert float(acc) == pytest.approx(t["accuracy"], abs=5e-5) and float(cost) == pytest.approx(t["cost_usd"], abs=5e-5)
+    rc = cas["rule_comparison"]
+    for name in ("student_then_llm", "combined"):
+        cells = re.search(rf"^\| {'student, then' if name == 'student_then_llm' else 'combined evidence'}[^|]* \| (\d+) \| (\d+) \|",
+                          md, re.M)
+        assert cells, name
+        assert [int(c) for c in cells.groups()] == [rc[name]["wrong_without_person"], rc[name]["to_person"]]
     for png in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (reported / png).exists(), png
 
