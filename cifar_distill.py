@@ -1517,7 +1517,8 @@ def step_flywheel(cfg, P):
         picked, why = pick_relabels([r for r in ev.pool if r["path"] not in paid], ev.escalations, cfg["relabel_n"],
                                     cfg["relabel_strategy"],
                                     [p for p, (_, src) in human_answers(P).items() if src != "simulated_human"],
-                                    cfg["seed"] + k, ev.classes, ev.teacher_acc)
+                                    cfg["seed"] + k, ev.classes, ev.teacher_acc,
+                                    doubt_below=max(0.5, cfg["contest_below"]))
         assert all(manifest[p]["split"] == "train" for p in picked), "flywheel picked a test image"
         ledger, teacher, qc = Ledger(P.ledger), make_teacher(cfg, manifest), make_qc(cfg, P)
         budget = make_budget(cfg, ledger)
@@ -1818,7 +1819,7 @@ def rule_comparison_lines(rc):
     """report.md's table of the cascade rules on the same LLM answers (cascade.json rule_comparison)."""
     if not rc:
         return []
-    L = [f"Escalated test items, the same {rc['llm_calls_both']} LLM calls routed by each rule "
+    L = [f"The test split, its escalations' {rc['llm_calls_both']} LLM calls routed by each rule "
          f"(ground truth measures, never chooses):", "",
          "| rule | wrong answers returned without a person | sent to a person | accuracy without a person |", "|---|---|---|---|"]
     for name, label in (("student_then_llm", "student, then the LLM's label"),

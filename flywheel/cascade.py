@@ -228,7 +228,7 @@ def escalation_posterior(e, classes, teacher_acc):
 
 
 def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0, classes=None,
-                  teacher_acc=0.85, min_posterior=0.9):
+                  teacher_acc=0.85, min_posterior=0.9, doubt_below=0.5):
     """Which pool items a flywheel turn relabels, at most n, as (paths, why).
 
     pool: [{path, pred, margin}] (the student's pool predictions); escalations: {path: record} of this
@@ -241,7 +241,9 @@ def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0
         round-robin over predicted classes (class-balanced, not 300 look-alikes). Then the remaining
         accepted escalations, most probable first. Skipped: items whose ledger answer was rejected
         (disagreed, low confidence, invalid) unless a person answered them, since asking again returns
-        the same answer; and LLM labels the evidence says are more likely wrong than right (posterior < 0.5).
+        the same answer; and LLM labels the evidence says are more likely wrong than right (posterior below
+        doubt_below: 0.5, or the cascade's --contest_below when higher, so a label sent to a person never trains
+        as the LLM's).
       random: a uniform sample (the control: same budget, same epochs).
       margin: lowest student margin first, nothing skipped.
 
@@ -269,8 +271,8 @@ def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0
     ok = {p: escalation_posterior(e, classes, teacher_acc) for p, e in escalations.items()
           if p in in_pool and e.get("llm_status") == "accepted" and e.get("llm_label")}
     sure = sorted((p for p, q in ok.items() if q >= min_posterior), key=lambda p: float(escalations[p].get("student_conf") or 0))
-    rest = sorted((p for p, q in ok.items() if 0.5 <= q < min_posterior), key=lambda p: -ok[p])
-    doubtful = {p for p, q in ok.items() if q < 0.5}
+    rest = sorted((p for p, q in ok.items() if doubt_below <= q < min_posterior), key=lambda p: -ok[p])
+    doubtful = {p for p, q in ok.items() if q < doubt_below}
     skipped = {p for p, e in escalations.items() if p in in_pool and e.get("llm_status") in UNANSWERABLE}
     skipped = (skipped | doubtful) - set(human)
     fresh = [r for r in sorted(pool, key=lambda r: float(r["margin"])) if r["path"] not in escalations]
