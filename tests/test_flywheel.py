@@ -116,6 +116,17 @@ def test_pick_relabels_edge_cases(strategy, n, esc, answered, want):
     assert pick_relabels(POOL, esc, n, strategy, answered)[0] == want
 
 
+@pytest.mark.parametrize("doubt_below,kept", [(0.5, True), (0.586, True), (0.587, False), (0.7, False)])
+def test_targeted_skips_what_the_cascade_contested(doubt_below, kept):
+    # p9's accepted LLM label "b": student .2 for it, teacher .85, 2 classes -> .17 / (.17 + .8 * .15) = .586
+    from flywheel.cascade import pick_relabels
+    esc = {"p9": {"llm_status": "accepted", "llm_label": "b", "student_pred": "a", "student_conf": .8,
+                  "student_probs": [.8, .2]}}
+    picked, why = pick_relabels(POOL, esc, 10, "targeted", (), 0, ["a", "b"], 0.85, doubt_below=doubt_below)
+    assert ("p9" in picked) == kept and why["skipped"] == (not kept)
+    assert len(picked) == 10 - (not kept)  # the never-asked nine are picked either way
+
+
 def test_random_control_is_seeded_and_within_the_pool():
     from flywheel.cascade import pick_relabels
     a, b = pick_relabels(POOL, {}, 4, "random", seed=1)[0], pick_relabels(POOL, {}, 4, "random", seed=1)[0]
