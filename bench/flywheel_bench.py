@@ -4,8 +4,8 @@ same epochs, and no simulated human. Labels come from the real label step agains
 stand-in teacher (tests/loopback.py TeacherProfile, SIMULATED: errors gather on hard images, look-alike
 pairs, faults, informative-but-noisy confidence) on synthetic 32px colour images.
 
-    uv run python bench/flywheel_bench.py                     # 3 seeds, defaults below
-    uv run python bench/flywheel_bench.py --seeds 5 --relabel_n 150 --epochs 8
+    uv run python bench/flywheel_bench.py --seeds 5        # issue 12's setting: one turn of 300 relabels
+    uv run python bench/flywheel_bench.py --seeds 5 --per_class 120 --max_label 200 --relabel_n 100   # a small pool
 
 Prints test accuracy, escalation rate at --target_precision 0.95, LLM calls per 1,000 test items and
 labels added per dollar, as mean ± std over seeds; and, for turn 0's cascade on the test split, the
@@ -77,10 +77,10 @@ def print_rules(rules):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds: data, stand-in teacher and training (default: 3)")
-    p.add_argument("--per_class", type=int, default=120, help="synthetic training images per class (default: 120)")
-    p.add_argument("--test_per_class", type=int, default=40, help="synthetic test images per class (default: 40)")
-    p.add_argument("--max_label", type=int, default=200, help="images the teacher labels before turn 0 (default: 200)")
-    p.add_argument("--relabel_n", type=int, default=100, help="pool items relabeled in the turn, every arm (default: 100)")
+    p.add_argument("--per_class", type=int, default=600, help="synthetic training images per class (default: 600)")
+    p.add_argument("--test_per_class", type=int, default=100, help="synthetic test images per class (default: 100)")
+    p.add_argument("--max_label", type=int, default=400, help="images the teacher labels before turn 0 (default: 400)")
+    p.add_argument("--relabel_n", type=int, default=300, help="pool items relabeled in the turn, every arm (default: 300)")
     p.add_argument("--epochs", type=int, default=6, help="epochs of every training, turn 0 and each arm (default: 6)")
     p.add_argument("--accuracy", type=float, default=0.83, help="stand-in teacher's raw accuracy (default: 0.83)")
     p.add_argument("--paid_answers", choices=["on", "off"], default="on",
@@ -92,7 +92,8 @@ def main():
         runs = [one_seed(tmp, s, a) for s in range(a.seeds)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"SIMULATED teacher (raw accuracy {a.accuracy}) and synthetic 32px images; {a.max_label} labeled, then one "
+    print(f"SIMULATED teacher (raw accuracy {a.accuracy}) and synthetic 32px images ({5 * a.per_class} training, "
+          f"{5 * a.test_per_class} test); {a.max_label} labeled, then one "
           f"turn of {a.relabel_n} relabels per arm; {a.epochs} epochs for turn 0 and every arm (--retrain best: continued "
           f"and from scratch, the better on validation kept); "
           f"--paid_answers {a.paid_answers}; no simulated human; {a.seeds} seeds, mean ± std; {time.time() - t0:.0f}s")
