@@ -1255,22 +1255,6 @@ def settle_split(ctx, rows, probs, records, human_rows, split):
     return s
 
 
-def rule_comparison(settled, contest_below):
-    """The combined rule against the student-then-LLM rule it replaces, on the same LLM answers (so the
-    same calls): wrong answers returned without a person, and items sent to a person. Uses the split's
-    ground truth: measuring only, never choosing."""
-    def tally(items):
-        auto = [x for x in items if x["route"] != "human"]
-        return {"wrong_without_person": sum(x["final"] != x["true"] for x in auto), "to_person": len(items) - len(auto),
-                "accuracy_without_person": (sum(x["final"] == x["true"] for x in auto) / len(auto)) if auto else None}
-    contested = [(x, y) for x, y in zip(settled.items, settled.plain) if x["route"] == "human" and y["route"] == "llm"]
-    return {"contest_below": contest_below, "combined": tally(settled.items), "student_then_llm": tally(settled.plain),
-            "contested": len(contested),
-            "contested_llm_wrong": sum(y["final"] != y["true"] for _, y in contested),
-            "llm_calls_both": settled.n_calls,
-            "what": "the same LLM answers routed by each rule; ground truth used to measure, never to choose"}
-
-
 def step_cascade(cfg, P, art=None, turn=None):
     """Route the test split and the unlabeled pool through student -> LLM -> human, with the promoted
     student unless `art` names another. -> escalations.jsonl, human_review.csv, art/cascade.json,
@@ -1327,7 +1311,7 @@ def cascade_split(cfg, P, art, best, ctx, io, manifest, split, rows, inputs):
     comparison for test; pool_predictions.csv for the pool)"""
     import numpy as np
     from flywheel.calibrate import margin
-    from flywheel.cascade import summarize, tau_sweep
+    from flywheel.cascade import rule_comparison, summarize, tau_sweep
     from flywheel.labeling import label_items
     from flywheel.student import pick_device
     per_call = (inputs["calls_per_item_llm_only"], inputs["cost_per_call_usd"])
@@ -1353,7 +1337,7 @@ def cascade_split(cfg, P, art, best, ctx, io, manifest, split, rows, inputs):
         out["sweep"] = tau_sweep(conf, pred == np.array([ctx.classes.index(r["label"]) for r in rows]), esc_acc)
         out["sweep_note"] = (f"accuracy at taus other than {ctx.tau:.3f} counts escalated items as right with "
                              f"the measured LLM+human route accuracy {esc_acc:.3f}; student_precision is exact")
-        out["rule_comparison"] = rule_comparison(s, ctx.contest_below)
+        out["rule_comparison"] = rule_comparison(s.items, s.plain, s.n_calls, ctx.contest_below)
     else:
         mg = margin(probs)
         write_csv(art / "pool_predictions.csv", ["path", "pred", "confidence", "margin", "escalated"],

@@ -140,6 +140,30 @@ def decide(probs, classes, tau, llm_status=None, llm_label=None, teacher_acc=0.8
     return Decision(route, llm_label if route == "llm" else guess, post)
 
 
+def rule_comparison(combined, plain, llm_calls, contest_below):
+    """The combined rule against the student-then-LLM rule it replaces, on the same LLM answers (so the
+    same calls). combined, plain: one split's [{route, final, true}] under each rule, item by item (final
+    None: waiting for a person). Counts the wrong answers returned without a person and the items sent
+    to one. Uses the split's ground truth: measuring only, never choosing.
+
+    Two items; the LLM said "b" for the second, the combined rule contested it, and it was wrong:
+    >>> c = rule_comparison([{"route": "student", "final": "a", "true": "a"}, {"route": "human", "final": None, "true": "a"}],
+    ...                     [{"route": "student", "final": "a", "true": "a"}, {"route": "llm", "final": "b", "true": "a"}],
+    ...                     2, 0.5)
+    >>> c["combined"], c["student_then_llm"]["wrong_without_person"], c["contested"], c["contested_llm_wrong"]
+    ({'wrong_without_person': 0, 'to_person': 1, 'accuracy_without_person': 1.0}, 1, 1, 1)
+    """
+    def tally(items):
+        auto = [x for x in items if x["route"] != "human"]
+        return {"wrong_without_person": sum(x["final"] != x["true"] for x in auto), "to_person": len(items) - len(auto),
+                "accuracy_without_person": (sum(x["final"] == x["true"] for x in auto) / len(auto)) if auto else None}
+    contested = [y for x, y in zip(combined, plain) if x["route"] == "human" and y["route"] == "llm"]
+    return {"contest_below": contest_below, "combined": tally(combined), "student_then_llm": tally(plain),
+            "contested": len(contested), "contested_llm_wrong": sum(y["final"] != y["true"] for y in contested),
+            "llm_calls_both": llm_calls,
+            "what": "the same LLM answers routed by each rule; ground truth used to measure, never to choose"}
+
+
 def summarize(items, n_calls, cost_usd, calls_per_item, cost_per_call, student_ms, llm_call_ms):
     """One split's cascade.json section. items: [{route, final, true}] where final is None for a
     human item still waiting for an answer (excluded from accuracy, counted in human_pending).
