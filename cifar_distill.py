@@ -127,6 +127,8 @@ OPTIONS = {
                                           "then class-balanced low margin) | random (the control) | margin (lowest margin)"),
     "paid_answers": (str, "on", "flywheel: on (pool answers the cascade already paid for and the student's probabilities "
                                 "support train the next student at no new cost; picks go elsewhere) | off"),
+    "pseudo_labels": (str, "off", "flywheel: on (never-asked pool items the student takes itself, at or above tau, train "
+                                  "on its own label for that turn: source pseudo, no spend) | off"),
     "turns": (int, 1, "flywheel: number of turns the run should have (completed turns are skipped)"),
     "flywheel_epochs": (int, None, "flywheel: epochs per retrain (unset: --epochs)"),
     "retrain": (str, "best", "flywheel: continue (from the previous student) | scratch (from turn 0's init) | best (train "
@@ -135,7 +137,7 @@ OPTIONS = {
 }
 CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
            "second_pass": ["fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "relabel_strategy": ["targeted", "random", "margin"],
-           "paid_answers": ["on", "off"],
+           "paid_answers": ["on", "off"], "pseudo_labels": ["on", "off"],
            "retrain": ["best", "continue", "scratch"], "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 UNIT_INTERVAL = ["contest_below", "oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
@@ -869,7 +871,8 @@ def training_rows(cfg, P, manifest, upto_turn=0):
 
     The label step's accepted rows and a person's rows are split into train/val by a hash of (--seed,
     image sha256), so the val split stays the same across flywheel turns and label edits. Flywheel labels
-    (source escalation / human / simulated_human) from turns <= upto_turn go to train only.
+    (source escalation / cascade / human / simulated_human) from turns <= upto_turn go to train only;
+    pseudo labels (the student's own) only from turn upto_turn itself, since each turn's student redraws them.
     """
     from flywheel.ledger import training_labels
     from flywheel.student import hash_split
@@ -895,7 +898,7 @@ def training_rows(cfg, P, manifest, upto_turn=0):
     if P.flywheel_labels.exists() and upto_turn > 0:
         seen = {r["path"] for r in train + val}
         for r in read_csv(P.flywheel_labels):
-            if int(r["turn"]) <= upto_turn and r["path"] not in seen:
+            if int(r["turn"]) <= upto_turn and r["path"] not in seen and (r["source"] != "pseudo" or int(r["turn"]) == upto_turn):
                 train.append({**r, "split": "train"})
                 seen.add(r["path"])
     leaked = [r["path"] for r in train + val if split_of(manifest, r["path"]) not in ("train", "production")]
@@ -1129,10 +1132,11 @@ def fit_tau(cfg, best):
 
 
 def pool_rows(P, manifest, upto_turn):
-    """The production stream: training images the teacher has not labeled, minus flywheel relabels."""
+    """The production stream: training images the teacher has not labeled, minus flywheel relabels (a
+    pseudo-labeled item stays: the student's own label is no answer, and the next student may doubt it)."""
     used = {r["path"] for r in read_csv(P.need(P.review, "label"))}
     if P.flywheel_labels.exists():
-        used |= {r["path"] for r in read_csv(P.flywheel_labels) if int(r["turn"]) <= upto_turn}
+        used |= {r["path"] for r in read_csv(P.flywheel_labels) if int(r["turn"]) <= upto_turn and r["source"] != "pseudo"}
     return [{"path": p, "label": r["label"]} for p, r in sorted(manifest.items()) if r["split"] == "train" and p not in used]
 
 
@@ -1528,6 +1532,11 @@ def step_flywheel(cfg, P):
         n_from_picks = len(new)
         new += [{"path": p, "label": humans[p][0] if p in humans else lab,
                  "source": humans[p][1] if p in humans else "cascade", "turn": k} for p, lab in sorted(paid.items())]
+        taken = {r["path"] for r in new} | set(picked)
+        pseudo = [{"path": r["path"], "label": r["pred"], "source": "pseudo", "turn": k} for r in ev.pool
+                  if cfg["pseudo_labels"] == "on" and r["path"] not in taken and r["path"] not in ev.escalations
+                  and r["escalated"] == "0"]
+        new += pseudo
         old = read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []
         old = [r for r in old if int(r["turn"]) != k]  # a crashed turn k is redone whole
         served = production_labels(P, manifest, cfg["classes"], k, {r["path"] for r in old + new})
@@ -1544,9 +1553,10 @@ def step_flywheel(cfg, P):
         step_cascade(cfg, P, art, turn=k)
         entry = turn_entry(P, art, k, cfg)
         entry.update(new_labels=len(new), paid_labels=len(paid), picks_labeled=n_from_picks, serving_labels=len(served),
+                     pseudo_labels=len(pseudo),
                      picked=why, relabel_strategy=cfg["relabel_strategy"], retrain=retrain,
                      relabel_usd=round(relabel_usd, 6), picked_answers_usd=round(picked_usd, 6),
-                     labels_per_usd=round(len(new) / picked_usd, 1) if picked_usd > 0 else None)
+                     labels_per_usd=round((len(new) - len(pseudo)) / picked_usd, 1) if picked_usd > 0 else None)
         fly["turns"].append(entry)
         write_json(P.flywheel, fly)
         log.info("flywheel: promoted student is turn %d (best validation accuracy)", promote(P, fly))

@@ -28,7 +28,7 @@ from flywheel.io import read_csv, read_json  # noqa: E402
 from loopback import LoopbackTeacher, TeacherProfile  # noqa: E402
 
 CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
-ARMS = ("targeted", "random", "margin")
+ARMS = ("targeted", "random", "margin", "targeted+pseudo")  # the last: targeted with --pseudo_labels on
 
 
 def one_seed(tmp, seed, a):
@@ -51,8 +51,8 @@ def one_seed(tmp, seed, a):
         for arm in ARMS:
             shutil.copytree(d / "run", d / arm)
             run_cli("--step", "flywheel", "--out_dir", d / arm, *common, "--llm_base_url", srv.url, *train,
-                    "--turns", 1, "--relabel_n", a.relabel_n, "--relabel_strategy", arm,
-                    "--paid_answers", a.paid_answers)
+                    "--turns", 1, "--relabel_n", a.relabel_n, "--relabel_strategy", arm.split("+")[0],
+                    "--paid_answers", a.paid_answers, "--pseudo_labels", "on" if arm.endswith("+pseudo") else "off")
             out[arm] = read_json(d / arm / "artifacts" / "flywheel.json")["turns"]
             out[arm][1]["promoted"] = read_json(d / arm / "artifacts" / "promoted.json")["turn"]
     shutil.rmtree(d)
@@ -97,15 +97,15 @@ def main():
           f"turn of {a.relabel_n} relabels per arm; {a.epochs} epochs for turn 0 and every arm (--retrain best: continued "
           f"and from scratch, the better on validation kept); "
           f"--paid_answers {a.paid_answers}; no simulated human; {a.seeds} seeds, mean ± std; {time.time() - t0:.0f}s")
-    print(f"{'arm':<10}{'test acc %':>14}{'vs turn 0 (pts)':>17}{'escalation %':>15}{'LLM calls/1k':>15}"
+    print(f"{'arm':<16}{'test acc %':>14}{'vs turn 0 (pts)':>17}{'escalation %':>15}{'LLM calls/1k':>15}"
           f"{'labels added':>14}{'labels per $':>14}{'promoted turn 1':>17}")
     t0s = [r["targeted"][0] for r in runs]
-    print(f"{'turn 0':<10}{ms([100 * t['accuracy'] for t in t0s]):>14}{'':>17}{ms([100 * t['escalation_rate'] for t in t0s]):>15}"
+    print(f"{'turn 0':<16}{ms([100 * t['accuracy'] for t in t0s]):>14}{'':>17}{ms([100 * t['escalation_rate'] for t in t0s]):>15}"
           f"{ms([t['llm_calls_per_1k'] for t in t0s], nd=0):>15}")
     for arm in ARMS:
         t1 = [r[arm][1] for r in runs]
         gain = [100 * (r[arm][1]["accuracy"] - r[arm][0]["accuracy"]) for r in runs]
-        print(f"{arm:<10}{ms([100 * t['accuracy'] for t in t1]):>14}{ms(gain):>17}{ms([100 * t['escalation_rate'] for t in t1]):>15}"
+        print(f"{arm:<16}{ms([100 * t['accuracy'] for t in t1]):>14}{ms(gain):>17}{ms([100 * t['escalation_rate'] for t in t1]):>15}"
               f"{ms([t['llm_calls_per_1k'] for t in t1], nd=0):>15}{ms([t['new_labels'] for t in t1], nd=0):>14}"
               f"{ms([t['labels_per_usd'] for t in t1], nd=0):>14}{sum(t['promoted'] == 1 for t in t1):>14}/{len(t1)}")
     print_rules([r["rules"] for r in runs])
@@ -115,6 +115,9 @@ def main():
           f"twin {ms([100 * x['ground_truth_twin_accuracy'] for x in nz])}%, noise cost {ms([x['noise_cost_pts'] for x in nz])} "
           f"pts (goal <= 3)")
     d = [100 * (r["targeted"][1]["accuracy"] - r["random"][1]["accuracy"]) for r in runs]
+    dp = [100 * (r["targeted+pseudo"][1]["accuracy"] - r["targeted"][1]["accuracy"]) for r in runs]
+    print(f"pseudo labels (--pseudo_labels on, {ms([r['targeted+pseudo'][1]['pseudo_labels'] for r in runs], nd=0)} per "
+          f"turn) - the same targeted turn without them: {ms(dp)} pts test accuracy")
     print(f"targeted - random: {ms(d)} pts test accuracy (goal >= +1); targeted - turn 0: "
           f"{ms([100 * (r['targeted'][1]['accuracy'] - r['targeted'][0]['accuracy']) for r in runs])} pts (goal >= +2)")
 

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from fakes import run_cli
-from flywheel.io import read_csv, read_json
+from flywheel.io import read_csv, read_json, read_jsonl
 
 
 def fly(t, *extra):
@@ -174,3 +174,31 @@ def test_no_test_image_enters_selection_training_or_promotion(copy_run, strategy
     assert val and not val & test
     promoted = read_json(run / "artifacts" / "promoted.json")
     assert {c["turn"] for c in promoted["candidates"]} == {0, 1}
+
+
+def test_pseudo_labels_are_the_students_own_confident_pool_answers(copy_run):
+    """--pseudo_labels on: never-asked pool items the student took itself (at or above tau) train on its
+    label for that turn only, cost nothing, stay in the pool, and never come from test."""
+    import cifar_distill
+    run = copy_run / "run"
+    preds = {r["path"]: r for r in read_csv(run / "artifacts" / "pool_predictions.csv")}
+    fly(copy_run, "--pseudo_labels", "on", "--retrain", "continue")
+    new = read_csv(run / "flywheel_labels.csv")
+    pseudo = [r for r in new if r["source"] == "pseudo"]
+    turn1 = read_json(run / "artifacts" / "flywheel.json")["turns"][1]
+    assert pseudo and turn1["pseudo_labels"] == len(pseudo)
+    esc = {e["path"] for e in read_jsonl(run / "escalations.jsonl")[0]}
+    for r in pseudo:
+        assert preds[r["path"]]["escalated"] == "0" and r["label"] == preds[r["path"]]["pred"] and r["path"] not in esc
+    assert len({r["path"] for r in new}) == len(new)  # one label per item: a pick or paid answer wins
+    trained = {r["path"] for r in read_csv(run / "artifacts" / "turn_1" / "train_rows.csv")}
+    assert {r["path"] for r in pseudo} <= trained
+    P = cifar_distill.Paths(run)
+    manifest = cifar_distill.load_manifest(P)
+    assert {r["path"] for r in pseudo} <= {r["path"] for r in cifar_distill.pool_rows(P, manifest, 1)}  # still in the pool
+    cfg = cifar_distill.validate(vars(cifar_distill.build_parser().parse_args(
+        ["--out_dir", str(run), "--data_root", str(copy_run / "data"), "--teacher", "oracle"])))
+    turn1_rows = {r["path"] for r in cifar_distill.training_rows(cfg, P, manifest, upto_turn=1)[0]}
+    later = {r["path"] for r in cifar_distill.training_rows(cfg, P, manifest, upto_turn=2)[0]}
+    assert {r["path"] for r in pseudo} <= turn1_rows
+    assert not {r["path"] for r in pseudo} & later  # a later turn's student redraws its own
