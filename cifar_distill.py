@@ -603,13 +603,14 @@ def step_label(cfg, P):
     gold_report = None
     person_gold = gold if cfg["gold_csv"] else {}  # hand-checked labels train as source gold; --gold_n only measures
     rule = fit_rule([], cfg["target_label_precision"])
-    outputs = lambda **kw: write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc,  # noqa: E731
-                                               person_gold, rule=rule, **kw)
     if cfg["shard"]:  # a part's review files would describe a part: the merged ledger's plain label run writes them
         def outputs(**_):
             log.info("label: shard %s stopped or done: %d calls, $%.4f in %s. Copy it into the main run folder, "
                      "run --step merge, then --step label without --shard.", cfg["shard"], budget.calls,
                      budget.run_spent, ledger_path)
+    else:  # gold_report and rule are read when it runs: the gold check and the fitted rule below set them
+        outputs = lambda **kw: write_label_outputs(cfg, P, items, ledger, teacher, manifest, gold_report, qc,  # noqa: E731
+                                                   person_gold, rule=rule, **kw)
     write_flags(P, None, None)  # refilled below when the held-out model's flags are fitted; no stale ones
     try:
         rest = [it for it in items if it["path"] not in gold]
@@ -1228,11 +1229,11 @@ class Settled(NamedTuple):
     cost_usd: float
 
 
-def settle_split(ctx, rows, probs, records, human_rows, split):
+def settle_split(ctx, rows, probs, records, human_rows):
     """Every item's route and answer from the student's probabilities and its escalation record (the route
     is recomputed with the current rule, so changing --contest_below needs no new calls). Human-routed items
     get a row in human_rows (a person's earlier answer kept). -> Settled"""
-    from flywheel.cascade import route_of
+    from flywheel.cascade import review_row, route_of
     s = Settled([], [], 0, 0.0)
     for i, r in enumerate(rows):
         e = records.get(r["path"])
@@ -1242,17 +1243,14 @@ def settle_split(ctx, rows, probs, records, human_rows, split):
             s.plain.append(s.items[-1])
             continue
         s = s._replace(n_calls=s.n_calls + len(e["llm_answers"]), cost_usd=s.cost_usd + e["llm_cost_usd"])
-        person = ctx.person(r["path"])[0] or e.get("human_label")
+        h_lab, h_src = ctx.person(r["path"])
+        person = h_lab or e.get("human_label")
         final = e["llm_label"] if d.route == "llm" else person
         if d.route == "human":
             old = human_rows.get(r["path"], {})
-            h_lab, h_src = ctx.person(r["path"])
-            human_rows[r["path"]] = {
-                "path": r["path"], "split": split, "student_label": e["student_pred"],
-                "student_conf": f"{e['student_conf']:.4f}",
-                "llm_answers": "|".join(f"{a['label']}@{a['confidence']}" for a in e["llm_answers"]) or e["llm_status"],
-                "llm_status": e["llm_status"], "label_final": old.get("label_final") or (h_lab or ""),
-                "source": old.get("source") if old.get("label_final") else (h_src or ""), "turn": ctx.turn}
+            human_rows[r["path"]] = review_row(
+                e, ctx.turn, old.get("label_final") or (h_lab or ""),
+                old.get("source") if old.get("label_final") else (h_src or ""))
         s.items.append({"route": d.route, "final": final, "true": r["label"]})
         plain = route_of(float(probs[i].max()), ctx.tau, e["llm_status"])
         s.plain.append({"route": plain, "final": e["llm_label"] if plain == "llm" else person, "true": r["label"]})
@@ -1330,7 +1328,7 @@ def cascade_split(cfg, P, art, best, ctx, io, manifest, split, rows, inputs):
                 on_done=logger)
     records = {r["path"]: io.esc.get(ctx.sid, split, r["path"]) or logger.unsettled[r["path"]]
                for i, r in enumerate(rows) if conf[i] < ctx.tau}
-    s = settle_split(ctx, rows, probs, records, io.human_rows, split)
+    s = settle_split(ctx, rows, probs, records, io.human_rows)
     out = {split: {**summarize(s.items, s.n_calls, s.cost_usd, *per_call, student_ms, inputs["llm_call_ms"]),
                    "student_ms_per_item": student_ms}}
     if split == "test":

@@ -71,6 +71,20 @@ def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau
             "llm_posterior": None if llm_posterior is None else round(float(llm_posterior), 6)}
 
 
+def review_row(rec, turn, label_final="", source=""):
+    """The human_review.csv row of an escalation record (the cascade's and the server's queue alike).
+
+    >>> r = review_row({"path": "a.jpg", "split": "pool", "student_pred": "x", "student_conf": 0.41,
+    ...                 "llm_answers": [{"label": "y", "confidence": 0.6}], "llm_status": "disagreed"}, 2)
+    >>> r["student_conf"], r["llm_answers"], r["label_final"], r["turn"]
+    ('0.4100', 'y@0.6', '', 2)
+    """
+    return {"path": rec["path"], "split": rec["split"], "student_label": rec["student_pred"],
+            "student_conf": f"{rec['student_conf']:.4f}",
+            "llm_answers": "|".join(f"{a['label']}@{a['confidence']}" for a in rec["llm_answers"]) or rec["llm_status"],
+            "llm_status": rec["llm_status"], "label_final": label_final, "source": source, "turn": turn}
+
+
 def route_of(student_conf, tau, llm_status, llm_posterior=1.0, contest_below=0.0):
     """The route an item takes. llm_posterior: the probability that the LLM's accepted label is right, the
     evidence combined (combined_posterior); below contest_below the label is contested and goes to a person

@@ -111,17 +111,27 @@ def read_jsonl(path, is_record=lambda r: isinstance(r, dict)):
     for i, line in enumerate(data.split(b"\n")):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-            if not is_record(rec):
-                raise ValueError
-        except ValueError:
+        rec = _parse_record(line, is_record)
+        if rec is None:
             bad += 1
             logging.getLogger(__name__).warning(
                 "%s line %d is not a complete record (a crash mid-write?); skipped", path, i + 1)
             continue
         records.append(rec)
     return records, bad, bool(data) and not data.endswith(b"\n")
+
+
+def _parse_record(line: bytes, is_record):
+    """One JSONL line -> its record, or None when it is not JSON or not a record (a crash mid-write).
+
+    >>> _parse_record(b'{"a": 1}', lambda r: "a" in r), _parse_record(b'{"a": 1', lambda r: True)
+    ({'a': 1}, None)
+    """
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if is_record(rec) else None
 
 
 def iter_jsonl(path, start=0, is_record=lambda r: isinstance(r, dict), desc=None, bar_from_bytes=0):
@@ -143,13 +153,7 @@ def iter_jsonl(path, start=0, is_record=lambda r: isinstance(r, dict), desc=None
             bar.update(len(line))
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-                if not is_record(rec):
-                    raise ValueError
-            except ValueError:
-                rec = None
-            yield rec, end
+            yield _parse_record(line, is_record), end
 
 
 class JsonlAppender:

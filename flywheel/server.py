@@ -128,16 +128,13 @@ class Service:
         return read_csv(self.human_path) if self.human_path.exists() else []
 
     def enqueue_for_review(self, rec):
+        from flywheel.cascade import review_row
         from flywheel.io import write_csv
         with self._human_lock:
             rows = self._rows()
             if any(r["path"] == rec["path"] for r in rows):
                 return
-            rows.append({"path": rec["path"], "split": "production", "student_label": rec["student_pred"],
-                         "student_conf": f"{rec['student_conf']:.4f}",
-                         "llm_answers": "|".join(f"{a['label']}@{a['confidence']}" for a in rec["llm_answers"])
-                         or rec["llm_status"], "llm_status": rec["llm_status"], "label_final": "", "source": "",
-                         "turn": self.turn})
+            rows.append(review_row(rec, self.turn))
             write_csv(self.human_path, self.human_fields, rows)
 
     def pending(self):
