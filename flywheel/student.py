@@ -469,9 +469,15 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
     return best
 
 
+def _collective_device():
+    """NCCL reduces only CUDA tensors; gloo takes CPU ones."""
+    import torch.distributed as dist
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _sum_over_ranks(values):
     import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.tolist()
 
@@ -480,7 +486,8 @@ def _check_ranks_agree(model):
     """Every DDP process must hold the same weights after an epoch (a float64 checksum per process);
     processes that drifted apart would write a model none of them trained."""
     import torch.distributed as dist
-    mine = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())], dtype=torch.float64)
+    mine = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())], dtype=torch.float64,
+                        device=_collective_device())
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     sums = [float(t) for t in every]
