@@ -1612,21 +1612,24 @@ def prep_sharpens(cfg, P):
 
 def step_export(cfg, P):
     """best.pt -> artifacts/mobilenet.onnx and mobilenet.ts (raw uint8 pixels in, preprocessing inside the
-    graph, calibrated logits out, dynamic batch and size), export.json: each checked against PyTorch on real
-    test images, and the graph on raw small images against the student on prep's JPEGs of them."""
+    graph, calibrated logits out, dynamic batch and size), export.json: each checked on real test images
+    against the PyTorch student as training runs it (normalised images in, no folding), and the graph on
+    raw small images against that student on prep's JPEGs of them."""
     import numpy as np
     import torch
     from flywheel.calibrate import softmax
-    from flywheel.serve import (export_onnx, export_torchscript, load_images, ort_session, prep_consistency,
-                                serving_graph)
-    from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_student, model_from_checkpoint
+    from flywheel.serve import (CalibratedStudent, export_onnx, export_torchscript, load_images, ort_session,
+                                prep_consistency, serving_graph)
+    from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_student, model_from_checkpoint, normalize
     art, turn = promoted_artifacts(P.out)
     best = load_student(art / "best.pt")  # the promoted student: the one that ships
     size, sharpen = best["model_args"]["img_size"], prep_sharpens(cfg, P)
     graph = serving_graph(model_from_checkpoint(best), best["temperature"], size, sharpen)
+    student = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval()  # the reference
     meta = {"classes": best["classes"], "temperature": best["temperature"], "img_size": size, "sharpen": sharpen,
             "input": "image: uint8 [B,H,W,3] RGB, any H and W. At img_size x img_size it is taken as prep wrote it; "
-                     "any other size is resized (antialiased bicubic) and sharpened as prep did. Then (x/255 - mean)/std",
+                     "any other size is resized (antialiased bicubic) and sharpened as prep did. Then (x/255 - mean)/std "
+                     "(the graph subtracts 255*mean; the first convolution's weights carry 1/(255*std))",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "output": "calibrated logits (logits / temperature)",
             "source": "cifar_distill " + str(art / "best.pt"), "turn": turn}
     export_onnx(graph, P.onnx, size, meta)
@@ -1637,18 +1640,19 @@ def step_export(cfg, P):
     files = [P.out / r["path"] for r in rows]
     x = load_images(files)
     with torch.no_grad():
-        ref = softmax(graph(torch.from_numpy(x)).numpy())
+        ref = softmax(student(normalize(torch.from_numpy(x).permute(0, 3, 1, 2))).numpy())
     session = ort_session(P.onnx)
     outs = {"onnx": softmax(session.run(None, {"image": x})[0]),
             "torchscript": softmax(torch.jit.load(str(P.ts))(torch.from_numpy(x)).detach().numpy())}
     result = {"n_images": len(rows), "temperature": best["temperature"], "classes": best["classes"],
               "turn": turn, "student": str(art / "best.pt"), "val_acc": best["best_val_acc"], "sharpen": sharpen,
-              "tolerance": EXPORT_TOLERANCE}
+              "tolerance": EXPORT_TOLERANCE,
+              "reference": "the PyTorch student as training runs it: normalised images in, nothing folded"}
     for name, path in (("onnx", P.onnx), ("torchscript", P.ts)):
         result[name] = {"path": str(path), "max_abs_diff": float(np.abs(outs[name] - ref).max()),
                         "agreement": float((outs[name].argmax(1) == ref.argmax(1)).mean()),
                         "bytes": path.stat().st_size}
-    result["raw_input"] = prep_consistency(graph, session, files, size, sharpen)
+    result["raw_input"] = prep_consistency(student, session, files, size, sharpen)
     write_json(P.export, result)
     log.info("export: ONNX max |dp| %.2e, agreement %.3f; TorchScript max |dp| %.2e, agreement %.3f on %d test "
              "images -> %s, %s, %s", result["onnx"]["max_abs_diff"], result["onnx"]["agreement"],

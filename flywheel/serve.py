@@ -4,9 +4,11 @@ The exported graphs take raw pixels, uint8 [B, H, W, 3] RGB at any H and W (an i
 numpy hands it over), and do prep's and training's preprocessing themselves (`Prepared`): an image
 at the run's size S x S is taken as prep wrote it and only normalised; any other size gets the
 antialiased bicubic resize to S and the unsharp mask when the run sharpens (`Preprocess`), then
-ImageNet normalisation. Serving, export and simple_speed_test.py share that one definition. They output
-*calibrated* logits (logits / T), so softmax of the output is the calibrated probability the cascade
-thresholds; T and the class list are also stored as ONNX metadata.
+ImageNet normalisation, split in two: the front subtracts 255 * mean and the student's first convolution
+carries the division by 255 * std (flywheel.student.fold_normalisation). Serving, export and
+simple_speed_test.py share that one definition. They output *calibrated* logits (logits / T), so softmax of
+the output is the calibrated probability the cascade thresholds; T and the class list are also stored as
+ONNX metadata.
 """
 import json
 import logging
@@ -18,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flywheel.calibrate import softmax
-from flywheel.student import Normalize, decode_rgb, normalize
+from flywheel.student import Centre, Normalize, decode_rgb, fold_normalisation, normalize
 
 log = logging.getLogger(__name__)
 ONNX_OPSET = 18
@@ -59,13 +61,14 @@ class Preprocess(nn.Module):
     Bicubic resize with antialiasing is PIL's filter (a = -0.5, support widened when shrinking), then prep's
     unsharp mask when the run sharpens; in float, where PIL rounds to whole grey levels. The JPEG
     round trip of the training images is the one step left out (export.json measures what that costs).
-    The exported graph sends only images of another size than S x S here (see Prepared)."""
+    The exported graph sends only images of another size than S x S here (see Prepared), with `finish`
+    Centre() instead of Normalize() (the division by std is folded into its student)."""
 
-    def __init__(self, img_size, sharpen):
+    def __init__(self, img_size, sharpen, finish: nn.Module = None):
         super().__init__()
         self.img_size, self.sharpen = int(img_size), bool(sharpen)
         self.amount, self.threshold = SHARPEN_AMOUNT, SHARPEN_THRESHOLD
-        self.normalize = Normalize()
+        self.finish = Normalize() if finish is None else finish
         g = gaussian_taps(SHARPEN_SIGMA)
         self.register_buffer("taps_h", g.view(1, 1, 1, -1).repeat(3, 1, 1, 1))  # [3, 1, 1, K] depthwise
         self.register_buffer("taps_v", g.view(1, 1, -1, 1).repeat(3, 1, 1, 1))
@@ -83,24 +86,25 @@ class Preprocess(nn.Module):
             # the graph continuous, so ORT's and torch's float rounding cannot flip a pixel by 1.6 grey levels
             gate = (diff.abs() - (self.threshold - 1.0)).clamp(0, 1)
             x = (x + self.amount * gate * diff).clamp(0, 255)
-        return self.normalize(x)
+        return self.finish(x)
 
 
 class Prepared(nn.Module):
-    """The graph's front: an image already at the run's size (as prep wrote it) is only normalised, as
-    training normalises its decoded JPEGs; any other size goes through Preprocess. uint8 [B, H, W, 3]
-    -> float32 [B, 3, S, S]. Preprocess is traced (TorchScript's interpreter cannot run antialiased
-    bicubic) and this branch scripted, so the ONNX graph holds an If."""
+    """The graph's front: an image already at the run's size (as prep wrote it) is only centred, as
+    training normalises its decoded JPEGs (the rest of the normalisation is in the folded student); any
+    other size goes through Preprocess. uint8 [B, H, W, 3] -> float32 [B, 3, S, S], x - 255 * mean.
+    Preprocess is traced (TorchScript's interpreter cannot run antialiased bicubic) and this branch
+    scripted, so the ONNX graph holds an If."""
 
     def __init__(self, img_size, sharpen):
         super().__init__()
         self.img_size = int(img_size)
-        self.normalize = Normalize()
-        self.prep = torch.jit.trace(Preprocess(img_size, sharpen), example_images(img_size))
+        self.centre = Centre()
+        self.prep = torch.jit.trace(Preprocess(img_size, sharpen, Centre()), example_images(img_size))
 
     def forward(self, x_u8):
         if x_u8.shape[1] == self.img_size and x_u8.shape[2] == self.img_size:
-            return self.normalize(x_u8.permute(0, 3, 1, 2))
+            return self.centre(x_u8.permute(0, 3, 1, 2))
         return self.prep(x_u8)
 
 
@@ -115,9 +119,9 @@ class ServingGraph(nn.Module):
 
 def serving_graph(model, temperature, img_size, sharpen):
     """The exported model, scripted: raw uint8 [B, H, W, 3] -> calibrated logits [B, C]. `.student` is the
-    calibrated student alone (float32 [B, 3, S, S] normalised in)."""
+    calibrated student alone with the normalisation folded in (float32 [B, 3, S, S] centred in, Centre())."""
     import warnings
-    student = CalibratedStudent(model, temperature).eval()
+    student = CalibratedStudent(fold_normalisation(model), temperature).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about constants: the shapes here are fixed by design
         student = torch.jit.trace(student, torch.randn(2, 3, img_size, img_size))
@@ -199,10 +203,11 @@ def load_images(files, pool: ThreadPoolExecutor = None) -> np.ndarray:
 RAW_CHECK_WH = (53, 37)  # a raw upload smaller than the run's images and not square (width, height)
 
 
-def prep_consistency(graph, session, files, img_size, sharpen, wh=RAW_CHECK_WH):
+def prep_consistency(student, session, files, img_size, sharpen, wh=RAW_CHECK_WH):
     """Does a raw small image classify like the training images? Each file is shrunk to `wh` (a stand-in
-    for a raw upload); the exported graph (ORT `session`) takes it as is, and the student (graph.student) takes
-    prep's JPEG of it decoded as training decodes it. -> agreement and |probability| differences."""
+    for a raw upload); the exported graph (ORT `session`) takes it as is, and `student` (CalibratedStudent,
+    normalised images in, as training runs it) takes prep's JPEG of it decoded as training decodes it.
+    -> agreement and |probability| differences."""
     import io
 
     from PIL import Image
@@ -217,7 +222,7 @@ def prep_consistency(graph, session, files, img_size, sharpen, wh=RAW_CHECK_WH):
             prepped.append(np.asarray(im.convert("RGB")))
     p_graph = softmax(session.run(None, {"image": np.stack(raws)})[0])
     with torch.no_grad():
-        p_train = softmax(graph.student(normalize(torch.from_numpy(np.stack(prepped)).permute(0, 3, 1, 2))).numpy())
+        p_train = softmax(student(normalize(torch.from_numpy(np.stack(prepped)).permute(0, 3, 1, 2))).numpy())
     d = np.abs(p_graph - p_train)
     return {"size_wh": list(wh), "n_images": len(files), "agreement": float((p_graph.argmax(1) == p_train.argmax(1)).mean()),
             "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),

@@ -66,3 +66,31 @@ def test_graph_takes_any_size_and_matches_prep(exported_run, wh):
     # only the JPEG round trip separates them; this tiny 32px student is jumpy, so the bound is on the mean
     d = np.abs(p_graph - p_prep)
     assert d.mean() < 0.03 and (p_graph.argmax(1) == p_prep.argmax(1)).mean() >= 0.75, (d.mean(), d.max())
+
+
+def test_folded_normalisation_equals_normalising_first():
+    """The exported student takes centred pixels and carries 1/(255*std) in its first convolution: on
+    MobileNetV3-Small (random weights) the logits equal the unfolded model's on normalised images, borders
+    and all (a saturated image makes a wrong padding value show at the edges)."""
+    from flywheel.student import Centre, build_model, fold_normalisation, normalize
+    torch.manual_seed(0)
+    model = build_model(5, "none").eval()
+    x = torch.randint(0, 256, (3, 3, 64, 48), dtype=torch.uint8)
+    x[2] = 255  # all white: the first convolution's zero padding is far from any pixel here
+    with torch.no_grad():
+        want = model(normalize(x))
+        got = fold_normalisation(model)(Centre()(x))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+    assert model.features[0][0].weight.abs().max() > 0.01  # the original is left as it was (a copy is folded)
+
+
+@pytest.mark.parametrize("model", [
+    torch.nn.Sequential(torch.nn.Linear(3, 2)),                                        # no convolution
+    torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)),                                      # not over colour
+    torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, groups=3)),                            # depthwise
+    torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect")),   # pads with pixels
+])
+def test_fold_refuses_models_it_cannot_fold_exactly(model):
+    from flywheel.student import fold_normalisation
+    with pytest.raises(ValueError, match="cannot fold"):
+        fold_normalisation(model)
