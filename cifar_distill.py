@@ -1497,14 +1497,15 @@ def step_flywheel(cfg, P):
         if not (prev / "cascade.json").exists():
             step_cascade(cfg, P, prev, turn=k - 1)
         ev = turn_evidence(P, prev)
+        doubt_below = max(0.5, cfg["contest_below"])  # an LLM label less likely than this to be right is no answer
         # answers the cascade already paid for train at no new cost; the picks go to items without one
-        paid = paid_labels(ev.pool, ev.escalations, ev.classes, ev.teacher_acc, max(0.5, cfg["contest_below"])) \
+        paid = paid_labels(ev.pool, ev.escalations, ev.classes, ev.teacher_acc, doubt_below) \
             if cfg["paid_answers"] == "on" else {}
         picked, why = pick_relabels([r for r in ev.pool if r["path"] not in paid], ev.escalations, cfg["relabel_n"],
                                     cfg["relabel_strategy"],
                                     [p for p, (_, src) in human_answers(P).items() if src != "simulated_human"],
                                     cfg["seed"] + k, ev.classes, ev.teacher_acc,
-                                    doubt_below=max(0.5, cfg["contest_below"]))
+                                    doubt_below=doubt_below)
         assert all(manifest[p]["split"] == "train" for p in picked), "flywheel picked a test image"
         ledger, teacher, qc = Ledger(P.ledger), make_teacher(cfg, manifest), make_qc(cfg, P)
         budget = make_budget(cfg, ledger)
@@ -1532,8 +1533,8 @@ def step_flywheel(cfg, P):
                  "source": humans[p][1] if p in humans else "cascade", "turn": k} for p, lab in sorted(paid.items())]
         taken = {r["path"] for r in new} | set(picked)
         pseudo = [{"path": r["path"], "label": r["pred"], "source": "pseudo", "turn": k} for r in ev.pool
-                  if cfg["pseudo_labels"] == "on" and r["path"] not in taken and r["path"] not in ev.escalations
-                  and r["escalated"] == "0"]
+                  if r["path"] not in taken and r["path"] not in ev.escalations and r["escalated"] == "0"] \
+            if cfg["pseudo_labels"] == "on" else []
         new += pseudo
         old = read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []
         old = [r for r in old if int(r["turn"]) != k]  # a crashed turn k is redone whole

@@ -132,7 +132,8 @@ def decode_rgb(path) -> np.ndarray:
 
 def decode_jpeg(path) -> torch.Tensor:
     """One image file -> uint8 [3, H, W] RGB."""
-    return torch.from_numpy(decode_rgb(path).copy()).permute(2, 0, 1)
+    a = decode_rgb(path)
+    return torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1)  # Pillow's arrays are read-only
 
 
 def decode_images(files, workers=8, desc="decode") -> torch.Tensor:
