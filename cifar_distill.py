@@ -31,7 +31,6 @@ Past one machine: label in parts, merge, then train on N processes (GPUs, or CPU
 Measured results live in each run's report.md (every number there is read from the run's artifacts);
 blog.md lists the figures this project measured and the command and machine behind each.
 """
-import argparse
 import json
 import logging
 import os
@@ -41,8 +40,11 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from flywheel.io import (RunLock, RunLockHeld, atomic_write_bytes, promoted_artifacts, read_csv, read_json, read_jsonl,
-                         sha256_file, write_csv, write_json)
+from flywheel import cli
+from flywheel.io import (RunLock, RunLockHeld, atomic_write_bytes, read_csv, read_json, read_jsonl, sha256_file,
+                         write_csv, write_json)
+from flywheel.run import (Paths, RunError, better_key, clear_stamp, fingerprint, promoted, promoted_artifacts, record_promotion,
+                          step_files, unchanged, validation_score, write_stamp)
 
 log = logging.getLogger("cifar_distill")
 
@@ -54,92 +56,121 @@ TOOL_STEPS = ["merge"]      # run by hand: merge sharded label ledgers
 
 # name: (type, default, help). argparse is built from this one table; help gets "(default: ...)".
 # A default of None means "unset"; the help says what unset means.
-OPTIONS = {
-    # pipeline
-    "step": (str, "all", "pipeline step to run: " + "|".join(STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS)),
-    "out_dir": (str, "cifar5_run", "run folder; every step reads and writes only under it"),
-    "seed": (int, 0, "seed for sampling, splits, oracle noise and training"),
-    "log_level": (str, "INFO", "logging level: DEBUG shows every retry decision"),
-    # prep
-    "dataset": (str, "cifar100", "data source: cifar100 (official archive) | folder (DIR/{train,test}/<class>/*)"),
-    "data_root": (str, "data", "where the CIFAR-100 archive lives (downloaded if missing), or the image folder"),
-    "classes": (str, None, f"comma-separated class names (unset: {CIFAR5} for cifar100, every subfolder for folder)"),
-    "max_per_class": (int, 0, "images per class and split, 0 = all (CIFAR-100: 500 train, 100 test)"),
-    "img_size": (int, 224, "side of the saved square JPEGs in pixels; the student trains at this size"),
-    "no_sharpen": (bool, False, "turn off the unsharp mask applied after bicubic upscaling"),
-    # label (teacher)
-    "teacher": (str, "llm", "llm (OpenAI-compatible API) | oracle (SIMULATED: ground truth + noise, no key)"),
-    "oracle_noise": (float, 0.1, "oracle teacher only: fraction of deliberately wrong labels"),
-    "llm_base_url": (str, "https://openrouter.ai/api/v1", "OpenAI-compatible base URL (OpenAI, vLLM, Ollama, LM Studio...)"),
-    "llm_model": (str, "google/gemini-2.5-flash", "teacher model name sent to the API"),
-    "max_label": (int, 1500, "training images the teacher labels (random sample drawn with --seed), gold items included"),
-    "conf_thresh": (float, 0.7, "always/adaptive QC: accept when both passes agree and their mean confidence is at least this"),
-    "second_pass": (str, "fitted", "fitted (second call only below the confidence threshold fitted on gold pins, plus "
-                                   "--audit_frac; every image without gold) | always | adaptive (below --adaptive_thresh)"),
-    "target_label_precision": (float, 0.85, "fitted QC: the labels it accepts must reach this accuracy on gold pins at the lower 95%% bound"),
-    "confident_learning": (str, "on", "fitted QC with gold: a held-out model trained on the first answers in folds "
-                                      "sends the labels it confidently contradicts to review, when gold shows its flags are "
-                                      "mostly right (on | off)"),
-    "second_model": (str, None, "model that answers the second pass, through the same endpoint (unset: --llm_model again)"),
-    "adaptive_thresh": (float, 0.9, "adaptive mode: first-pass confidence below which the second pass is made"),
-    "audit_frac": (float, 0.1, "adaptive mode: random fraction of confident items that still get a second pass"),
-    "second_temp": (float, 0.7, "sampling temperature of the second pass (the first uses 0)"),
-    "max_workers": (int, 10, "teacher requests in flight"),
-    "max_retries": (int, 5, "retries per call for timeouts, connection errors, 408/409/429/5xx"),
-    "max_invalid": (int, 2, "re-asks for a reply that is not valid JSON with one of the classes"),
-    "timeout": (float, 60.0, "seconds per teacher request"),
-    "max_usd": (float, 5.0, "hard budget in USD for all teacher spend recorded in labels.jsonl"),
-    "dry_run": (bool, False, "print how many calls the label step would make and their estimated cost, then exit"),
-    "usd_per_call": (float, 0.0002, "price estimate per call, used by --dry_run and the oracle's simulated cost"),
-    "usd_per_mtok_in": (float, 0.30, "USD per million prompt tokens, used only when the server reports no cost"),
-    "usd_per_mtok_out": (float, 2.50, "USD per million completion tokens, used only when the server reports no cost"),
-    "gold_csv": (str, None, "hand-checked path,label rows labeled first as a prompt check (unset: use --gold_n)"),
-    "shard": (str, None, "label: I/N labels only part I of N disjoint parts of the sample (I from 0; parts by image "
-                         "hash) into labels.shard-I-of-N.jsonl, for N machines; then --step merge and a plain --step "
-                         "label (unset: the whole sample)"),
-    "gold_n": (int, 0, "gold items drawn from the sample with manifest labels as stand-in checks; 0 = no gate"),
-    "min_gold_acc": (float, 0.8, "stop before labeling the rest when the teacher's gold accuracy is below this"),
-    # train
-    "weights": (str, "imagenet", "student init: imagenet (torchvision IMAGENET1K_V1) | none | path to a checkpoint"),
-    "device": (str, "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | mps"),
-    "epochs": (int, 30, "training epochs"),
-    "batch_size": (int, 128, "training and inference batch size"),
-    "lr": (float, 2e-3, "AdamW peak learning rate (cosine schedule to 0)"),
-    "weight_decay": (float, 0.05, "AdamW weight decay"),
-    "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) for model selection and calibration"),
-    "resume": (bool, False, "continue an interrupted training run from artifacts/last.pt"),
-    "measure_noise_cost": (bool, False, "also train on the manifest's ground-truth labels of the same images, to report in "
-                                        "eval.json what label noise costs the student (measuring only; doubles training)"),
-    "num_threads": (int, 0, "torch CPU threads, 0 = torch's default"),
-    # serve
-    "host": (str, "127.0.0.1", "serve: address to listen on (0.0.0.0 exposes it to the network)"),
-    "port": (int, 8000, "serve: TCP port"),
-    "max_upload_mb": (float, 10.0, "serve: larger uploads get HTTP 413"),
-    # cascade + flywheel
-    "target_precision": (float, 0.95, "cascade: lowest student threshold whose auto-accepted validation precision reaches this"),
-    "escalation_budget": (float, None, "cascade: escalate at most this fraction instead (unset: use --target_precision)"),
-    "contest_below": (float, 0.5, "cascade and serve: an accepted LLM label whose probability of being right, the "
-                                  "student's calibrated probabilities combined with the teacher's accuracy on gold pins, "
-                                  "is below this goes to a person (0 = the LLM's label always stands, the original rule)"),
-    "simulate_human": (bool, False, "answer human-review items from ground truth (SIMULATED, offline evaluation only)"),
-    "relabel_n": (int, 200, "flywheel: pool items relabeled per turn"),
-    "relabel_strategy": (str, "targeted", "flywheel: targeted (picks that can yield a label: LLM-student disagreements, "
-                                          "then class-balanced low margin) | random (the control) | margin (lowest margin)"),
-    "paid_answers": (str, "on", "flywheel: on (pool answers the cascade already paid for and the student's probabilities "
-                                "support train the next student at no new cost; picks go elsewhere) | off"),
-    "pseudo_labels": (str, "off", "flywheel: on (never-asked pool items the student takes itself, at or above tau, train "
-                                  "on its own label for that turn: source pseudo, no spend) | off"),
-    "turns": (int, 1, "flywheel: number of turns the run should have (completed turns are skipped)"),
-    "flywheel_epochs": (int, None, "flywheel: epochs per retrain (unset: --epochs)"),
-    "retrain": (str, "best", "flywheel: continue (from the previous student) | scratch (from turn 0's init) | best (train "
-                             "both, keep the better on validation; twice the training)"),
-    "from_scratch": (bool, False, "flywheel: same as --retrain scratch"),
+OPTION_GROUPS = {
+    "general": {
+        "step": (str, "all", "pipeline step to run: " + "|".join(STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS)),
+        "out_dir": (str, "cifar5_run", "run folder; every step reads and writes only under it"),
+        "seed": (int, 0, "seed for sampling, splits, oracle noise and training"),
+        "log_level": (str, "INFO", "logging level: DEBUG shows every retry decision"),
+        "demo": (bool, False, "the whole pipeline offline on scikit-learn's handwritten digits (real 8x8 scans, shipped "
+                              "with the package) with the SIMULATED oracle teacher and human, no key, no download; "
+                              "implies --out_dir demo_run unless given, and settings that finish in minutes on 2 cores"),
+        "force": (bool, False, "run a step even when its inputs and settings are unchanged since its last run"),
+    },
+    "prep": {
+        "dataset": (str, "cifar100", "data source: cifar100 (official archive) | folder (DIR/{train,test}/<class>/*)"),
+        "data_root": (str, "data", "where the CIFAR-100 archive lives (downloaded if missing), or the image folder"),
+        "classes": (str, None, f"comma-separated class names (unset: {CIFAR5} for cifar100, every subfolder for folder)"),
+        "max_per_class": (int, 0, "images per class and split, 0 = all (CIFAR-100: 500 train, 100 test)"),
+        "img_size": (int, 224, "side of the saved square JPEGs in pixels; the student trains at this size"),
+        "no_sharpen": (bool, False, "turn off the unsharp mask applied after bicubic upscaling"),
+    },
+    "label (teacher)": {
+        "teacher": (str, "llm", "llm (OpenAI-compatible API) | oracle (SIMULATED: ground truth + noise, no key)"),
+        "oracle_noise": (float, 0.1, "oracle teacher only: fraction of deliberately wrong labels"),
+        "llm_base_url": (str, "https://openrouter.ai/api/v1", "OpenAI-compatible base URL (OpenAI, vLLM, Ollama, LM Studio...)"),
+        "llm_model": (str, "google/gemini-2.5-flash", "teacher model name sent to the API"),
+        "max_label": (int, 1500, "training images the teacher labels (random sample drawn with --seed), gold items included"),
+        "conf_thresh": (float, 0.7, "always/adaptive QC: accept when both passes agree and their mean confidence is at least this"),
+        "second_pass": (str, "fitted", "fitted (second call only below the confidence threshold fitted on gold pins, plus "
+                                       "--audit_frac; every image without gold) | always | adaptive (below --adaptive_thresh)"),
+        "target_label_precision": (float, 0.85, "fitted QC: the labels it accepts must reach this accuracy on gold pins at the lower 95%% bound"),
+        "confident_learning": (str, "on", "fitted QC with gold: a held-out model trained on the first answers in folds "
+                                          "sends the labels it confidently contradicts to review, when gold shows its flags are "
+                                          "mostly right (on | off)"),
+        "second_model": (str, None, "model that answers the second pass, through the same endpoint (unset: --llm_model again)"),
+        "adaptive_thresh": (float, 0.9, "adaptive mode: first-pass confidence below which the second pass is made"),
+        "audit_frac": (float, 0.1, "adaptive mode: random fraction of confident items that still get a second pass"),
+        "second_temp": (float, 0.7, "sampling temperature of the second pass (the first uses 0)"),
+        "max_workers": (int, 10, "teacher requests in flight"),
+        "max_retries": (int, 5, "retries per call for timeouts, connection errors, 408/409/429/5xx"),
+        "max_invalid": (int, 2, "re-asks for a reply that is not valid JSON with one of the classes"),
+        "timeout": (float, 60.0, "seconds per teacher request"),
+        "max_usd": (float, 5.0, "hard budget in USD for all teacher spend recorded in labels.jsonl"),
+        "dry_run": (bool, False, "print how many calls the label step would make and their estimated cost, then exit"),
+        "usd_per_call": (float, 0.0002, "price estimate per call, used by --dry_run and the oracle's simulated cost"),
+        "usd_per_mtok_in": (float, 0.30, "USD per million prompt tokens, used only when the server reports no cost"),
+        "usd_per_mtok_out": (float, 2.50, "USD per million completion tokens, used only when the server reports no cost"),
+        "gold_csv": (str, None, "hand-checked path,label rows labeled first as a prompt check (unset: use --gold_n)"),
+        "shard": (str, None, "label: I/N labels only part I of N disjoint parts of the sample (I from 0; parts by image "
+                             "hash) into labels.shard-I-of-N.jsonl, for N machines; then --step merge and a plain --step "
+                             "label (unset: the whole sample)"),
+        "gold_n": (int, 0, "gold items drawn from the sample with manifest labels as stand-in checks; 0 = no gate"),
+        "min_gold_acc": (float, 0.8, "stop before labeling the rest when the teacher's gold accuracy is below this"),
+    },
+    "train": {
+        "weights": (str, "imagenet", "student init: imagenet (torchvision IMAGENET1K_V1) | none | path to a checkpoint"),
+        "device": (str, "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | mps"),
+        "epochs": (int, 30, "training epochs"),
+        "batch_size": (int, 128, "training and inference batch size"),
+        "lr": (float, 2e-3, "AdamW peak learning rate (cosine schedule to 0)"),
+        "weight_decay": (float, 0.05, "AdamW weight decay"),
+        "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) for model selection and calibration"),
+        "resume": (bool, False, "continue an interrupted training run from artifacts/last.pt"),
+        "measure_noise_cost": (bool, False, "also train on the manifest's ground-truth labels of the same images, to report in "
+                                            "eval.json what label noise costs the student (measuring only; doubles training)"),
+        "num_threads": (int, 0, "torch CPU threads, 0 = torch's default"),
+    },
+    "serve": {
+        "host": (str, "127.0.0.1", "serve: address to listen on (0.0.0.0 exposes it to the network)"),
+        "port": (int, 8000, "serve: TCP port"),
+        "max_upload_mb": (float, 10.0, "serve: larger uploads get HTTP 413"),
+    },
+    "cascade and flywheel": {
+        "tau": (float, None, "cascade and serve: the student's confidence threshold, fixed by hand in (0, 1] (unset: "
+                             "fitted on validation by --target_precision or --escalation_budget)"),
+        "target_precision": (float, 0.95, "cascade: lowest student threshold whose auto-accepted validation precision reaches this"),
+        "escalation_budget": (float, None, "cascade: escalate at most this fraction instead (unset: use --target_precision)"),
+        "contest_below": (float, 0.5, "cascade and serve: an accepted LLM label whose probability of being right, the "
+                                      "student's calibrated probabilities combined with the teacher's accuracy on gold pins, "
+                                      "is below this goes to a person (0 = the LLM's label always stands, the original rule)"),
+        "simulate_human": (bool, False, "answer human-review items from ground truth (SIMULATED, offline evaluation only)"),
+        "relabel_n": (int, 200, "flywheel: pool items relabeled per turn"),
+        "relabel_strategy": (str, "targeted", "flywheel: targeted (picks that can yield a label: LLM-student disagreements, "
+                                              "then class-balanced low margin) | random (the control) | margin (lowest margin)"),
+        "paid_answers": (str, "on", "flywheel: on (pool answers the cascade already paid for and the student's probabilities "
+                                    "support train the next student at no new cost; picks go elsewhere) | off"),
+        "pseudo_labels": (str, "off", "flywheel: on (never-asked pool items the student takes itself, at or above tau, train "
+                                      "on its own label for that turn: source pseudo, no spend) | off"),
+        "turns": (int, 1, "flywheel: number of turns the run should have (completed turns are skipped)"),
+        "flywheel_epochs": (int, None, "flywheel: epochs per retrain (unset: --epochs)"),
+        "retrain": (str, "best", "flywheel: continue (from the previous student) | scratch (from turn 0's init) | best (train "
+                                 "both, keep the better on validation; twice the training)"),
+        "from_scratch": (bool, False, "flywheel: same as --retrain scratch"),
+    },
 }
+OPTIONS = {name: spec for group in OPTION_GROUPS.values() for name, spec in group.items()}
+# what a newcomer needs, shown first in --help
+START_HERE = ["step", "demo", "out_dir", "dataset", "data_root", "classes", "teacher", "llm_model", "max_label",
+              "max_usd", "dry_run", "epochs", "weights", "force"]
 CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
            "second_pass": ["fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "relabel_strategy": ["targeted", "random", "margin"],
            "paid_answers": ["on", "off"], "pseudo_labels": ["on", "off"],
            "retrain": ["best", "continue", "scratch"], "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
+# the flags that shape each step's outputs (the others change only speed, logging or where things go): a rerun
+# with the same ones and the same files does nothing (flywheel.run stamps)
+_ASK = ["classes", "seed", "teacher", "oracle_noise", "llm_base_url", "llm_model", "second_model", "second_pass",
+        "conf_thresh", "target_label_precision", "confident_learning", "adaptive_thresh", "audit_frac", "second_temp",
+        "max_invalid", "max_usd"]
+_FIT = ["classes", "seed", "weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "measure_noise_cost"]
+_ROUTE = ["tau", "target_precision", "escalation_budget", "contest_below", "simulate_human"]
+SHAPED_BY = {"prep": ["dataset", "classes", "max_per_class", "img_size", "no_sharpen"],
+             "label": _ASK + ["max_label", "gold_csv", "gold_n", "min_gold_acc"],
+             "train": _FIT, "eval": [], "cascade": _ASK + _ROUTE,
+             "flywheel": _ASK + _ROUTE + _FIT + ["relabel_n", "relabel_strategy", "paid_answers", "pseudo_labels",
+                                                 "turns", "flywheel_epochs", "retrain", "from_scratch"],
+             "export": ["no_sharpen"], "report": []}
 UNIT_INTERVAL = ["contest_below", "oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
                  "target_precision", "target_label_precision"]
 POSITIVE = ["img_size", "max_workers", "epochs", "batch_size", "lr", "timeout", "relabel_n", "turns"]
@@ -147,17 +178,14 @@ NON_NEGATIVE = ["max_per_class", "max_label", "max_retries", "max_invalid", "max
                 "usd_per_mtok_in", "usd_per_mtok_out", "gold_n", "weight_decay", "second_temp", "num_threads"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, (typ, default, help_) in OPTIONS.items():
-        shown = "unset" if default is None else default
-        if typ is bool:
-            p.add_argument(f"--{name}", action="store_true", help=f"{help_} (default: {shown})")
-        else:
-            p.add_argument(f"--{name}", type=typ, default=default, metavar=name.upper(),
-                           choices=CHOICES.get(name), help=f"{help_} (default: {shown})")
-    return p
+def build_parser():
+    return cli.build_parser(OPTION_GROUPS, START_HERE, CHOICES, __doc__.split("\n\n")[0])
+
+
+# --demo: a first run with nothing to download and no key (flags given on the command line still win)
+DEMO = {"out_dir": "demo_run", "dataset": "folder", "teacher": "oracle", "oracle_noise": 0.15, "simulate_human": True,
+        "weights": "none", "img_size": 32, "epochs": 12, "batch_size": 64, "max_label": 600, "gold_n": 40,
+        "relabel_n": 150, "turns": 1, "retrain": "continue"}
 
 
 def validate(cfg: dict) -> dict:
@@ -166,15 +194,17 @@ def validate(cfg: dict) -> dict:
         raise SystemExit(f"error: --{flag} {why}")
     for k in UNIT_INTERVAL:
         if not 0.0 <= cfg[k] <= 1.0:
-            bad(k, f"must be in [0, 1], got {cfg[k]}")
+            bad(k, f"must be in [0, 1], got {cfg[k]} (closest valid: {min(max(cfg[k], 0.0), 1.0):g})")
     for k in POSITIVE:
         if not cfg[k] > 0:
-            bad(k, f"must be > 0, got {cfg[k]}")
+            bad(k, f"must be > 0, got {cfg[k]} (for example {OPTIONS[k][1]}, the default)")
     for k in NON_NEGATIVE:
         if cfg[k] < 0:
-            bad(k, f"must be >= 0, got {cfg[k]}")
+            bad(k, f"must be >= 0, got {cfg[k]} (closest valid: 0)")
     if not 0.0 < cfg["val_frac"] < 0.5:
         bad("val_frac", f"must be in (0, 0.5), got {cfg['val_frac']}")
+    if cfg["tau"] is not None and not 0.0 < cfg["tau"] <= 1.0:
+        bad("tau", f"must be in (0, 1], got {cfg['tau']}")
     if cfg["escalation_budget"] is not None and not 0.0 <= cfg["escalation_budget"] <= 1.0:
         bad("escalation_budget", f"must be in [0, 1], got {cfg['escalation_budget']}")
     if cfg["flywheel_epochs"] is not None and cfg["flywheel_epochs"] <= 0:
@@ -257,8 +287,9 @@ def resolve_classes(cfg):
         names = cifar100_fine_names(folder) if (folder / "meta").exists() else CIFAR100_FINE
         unknown = [c for c in classes if c not in names]
         if unknown:
-            raise SystemExit(f"error: --classes has unknown CIFAR-100 class(es) {unknown}; choose from the "
-                             f"100 fine names, e.g. {', '.join(names[:8])}, ...")
+            raise SystemExit(f"error: --classes: {unknown[0]!r} is not a CIFAR-100 class"
+                             + (cli.did_you_mean(unknown[0], names) if cli.closest(unknown[0], names) else
+                                f"; the 100 fine names start {', '.join(names[:8])}, ..."))
         return classes
     run_classes = Path(cfg["out_dir"]) / "classes.json"
     if not Path(cfg["data_root"]).is_dir() and run_classes.exists():
@@ -271,8 +302,8 @@ def resolve_classes(cfg):
     classes = given or found
     unknown = [c for c in classes if c not in found]
     if unknown:
-        raise SystemExit(f"error: --classes has class(es) {unknown} with no folder under "
-                         f"{cfg['data_root']}/train/; found {found}")
+        raise SystemExit(f"error: --classes: {unknown[0]!r} has no folder under {cfg['data_root']}/train/"
+                         + cli.did_you_mean(unknown[0], found))
     return classes
 
 
@@ -285,40 +316,6 @@ CIFAR100_FINE = (
     "seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table "
     "tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman "
     "worm").split()
-
-
-class Paths:
-    """Every file the steps exchange, in one place (see ARCHITECTURE: the files are the interface)."""
-
-    def __init__(self, out_dir):
-        o = self.out = Path(out_dir)
-        self.images, self.manifest, self.prep_json = o / "images", o / "manifest.csv", o / "prep.json"
-        self.classes = o / "classes.json"
-        self.ledger, self.review, self.labels_llm = o / "labels.jsonl", o / "review_labels.csv", o / "labels_llm.csv"
-        self.label_summary, self.label_flags = o / "label_summary.json", o / "label_flags.csv"
-        self.escalations, self.human_review = o / "escalations.jsonl", o / "human_review.csv"
-        self.flywheel_labels = o / "flywheel_labels.csv"
-        self.label_merge = o / "labels_merge.json"
-        self.report, self.datacard = o / "report.md", o / "datacard.md"
-        a = self.artifacts = o / "artifacts"
-        self.last, self.best, self.mobilenet = a / "last.pt", a / "best.pt", a / "mobilenet.pt"
-        self.eval, self.test_predictions = a / "eval.json", a / "test_predictions.csv"
-        self.train_rows = a / "train_rows.csv"
-        self.cascade, self.flywheel = a / "cascade.json", a / "flywheel.json"
-        self.onnx, self.ts, self.export = a / "mobilenet.onnx", a / "mobilenet.ts", a / "export.json"
-        self.speed = a / "speed.json"
-
-    def shard_ledger(self, i, n):
-        return self.out / f"labels.shard-{i}-of-{n}.jsonl"
-
-    def shard_ledgers(self):
-        return sorted(self.out.glob("labels.shard-*-of-*.jsonl"))
-
-    def need(self, path, step):
-        if not Path(path).exists():
-            raise SystemExit(f"error: {path} is missing; run `uv run cifar_distill.py --step {step} "
-                             f"--out_dir {self.out}` first.")
-        return Path(path)
 
 
 def load_manifest(P):
@@ -462,7 +459,7 @@ def _open_image(f):
 
 # ----------------------------------------------------------------------------- teacher + label
 API_KEY_ENV = "OPENROUTER_API_KEY"
-EXIT_NO_KEY, EXIT_TEACHER_FATAL, EXIT_GOLD_GATE = 2, 3, 4
+EXIT_NO_KEY, EXIT_TEACHER_FATAL, EXIT_GOLD_GATE, EXIT_BUDGET = 2, 3, 4, 5
 NO_KEY_MESSAGE = (
     f"error: {API_KEY_ENV} is not set. Put it in the environment (export {API_KEY_ENV}=...) or in a .env file "
     f"in the folder you run from (a line {API_KEY_ENV}=...). To run with no key: --teacher oracle "
@@ -579,6 +576,10 @@ def step_label(cfg, P):
     from flywheel.teacher import FatalTeacherError
     manifest = load_manifest(P)
     sample, gold = label_sample(cfg, manifest)
+    n_train = sum(r["split"] == "train" for r in manifest.values())
+    if len(sample) >= n_train:
+        log.warning("label: --max_label %d covers all %d training images, so no pool will be left for the cascade's "
+                    "pool split and the flywheel; use --max_label below %d to keep one", cfg["max_label"], n_train, n_train)
     ledger_path = P.ledger
     if cfg["shard"]:
         sample, gold = shard_of(sample, gold, manifest, cfg["shard_i"], cfg["shard_n"])
@@ -596,6 +597,11 @@ def step_label(cfg, P):
               f"estimated ${lo * cfg['usd_per_call']:.4f}-${hi * cfg['usd_per_call']:.4f} at "
               f"--usd_per_call {cfg['usd_per_call']}; already spent ${ledger.total_cost():.4f} of --max_usd "
               f"{cfg['max_usd']}. No call was made.")
+        over = ledger.total_cost() + hi * cfg["usd_per_call"] - cfg["max_usd"]
+        if over > 0:
+            print(f"warning: the estimate is up to ${over:.4f} over --max_usd {cfg['max_usd']}: the label step would "
+                  f"stop at the budget (exit {EXIT_BUDGET}) with part of the sample unlabeled; raise --max_usd to "
+                  f"{cfg['max_usd'] + over:.4f} or lower --max_label", file=sys.stderr)
         return None
     check_review_file(P)
     teacher = make_teacher(cfg, manifest)
@@ -631,7 +637,13 @@ def step_label(cfg, P):
             if qc.second_pass == "fitted":
                 rule = fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget)
         label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label")
-        return outputs(budget_stopped=budget.stopped)  # before the ledger closes: the outputs read it
+        summary = outputs(budget_stopped=budget.stopped)  # before the ledger closes: the outputs read it
+        if budget.stopped:
+            print(f"error: budget stop: --max_usd {cfg['max_usd']} is spent (${ledger.total_cost():.4f} recorded in "
+                  f"{ledger_path.name}); the answers paid for are kept. Raise --max_usd and rerun to label the rest.",
+                  file=sys.stderr)
+            raise SystemExit(EXIT_BUDGET)
+        return summary
     except FatalTeacherError as e:
         outputs(budget_stopped=budget.stopped)
         print(f"error: {e}", file=sys.stderr)
@@ -856,6 +868,7 @@ def step_merge(cfg, P):
             write_json(P.label_merge, done)  # after each shard: an interrupted merge resumes where it stopped
             log.info("merge: %s: %d call(s) added, %d answer(s) already in %s skipped, %d bad line(s)", path.name,
                      r.added, r.duplicates, P.ledger.name, r.bad_lines)
+        clear_stamp(P, "label")  # the merged answers change what the label step writes
         log.info("merge: %s now holds %d calls ($%.4f); next: uv run cifar_distill.py --step label --out_dir %s",
                  P.ledger, len(ledger), ledger.total_cost(), P.out)
     finally:
@@ -955,10 +968,12 @@ def step_train(cfg, P, art=None, turn=0, init=None, resume=None):
     best["val_paths"] = [r["path"] for r in val]
     best = calibrate_checkpoint(best, x_va, y_va, device, art / "best.pt")
     write_csv(art / "train_rows.csv", TRAIN_ROW_FIELDS, train + val)  # the rows best.pt was trained on
-    promoted = P.artifacts / "promoted.json"
-    if turn == 0 and promoted.exists():  # later turns grew from the old turn-0 student: it ships again
-        promoted.unlink()
-        log.info("train: turn 0 retrained, so %s was removed; turn 0 is the promoted student again", promoted)
+    if turn == 0:
+        p = record_promotion(P)  # over every existing turn, on validation: a later turn keeps shipping if it is better
+        if len(p.candidates) > 1:
+            log.warning("train: turn 0 was retrained; turns %s were grown from the earlier turn-0 student and stay "
+                        "candidates (validation chose turn %d). Delete %s/turn_* to start the flywheel over.",
+                        [c["turn"] for c in p.candidates if c["turn"]], p.turn, P.artifacts)
     save_torch(best["model"], art / "mobilenet.pt")
     train_clean_twin(cfg, P, art, manifest, train, val, x_tr, x_va, tcfg, init, device)
     log.info("train: best epoch %s val acc %.4f; temperature %.3f, val ECE %.4f -> %.4f; wrote %s, %s, %s",
@@ -1118,11 +1133,13 @@ HUMAN_FIELDS = ["path", "split", "student_label", "student_conf", "llm_answers",
 
 def fit_tau(cfg, best):
     """tau on the validation split: the lowest threshold reaching --target_precision, or the one
-    escalating at most --escalation_budget."""
+    escalating at most --escalation_budget; or --tau as given."""
     from flywheel.calibrate import softmax, threshold_for_budget, threshold_for_precision, coverage_precision
     vp = softmax(best["val_logits"], best["temperature"])
     conf, correct = vp.max(1), vp.argmax(1) == best["val_labels"]
-    if cfg["escalation_budget"] is not None:
+    if cfg["tau"] is not None:
+        tau, rule = cfg["tau"], f"tau={cfg['tau']} fixed by hand"
+    elif cfg["escalation_budget"] is not None:
         tau, rule = threshold_for_budget(conf, cfg["escalation_budget"]), f"escalation_budget={cfg['escalation_budget']}"
     else:
         tau, rule = threshold_for_precision(conf, correct, cfg["target_precision"]), f"target_precision={cfg['target_precision']}"
@@ -1408,24 +1425,6 @@ def turn_evidence(P, art) -> TurnEvidence:
     return TurnEvidence(preds, esc, load_student(art / "best.pt")["classes"], teacher_accuracy(P))
 
 
-def validation_score(best) -> dict:
-    """A student's score on the run's one validation split: accuracy, then calibrated NLL, which breaks the
-    ties a small validation split makes common (20 images: accuracy moves in steps of 5 points)."""
-    from flywheel.calibrate import nll
-    return {"val_acc": float(best["best_val_acc"]),
-            "val_nll": round(nll(best["val_logits"], best["val_labels"], best["temperature"]), 6)}
-
-
-def better_key(score):
-    """Sort key: higher validation accuracy, then lower validation NLL.
-
-    >>> sorted([{"val_acc": .9, "val_nll": .30}, {"val_acc": .9, "val_nll": .25}, {"val_acc": .8, "val_nll": .1}],
-    ...        key=better_key)[-1]
-    {'val_acc': 0.9, 'val_nll': 0.25}
-    """
-    return score.get("val_acc", -1.0), -score.get("val_nll", float("inf"))
-
-
 def retrain_turn(cfg, P, prev, art, k):
     """Train turn k's student into art: continued from the previous student, from turn 0's init, or both
     with the better one on validation kept (the same validation split, never test). -> what was done."""
@@ -1454,20 +1453,6 @@ def retrain_turn(cfg, P, prev, art, k):
     return {"choice": win, "val_acc": val}  # {candidate: {val_acc, val_nll}}
 
 
-def promote(P, fly):
-    """The turn whose student scores best on validation (accuracy, then calibrated NLL; never test; the
-    earliest on a full tie) becomes the run's promoted student: artifacts/promoted.json. Every turn shares
-    one validation split."""
-    best = max(fly["turns"], key=lambda t: (better_key(t), -t["turn"]))
-    k = best["turn"]
-    write_json(P.artifacts / "promoted.json", {
-        "turn": k, "dir": "." if k == 0 else f"turn_{k}", "val_acc": best.get("val_acc"), "val_nll": best.get("val_nll"),
-        "candidates": [{"turn": t["turn"], "val_acc": t.get("val_acc"), "val_nll": t.get("val_nll")} for t in fly["turns"]],
-        "rule": "highest validation accuracy over turns, then lowest validation NLL (same validation split); "
-                "the test split never chooses"})
-    return k
-
-
 def step_flywheel(cfg, P):
     """Turns 1..--turns: relabel targeted pool items, retrain, recalibrate, re-evaluate, re-run the cascade.
     -> artifacts/turn_<k>/, flywheel_labels.csv, artifacts/flywheel.json"""
@@ -1476,12 +1461,12 @@ def step_flywheel(cfg, P):
     from flywheel.ledger import Ledger
     fly = read_json(P.flywheel) if P.flywheel.exists() else {"turns": []}
     if not fly["turns"]:
-        if not P.cascade.exists():
+        if not P.turn0.cascade.exists():
             step_cascade(cfg, P)
-        P.need(P.eval, "eval")
+        P.need(P.turn0.eval, "eval")
         fly["turns"].append(turn_entry(P, P.artifacts, 0, cfg))
         write_json(P.flywheel, fly)
-        promote(P, fly)
+        record_promotion(P)
     manifest = load_manifest(P)
     done = {t["turn"] for t in fly["turns"]}
     for k in range(1, cfg["turns"] + 1):
@@ -1558,7 +1543,7 @@ def step_flywheel(cfg, P):
                      labels_per_usd=round((len(new) - len(pseudo)) / picked_usd, 1) if picked_usd > 0 else None)
         fly["turns"].append(entry)
         write_json(P.flywheel, fly)
-        log.info("flywheel: promoted student is turn %d (best validation accuracy)", promote(P, fly))
+        log.info("flywheel: promoted student is turn %d (best validation accuracy)", record_promotion(P).turn)
     print_flywheel(fly)
     return fly
 
@@ -1690,10 +1675,10 @@ def step_report(cfg, P):
     prep = read_json(P.need(P.prep_json, "prep"))
     cas = read_json(art / "cascade.json") if (art / "cascade.json").exists() else None
     fly = read_json(P.flywheel) if P.flywheel.exists() else None
-    speed = read_json(P.speed) if P.speed.exists() else None
+    speed = read_json(art / "speed.json") if (art / "speed.json").exists() else None
     exp = read_json(P.export) if P.export.exists() else None
     best = load_student(art / "best.pt")
-    plots, _ = plot_run(P.artifacts)
+    plots, _ = plot_run(art, P.flywheel)  # the promoted turn's own plots, drawn from its artifacts
     sim_teacher = bool(ls.get("simulated"))
     sim_human = bool(cas and cas.get("simulated_human"))
     L = [f"# cifar_distill run report: `{P.out}`", ""]
@@ -1916,41 +1901,58 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser()
+    if "--demo" in argv:
+        parser.set_defaults(**DEMO, data_root=None)
+    cfg = vars(cli.parse(parser, argv))
+    logging.basicConfig(level=cfg["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    if args.log_level != "DEBUG":  # httpx logs every request at INFO: the progress bar is the output
+    if cfg["log_level"] != "DEBUG":  # httpx logs every request at INFO: the progress bar is the output
         for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from dotenv import find_dotenv, load_dotenv
-        load_dotenv(find_dotenv(usecwd=True))  # OPENROUTER_API_KEY may live in ./.env; the environment wins
-    except ImportError:
-        pass
-    cfg = validate(vars(args))
+    from dotenv import find_dotenv, load_dotenv
+    load_dotenv(find_dotenv(usecwd=True))  # OPENROUTER_API_KEY may live in ./.env; the environment wins
+    if cfg["demo"]:
+        from flywheel.data import write_digits_folder
+        cfg["data_root"] = cfg["data_root"] or str(Path(cfg["out_dir"]) / "digits")
+        write_digits_folder(cfg["data_root"])
+    cfg = validate(cfg)
     P = Paths(cfg["out_dir"])
     P.out.mkdir(parents=True, exist_ok=True)
     if cfg["num_threads"]:
         import torch
         torch.set_num_threads(cfg["num_threads"])
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: join the group; rank 0 alone logs progress
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if distributed:  # torchrun: join the group; rank 0 alone logs progress
         from flywheel.student import start_distributed
         if start_distributed(cfg["device"])[0] != 0:
             logging.getLogger().setLevel(logging.WARNING)
     steps = STEPS if cfg["step"] == "all" else [cfg["step"]]
+    # a rerun with unchanged inputs and settings does nothing; a dry run, a shard, a resume or torchrun always run
+    stamped = not (cfg["dry_run"] or cfg["shard"] or cfg["resume"] or distributed)
     lock = RunLock(P.out, cfg["step"]) if cfg["step"] in SPENDING_STEPS and not cfg["dry_run"] else None
     with _sigterm_as_interrupt():
         try:
             if lock is not None:
                 lock.acquire()
             for s in steps:
+                made_from = (lambda: fingerprint(step_files(P, s, cfg["data_root"], cfg["gold_csv"]),
+                                                 {k: cfg[k] for k in SHAPED_BY[s]})) if stamped and s in SHAPED_BY else None
+                last = made_from and not cfg["force"] and unchanged(P, s, made_from())
+                if last:
+                    log.info("=== step %s: inputs and settings unchanged since %s; nothing to do (--force reruns it) ===",
+                             s, last["at"])
+                    continue
                 t0 = time.time()
                 log.info("=== step %s ===", s)
                 run_step(s, cfg, P)
+                if made_from:
+                    write_stamp(P, s, made_from())  # after the step: what its outputs were made from
                 log.info("=== step %s done in %.1fs ===", s, time.time() - t0)
                 if cfg["step"] == "all" and s == "label" and cfg["dry_run"]:
                     break
-        except RunLockHeld as e:
+        except (RunLockHeld, RunError) as e:
             raise SystemExit(f"error: {e}")
         except KeyboardInterrupt:
             # the step already let calls in flight land and rewrote its outputs from what was paid
@@ -1994,5 +1996,5 @@ if __name__ == "__main__":
     from flywheel.data import DataError
     try:
         main()
-    except DataError as e:  # a data problem the user fixes: the message, not a traceback
+    except (DataError, RunError) as e:  # a problem the user fixes: the message, not a traceback
         raise SystemExit(f"error: {e}")

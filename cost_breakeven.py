@@ -55,6 +55,8 @@ def main(argv=None):
     out = breakeven_report(volumes, **{k: getattr(a, k) for k in BREAKEVEN_DEFAULTS})
     inp, src, rows = out["inputs"], out["inputs"]["sources"], out["rows"]
     be, pay = out["breakeven_volume"], out["payback_months"]
+    if "turn" in src:
+        print(f"inputs from {src['turn']}")
     if inp["simulated_costs"]:
         print("NOTE: this run used the SIMULATED oracle teacher; its per-call cost is the --usd_per_call estimate.")
     for k, v in inp.items():

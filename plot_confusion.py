@@ -1,6 +1,6 @@
 """Plots of a finished run, written next to its artifacts.
 
-    uv run plot_confusion.py                          # cifar5_run/artifacts
+    uv run plot_confusion.py                          # the promoted turn of cifar5_run
     uv run plot_confusion.py --root my_run
     uv run plot_confusion.py --root my_run --artifacts my_run/artifacts/turn_1
 
@@ -13,20 +13,27 @@ import sys
 from pathlib import Path
 
 from flywheel.plots import plot_run
+from flywheel.run import Paths, promoted
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="cifar5_run", metavar="DIR", help="run folder (default: cifar5_run)")
-    p.add_argument("--artifacts", default=None, metavar="DIR", help="artifacts folder to read and write (default: ROOT/artifacts)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="one turn's artifacts folder to read and write (default: the promoted turn's, the student that ships)")
     return p
 
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    art = Path(a.artifacts) if a.artifacts else Path(a.root) / "artifacts"
+    P = Paths(a.root)
+    if a.artifacts:
+        art, what = Path(a.artifacts), f"the artifacts in {a.artifacts}"
+    else:
+        p = promoted(P)
+        art, what = p.dir, f"turn {p.turn}, the promoted student (best on validation)"
+    print(f"drawing {what}")
     try:
-        out, missing = plot_run(art)
+        out, missing = plot_run(art, P.flywheel)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
     for name, path in out.items():

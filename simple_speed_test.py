@@ -28,7 +28,7 @@ import torch
 
 from cifar_distill import Paths, heldout_rows, load_manifest, prep_sharpens
 from flywheel.io import write_json
-from flywheel.io import promoted_artifacts
+from flywheel.run import promoted_artifacts
 from flywheel.serve import load_images, ort_session
 from flywheel.student import load_student, model_from_checkpoint
 
@@ -201,7 +201,7 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
                    help=f"timings per throughput figure after the warm-up; the median is quoted with min and max (default: {DEFAULT_REPEATS})")
     p.add_argument("--compare_devices", action="store_true", help="measure every available device (default: off)")
-    p.add_argument("--json", default=None, metavar="PATH", help="where to write the figures (default: ROOT/artifacts/speed.json)")
+    p.add_argument("--json", default=None, metavar="PATH", help="where to write the figures (default: speed.json in the promoted turn's artifacts folder)")
     return p
 
 
@@ -215,7 +215,8 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     P = Paths(a.root)
-    best = load_student(promoted_artifacts(P.out)[0] / "best.pt")  # the student that ships
+    art, turn = promoted_artifacts(P.out)
+    best = load_student(art / "best.pt")  # the student that ships
     files = [P.out / r["path"] for r in heldout_rows(load_manifest(P))][:a.max_images]
     if not files:
         raise SystemExit(f"error: no test images in {P.manifest}; rerun --step prep")
@@ -256,8 +257,8 @@ def main(argv=None):
         print(f"{r['backend']:<20}{r['device']:<7}{mo:>22}{ee:>22}"
               f"{r['p50_ms_b1']:>11.2f}{r['p95_ms_b1']:>11.2f}"
               f"{r['speedup_vs_original']:>16.2f}x / {r['e2e_speedup_vs_original']:.2f}x")
-    out = Path(a.json) if a.json else P.artifacts / "speed.json"
-    write_json(out, {"machine": info, "img_size": size, "results": results})
+    out = Path(a.json) if a.json else art / "speed.json"  # beside the student it timed: the report and breakeven look there
+    write_json(out, {"machine": info, "img_size": size, "turn": turn, "results": results})
     print(f"wrote {out}")
     return results
 

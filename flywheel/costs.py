@@ -113,9 +113,9 @@ BREAKEVEN_DEFAULTS = dict(root=None, llm_cost=None, llm_calls_per_item=float(LLM
 def resolve_inputs(a):
     """Flags first, then the run's artifacts -> (inputs dict, sources dict). Fails naming the flag.
     `a` has the attributes of BREAKEVEN_DEFAULTS (cost_breakeven.py's flags)."""
-    from flywheel.io import promoted_artifacts
-    art = promoted_artifacts(a.root)[0] if a.root else None  # the cascade of the student that ships
-    src = {}
+    from flywheel.run import promoted_artifacts
+    art, turn = promoted_artifacts(a.root) if a.root else (None, None)  # the cascade of the student that ships
+    src = {} if turn is None else {"turn": f"turn {turn}, the promoted student ({art})"}
 
     def art_json(name):
         if art is None:

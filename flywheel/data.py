@@ -5,6 +5,7 @@ written by Python 2: dicts with *bytes* keys (b"data", b"fine_labels", b"fine_la
 `data` is an N x 3072 uint8 array: 1024 R values, then 1024 G, then 1024 B, row-major 32 x 32.
 Shortcut taken: the MD5 is checked on download only; an extracted folder is trusted as it is.
 """
+import io
 import logging
 import pickle
 import shutil
@@ -216,3 +217,29 @@ def list_folder_dataset(root: Path):
                     raise DataError(f"{other} and {f} would both be saved as {folder_image_name(f.name)}; rename one.")
             out[split][c.name] = files
     return out
+
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGITS_TEST_FRAC = 0.2  # held out for test, stratified by class
+
+
+def write_digits_folder(root) -> Path:
+    """scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped inside the package: no download) as
+    an image folder ROOT/{train,test}/<digit name>/<index>.png, split 80/20 by class with a fixed seed.
+    Grey levels 0-16 become 0-255. Written once: a folder with every file already there is left alone."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from flywheel.io import atomic_write_bytes
+    root = Path(root)
+    d = load_digits()
+    idx = np.arange(len(d.target))
+    train, test = train_test_split(idx, test_size=DIGITS_TEST_FRAC, stratify=d.target, random_state=0)
+    for split, part in (("train", train), ("test", test)):
+        for i in part:
+            dst = root / split / DIGIT_NAMES[d.target[i]] / f"digit_{i:04d}.png"
+            if dst.exists():
+                continue
+            buf = io.BytesIO()
+            Image.fromarray(np.round(d.images[i] * 255 / 16).astype(np.uint8)).convert("RGB").save(buf, format="PNG")
+            atomic_write_bytes(dst, buf.getvalue())
+    return root

@@ -203,18 +203,6 @@ def _ends_torn(path) -> bool:
         return f.read(1) != b"\n"
 
 
-def promoted_artifacts(out_dir):
-    """-> (artifacts folder of the run's promoted student, its turn). The flywheel writes
-    artifacts/promoted.json naming the turn whose student won on validation; without it, turn 0.
-    Export, report, the speed test, breakeven and the cascade all read the student from here."""
-    art = Path(out_dir) / "artifacts"
-    p = art / "promoted.json"
-    if p.exists():
-        d = read_json(p)
-        return art / d["dir"], int(d["turn"])
-    return art, 0
-
-
 def stable_unit(*parts) -> float:
     """A reproducible number in [0, 1) from any values, independent of PYTHONHASHSEED.
 

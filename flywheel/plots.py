@@ -149,10 +149,12 @@ def classification_report_text(ev) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_run(artifacts: Path):
-    """Every plot the artifacts allow -> {name: path}. eval.json is required; cascade.json and
-    flywheel.json are drawn when present. Raises FileNotFoundError naming the step that makes a file."""
+def plot_run(artifacts: Path, flywheel_json: Path = None):
+    """Every plot one turn's artifacts allow, written beside them -> ({name: path}, [what was skipped]).
+    eval.json is required; cascade.json and the run's flywheel.json (default: artifacts/flywheel.json) are
+    drawn when present. Raises FileNotFoundError naming the step that makes a file."""
     art = Path(artifacts)
+    fw = Path(flywheel_json) if flywheel_json else art / "flywheel.json"
     if not (art / "eval.json").exists():
         raise FileNotFoundError(f"{art / 'eval.json'} is missing; run `uv run cifar_distill.py --step eval` first")
     ev = read_json(art / "eval.json")
@@ -166,8 +168,8 @@ def plot_run(artifacts: Path):
         out["cascade_tradeoff"] = cascade_tradeoff(read_json(art / "cascade.json"), art / "cascade_tradeoff.png")
     else:
         missing.append("cascade_tradeoff.png needs cascade.json: run --step cascade")
-    if (art / "flywheel.json").exists() and len(read_json(art / "flywheel.json")["turns"]) > 1:
-        out["flywheel_turns"] = flywheel_turns(read_json(art / "flywheel.json"), art / "flywheel_turns.png")
+    if fw.exists() and len(read_json(fw)["turns"]) > 1:
+        out["flywheel_turns"] = flywheel_turns(read_json(fw), art / "flywheel_turns.png")
     else:
         missing.append("flywheel_turns.png needs flywheel.json with a turn: run --step flywheel")
     return out, missing

@@ -1,0 +1,86 @@
+"""A command line that forgives and explains: argparse built from one table of options, grouped for
+--help with what a newcomer needs first, no abbreviated flags, and a one-line error with the closest
+valid flag, step or value instead of a usage dump.
+
+Shortcut: "closest" is difflib's ratio (the same measure Python's own "did you mean" uses), case-folded.
+"""
+import argparse
+import difflib
+import re
+import sys
+
+EXIT_USAGE = 1  # a bad flag or value: the README's exit-code table
+
+
+class UsageError(ValueError):
+    """A flag or value the command line cannot take; str() is the one-line message."""
+
+
+def closest(word, options, cutoff=0.6):
+    """The valid option nearest to a mistyped one, or None. Case does not count.
+
+    >>> closest("epohcs", ["epochs", "seed", "lr"]), closest("Pear", ["apple", "pear"]), closest("zzz", ["apple"])
+    ('epochs', 'pear', None)
+    """
+    folded = {str(o).lower(): o for o in options}
+    hit = difflib.get_close_matches(str(word).lower(), list(folded), n=1, cutoff=cutoff)
+    return folded[hit[0]] if hit else None
+
+
+def did_you_mean(word, options) -> str:
+    """ "; did you mean X?" when one option is close, else the list of options (short lists only).
+
+    >>> did_you_mean("lable", ["prep", "label"]), did_you_mean("q", ["a", "b"])
+    ('; did you mean label?', ' (choose from a, b)')
+    """
+    hit = closest(word, options)
+    if hit is not None:
+        return f"; did you mean {hit}?"
+    return f" (choose from {', '.join(map(str, options))})" if len(options) <= 12 else ""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the fix, raised as UsageError (the script prints it and
+    exits EXIT_USAGE) instead of a usage dump and exit 2."""
+
+    def error(self, message):
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            bad = [w for w in m.group(1).split() if w.startswith("-")] or m.group(1).split()
+            hints = [f"{w}{did_you_mean(w.split('=')[0], flags) if w.startswith('-') else ''}" for w in bad]
+            raise UsageError(f"unknown argument {'; '.join(hints)}. `--help` lists every flag")
+        m = re.match(r"argument (--\w+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip().strip("'") for c in m.group(3).split(",")]
+            raise UsageError(f"{m.group(1)} {m.group(2)!r} is not valid{did_you_mean(m.group(2), choices)}")
+        raise UsageError(message)
+
+
+def build_parser(groups: dict, start_here: list, choices: dict, description: str) -> OneLineParser:
+    """groups: {group title: {name: (type, default, help)}}; start_here: the names shown first.
+    Every help ends "(default: ...)"; a default of None shows as "unset"."""
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      allow_abbrev=False)
+    specs = {n: s for g in groups.values() for n, s in g.items()}
+    sections = {"start here": start_here, **{t: [n for n in g if n not in start_here] for t, g in groups.items()}}
+    for title, names in sections.items():
+        grp = p.add_argument_group(title)
+        for name in names:
+            typ, default, help_ = specs[name]
+            shown = "unset" if default is None else default
+            if typ is bool:
+                grp.add_argument(f"--{name}", action="store_true", help=f"{help_} (default: {shown})")
+            else:
+                grp.add_argument(f"--{name}", type=typ, default=default, metavar=name.upper(),
+                                 choices=choices.get(name), help=f"{help_} (default: {shown})")
+    return p
+
+
+def parse(parser, argv=None):
+    """parse_args, with a usage error printed as one line and exit EXIT_USAGE."""
+    try:
+        return parser.parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
