@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from flywheel import cli
+from flywheel import FlywheelError, cli
+from flywheel.costs import usd
 from flywheel.io import (RunLock, RunLockHeld, atomic_write_bytes, read_csv, read_json, read_jsonl, sha256_file,
                          write_csv, write_json)
 from flywheel.run import (Paths, RunError, better_key, clear_stamp, fingerprint, promoted, promoted_artifacts, record_promotion,
@@ -1456,7 +1457,7 @@ def retrain_turn(cfg, P, prev, art, k):
 def step_flywheel(cfg, P):
     """Turns 1..--turns: relabel targeted pool items, retrain, recalibrate, re-evaluate, re-run the cascade.
     -> artifacts/turn_<k>/, flywheel_labels.csv, artifacts/flywheel.json"""
-    from flywheel.cascade import paid_labels, pick_relabels
+    from flywheel.cascade import NONE_OF_THESE, paid_labels, pick_relabels
     from flywheel.labeling import label_items
     from flywheel.ledger import Ledger
     fly = read_json(P.flywheel) if P.flywheel.exists() else {"turns": []}
@@ -1506,16 +1507,20 @@ def step_flywheel(cfg, P):
         humans = human_answers(P)
         new = []
         for p in picked:
+            if p in humans and humans[p][0] == NONE_OF_THESE:
+                continue  # a person said it is none of the classes: it never trains
             if p in humans:
                 lab, src = humans[p]
                 if lab not in cfg["classes"]:
-                    raise SystemExit(f"error: {P.human_review}: label_final {lab!r} for {p} is not one of {cfg['classes']}")
+                    raise SystemExit(f"error: {P.human_review}: label_final {lab!r} for {p} is not one of {cfg['classes']} "
+                                     f"or {NONE_OF_THESE}")
                 new.append({"path": p, "label": lab, "source": "simulated_human" if src == "simulated_human" else "human", "turn": k})
             elif verdicts[p][0] == "accepted":
                 new.append({"path": p, "label": verdicts[p][1], "source": "escalation", "turn": k})
         n_from_picks = len(new)
         new += [{"path": p, "label": humans[p][0] if p in humans else lab,
-                 "source": humans[p][1] if p in humans else "cascade", "turn": k} for p, lab in sorted(paid.items())]
+                 "source": humans[p][1] if p in humans else "cascade", "turn": k} for p, lab in sorted(paid.items())
+                if humans.get(p, ("",))[0] != NONE_OF_THESE]
         taken = {r["path"] for r in new} | set(picked)
         pseudo = [{"path": r["path"], "label": r["pred"], "source": "pseudo", "turn": k} for r in ev.pool
                   if r["path"] not in taken and r["path"] not in ev.escalations and r["escalated"] == "0"] \
@@ -1604,8 +1609,9 @@ def step_export(cfg, P):
     import numpy as np
     import torch
     from flywheel.calibrate import softmax
-    from flywheel.serve import (CalibratedStudent, export_onnx, export_torchscript, load_images, ort_session,
+    from flywheel.serve import (CalibratedStudent, export_onnx, export_torchscript, load_images, load_torchscript, ort_session,
                                 prep_consistency, serving_graph)
+    from flywheel.ood import MIN_SIDE, fit_ood
     from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_student, model_from_checkpoint, normalize
     art, turn = promoted_artifacts(P.out)
     best = load_student(art / "best.pt")  # the promoted student: the one that ships
@@ -1629,7 +1635,7 @@ def step_export(cfg, P):
         ref = softmax(student(normalize(torch.from_numpy(x).permute(0, 3, 1, 2))).numpy())
     session = ort_session(P.onnx)
     outs = {"onnx": softmax(session.run(None, {"image": x})[0]),
-            "torchscript": softmax(torch.jit.load(str(P.ts))(torch.from_numpy(x)).detach().numpy())}
+            "torchscript": softmax(load_torchscript(P.ts)(torch.from_numpy(x)).detach().numpy())}
     result = {"n_images": len(rows), "temperature": best["temperature"], "classes": best["classes"],
               "turn": turn, "student": str(art / "best.pt"), "val_acc": best["best_val_acc"], "sharpen": sharpen,
               "tolerance": EXPORT_TOLERANCE,
@@ -1639,7 +1645,6 @@ def step_export(cfg, P):
                         "agreement": float((outs[name].argmax(1) == ref.argmax(1)).mean()),
                         "bytes": path.stat().st_size}
     result["raw_input"] = prep_consistency(student, session, files, size, sharpen)
-    write_json(P.export, result)
     log.info("export: ONNX max |dp| %.2e, agreement %.3f; TorchScript max |dp| %.2e, agreement %.3f on %d test "
              "images -> %s, %s, %s", result["onnx"]["max_abs_diff"], result["onnx"]["agreement"],
              result["torchscript"]["max_abs_diff"], result["torchscript"]["agreement"], len(rows), P.onnx, P.ts, P.export)
@@ -1647,6 +1652,15 @@ def step_export(cfg, P):
     log.info("export: on raw %dx%d copies of those images, the graph agrees with the student on prep's JPEGs of them "
              "for %.1f%% (max |dp| %.3f, mean %.4f)", *r["size_wh"], 100 * r["agreement"], r["max_abs_diff"],
              r["mean_abs_diff"])
+    trained = read_csv(art / "train_rows.csv")
+    ood = fit_ood([P.out / r["path"] for r in trained if r["split"] == "train"],
+                  [P.out / r["path"] for r in trained if r["split"] == "val"], cfg["seed"])
+    ood.save(P.ood)
+    result["ood"] = {"path": str(P.ood), "bank": len(ood.bank), "threshold": ood.threshold, "quantile": ood.val_quantile}
+    write_json(P.export, result)
+    log.info("export: serving sends an upload to a person when it is under %d px, or further than %.1f grey levels "
+             "from all %d training thumbnails (the %gth percentile of validation) -> %s", MIN_SIDE, ood.threshold,
+             len(ood.bank), 100 * ood.val_quantile, P.ood)
     bad = [n for n in ("onnx", "torchscript") if result[n]["max_abs_diff"] > EXPORT_TOLERANCE]
     if bad:
         raise SystemExit(f"error: the exported {', '.join(bad)} graph differs from PyTorch by more than "
@@ -1659,8 +1673,6 @@ def _pct(x):
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _usd(x):
-    return "n/a" if x is None else f"${x:.4f}"
 
 
 def step_report(cfg, P):
@@ -1713,7 +1725,7 @@ def step_report(cfg, P):
           f"| requested images | {ls['requested_images']} |", f"| accepted | {ls['accepted']} |",
           f"| disagreed | {ls['disagreed']} |", f"| low confidence | {ls['low_confidence']} |",
           f"| invalid | {ls['invalid']} |", f"| failed | {ls['failed']} |", f"| paid calls | {ls['calls']} |",
-          f"| spend | {_usd(ls['cost_usd'])}{' (estimated)' if ls['cost_estimated'] else ''} |",
+          f"| spend | {usd(ls['cost_usd'])}{' (estimated)' if ls['cost_estimated'] else ''} |",
           f"| agreement rate | {_fmt(ls['agreement_rate'], 4)} |",
           f"| accepted-label accuracy | {_fmt(ls['teacher_accuracy'], 4)} |",
           f"| first-pass accuracy | {_fmt(ls['pass1_accuracy'], 4)} |",
@@ -1749,7 +1761,7 @@ def step_report(cfg, P):
             r = cas[split]
             L.append(f"| {split} | {r['n']} | {_pct(r['routes']['student'])} | {_pct(r['routes']['llm'])} | "
                      f"{_pct(r['routes']['human'])} | {_fmt(r['accuracy'], 4)} | {r['llm_calls']} | {r['llm_only_calls']} | "
-                     f"{_usd(r['cost_usd'])} | {_usd(r['llm_only_cost_usd'])} | {r['mean_latency_ms']:.1f} |")
+                     f"{usd(r['cost_usd'])} | {usd(r['llm_only_cost_usd'])} | {r['mean_latency_ms']:.1f} |")
         L += ["", "Route accuracy on test: " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in cas["test"]["route_accuracy"].items())
               + (f"; {cas['test']['human_pending']} item(s) still wait for a human in human_review.csv" if cas["test"]["human_pending"] else ""), ""]
         L += rule_comparison_lines(cas.get("rule_comparison"))
@@ -1757,8 +1769,8 @@ def step_report(cfg, P):
         L += ["## Flywheel turns (flywheel.json)", "", "| turn | labeled | spend | test accuracy | macro-F1 | escalation rate | $ per 1k served |",
               "|---|---|---|---|---|---|---|"]
         for t in fly["turns"]:
-            L.append(f"| {t['turn']} | {t['n_labeled']} | {_usd(t['spend_usd'])} | {t['accuracy']:.4f} | {t['macro_f1']:.4f} | "
-                     f"{t['escalation_rate']:.4f} | {_usd(t['cost_per_1k_usd'])} |")
+            L.append(f"| {t['turn']} | {t['n_labeled']} | {usd(t['spend_usd'])} | {t['accuracy']:.4f} | {t['macro_f1']:.4f} | "
+                     f"{t['escalation_rate']:.4f} | {usd(t['cost_per_1k_usd'])} |")
         L.append("")
     L += ["## Throughput and breakeven", ""]
     if exp:
@@ -1782,7 +1794,7 @@ def step_report(cfg, P):
               + ", no fixed hosting; `cost_breakeven.py` explores other inputs):", "",
               "| items/month | LLM-only | flywheel | savings | verdict |", "|---|---|---|---|---|"]
         for r in be["rows"]:
-            L.append(f"| {r['volume']:,} | {_usd(r['llm_only_usd'])} | {_usd(r['flywheel_usd'])} | {_usd(r['savings_usd'])} | {r['verdict']} |")
+            L.append(f"| {r['volume']:,} | {usd(r['llm_only_usd'])} | {usd(r['flywheel_usd'])} | {usd(r['savings_usd'])} | {r['verdict']} |")
         L += ["", "Breakeven volume: " + ("never (an escalated item costs more than the LLM-only call it replaces, times the "
                                           "escalation rate)" if be["breakeven_volume"] is None else
                                           "cheaper from the first item (no fixed hosting assumed)" if be["breakeven_volume"] == 0 else
@@ -1824,7 +1836,7 @@ def write_datacard(P, ls, ev, prep, best, cas):
          f"Images upscaled to {prep['settings']['img_size']}px (bicubic{', unsharp mask' if prep['settings']['sharpen'] else ''}), JPEG q90.",
          "", "**Label sources used for training** (artifacts/train_rows.csv): " + ", ".join(f"{k} {v}" for k, v in src.items()) + ".",
          "", f"**Teacher.** {ls['model']} (source `{ls['source']}`{', SIMULATED' if ls.get('simulated') else ''}), prompt version "
-         f"{ls['prompt_version']}, {ls['calls']} paid calls, {_usd(ls['cost_usd'])}{' (estimated)' if ls['cost_estimated'] else ''}.",
+         f"{ls['prompt_version']}, {ls['calls']} paid calls, {usd(ls['cost_usd'])}{' (estimated)' if ls['cost_estimated'] else ''}.",
          "", "**Acceptance rules.** Each image gets two teacher passes: the classes in the given order at temperature 0, then "
          "in another order at a temperature above 0" + (" (adaptive: the second pass only below the confidence threshold, plus an audit fraction)" if ls["second_pass"] == "adaptive" else "")
          + (f". Rule in force (--second_pass fitted): {ls['qc_rule']['why']}; a first answer below the threshold is accepted "
@@ -1859,7 +1871,8 @@ def step_serve(cfg, P):
     from flywheel.cascade import EscalationLog
     from flywheel.ledger import Ledger
     from flywheel.serve import ort_session
-    from flywheel.server import Service, build_app
+    from flywheel.ood import OODModel
+    from flywheel.server import Service, build_app, student_warnings
     from flywheel.student import load_student
     art, turn = promoted_artifacts(P.out)
     best = load_student(P.need(art / "best.pt", "train"))
@@ -1875,9 +1888,16 @@ def step_serve(cfg, P):
                          f"`uv run cifar_distill.py --step export --out_dir {P.out}`")
     ledger, esc = Ledger(P.ledger), EscalationLog(P.escalations)
     teacher = make_teacher(cfg, manifest)
+    ood = OODModel.load(P.ood) if P.ood.exists() else None
+    if ood is None:
+        log.warning("serve: no %s (exported before it existed): only degenerate sizes are caught as unlike training; "
+                    "rerun --step export", P.ood)
+    warns = student_warnings(best.get("calibration_warning"), len(best["val_labels"]), tau)
+    for w in warns:
+        log.warning("serve: this student comes with a warning (also in /health): %s", w)
     svc = Service(P.out, session, best["classes"], tau, best["model_args"]["img_size"], prep_sharpens(cfg, P), teacher, ledger,
                   make_qc(cfg, P), make_budget(cfg, ledger), esc, student_id_of(best), turn, HUMAN_FIELDS,
-                  int(cfg["max_upload_mb"] * 2**20), teacher_accuracy(P), cfg["contest_below"])
+                  int(cfg["max_upload_mb"] * 2**20), teacher_accuracy(P), cfg["contest_below"], ood, warns)
     log.info("serve: turn %d's student (tau %.4f, %s) on http://%s:%d  (/v1/classify, /health, /review); "
              "escalations -> %s", turn, tau, rule, cfg["host"], cfg["port"], P.escalations)
     try:
@@ -1938,7 +1958,7 @@ def main(argv=None):
                 lock.acquire()
             for s in steps:
                 made_from = (lambda: fingerprint(step_files(P, s, cfg["data_root"], cfg["gold_csv"]),
-                                                 {k: cfg[k] for k in SHAPED_BY[s]})) if stamped and s in SHAPED_BY else None
+                                                 {k: cfg[k] for k in SHAPED_BY[s]}, P.out)) if stamped and s in SHAPED_BY else None
                 last = made_from and not cfg["force"] and unchanged(P, s, made_from())
                 if last:
                     log.info("=== step %s: inputs and settings unchanged since %s; nothing to do (--force reruns it) ===",
@@ -1952,7 +1972,7 @@ def main(argv=None):
                 log.info("=== step %s done in %.1fs ===", s, time.time() - t0)
                 if cfg["step"] == "all" and s == "label" and cfg["dry_run"]:
                     break
-        except (RunLockHeld, RunError) as e:
+        except FlywheelError as e:  # the package's own errors: a problem the user fixes, named with its fix
             raise SystemExit(f"error: {e}")
         except KeyboardInterrupt:
             # the step already let calls in flight land and rewrote its outputs from what was paid
@@ -1993,8 +2013,7 @@ class _sigterm_as_interrupt:
 
 
 if __name__ == "__main__":
-    from flywheel.data import DataError
     try:
         main()
-    except (DataError, RunError) as e:  # a problem the user fixes: the message, not a traceback
+    except FlywheelError as e:  # a problem the user fixes: the message, not a traceback
         raise SystemExit(f"error: {e}")

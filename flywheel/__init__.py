@@ -13,4 +13,14 @@ serve.py      the exported serving graph (raw uint8 in, preprocessing inside), O
 server.py     the ASGI app behind --step serve and its review page
 costs.py      the cost model (pure functions)
 plots.py      the PNGs that plot_confusion.py and the report step draw
+run.py        the run folder: every file's path, the promoted turn, step stamps (what each output was made from)
+cli.py        the command line built from one table: grouped help, one-line errors with the closest valid value
+ood.py        inputs unlike the training images: degenerate sizes and pixel features far from every one
+
+
+The package raises its own exceptions; cifar_distill.py alone turns them into messages and exit codes.
 """
+
+
+class FlywheelError(RuntimeError):
+    """A problem the user fixes (missing input, bad data, a run folder in use); the message names the fix."""

@@ -48,6 +48,8 @@ class EscalationLog:
         self._file.close()
 
 
+NONE_OF_THESE = "none_of_these"  # a person's answer for an image of no listed class: it never trains
+
 def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau, route, llm_status, llm_label,
                       answers, human_label=None, human_source=None, llm_posterior=None):
     """One escalations.jsonl record (the cascade's and the server's): the student's view, the route, and
@@ -81,7 +83,8 @@ def review_row(rec, turn, label_final="", source=""):
     """
     return {"path": rec["path"], "split": rec["split"], "student_label": rec["student_pred"],
             "student_conf": f"{rec['student_conf']:.4f}",
-            "llm_answers": "|".join(f"{a['label']}@{a['confidence']}" for a in rec["llm_answers"]) or rec["llm_status"],
+            "llm_answers": "|".join(f"{a['label']}@{a['confidence']}" for a in rec["llm_answers"])
+            or ("not asked" if rec["llm_status"] == "not_asked" else rec["llm_status"]),
             "llm_status": rec["llm_status"], "label_final": label_final, "source": source, "turn": turn}
 
 

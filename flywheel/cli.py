@@ -49,7 +49,7 @@ class OneLineParser(argparse.ArgumentParser):
         if m:
             bad = [w for w in m.group(1).split() if w.startswith("-")] or m.group(1).split()
             hints = [f"{w}{did_you_mean(w.split('=')[0], flags) if w.startswith('-') else ''}" for w in bad]
-            raise UsageError(f"unknown argument {'; '.join(hints)}. `--help` lists every flag")
+            raise UsageError(f"unknown argument {'; '.join(hints)} (`--help` lists every flag)")
         m = re.match(r"argument (--\w+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
             choices = [c.strip().strip("'") for c in m.group(3).split(",")]

@@ -189,3 +189,15 @@ def breakeven_report(volumes, **overrides):
                                                  inp["student_cost_per_1k"], inp["fixed_monthly_usd"],
                                                  inp["escalated_item_cost"]),
             "payback_months": payback_months(inp["labeling_usd"], ref["savings_usd"])}
+
+
+def usd(x, nd=4) -> str:
+    """Money as people write it: the sign before the dollar; None is n/a.
+
+    >>> usd(1.92), usd(-1.92), usd(None), usd(-0.00001, 2)
+    ('$1.9200', '-$1.9200', 'n/a', '$0.00')
+    """
+    if x is None:
+        return "n/a"
+    s = f"{abs(x):.{nd}f}"
+    return ("-$" if x < 0 and float(s) != 0 else "$") + s

@@ -5,6 +5,7 @@ written by Python 2: dicts with *bytes* keys (b"data", b"fine_labels", b"fine_la
 `data` is an N x 3072 uint8 array: 1024 R values, then 1024 G, then 1024 B, row-major 32 x 32.
 Shortcut taken: the MD5 is checked on download only; an extracted folder is trusted as it is.
 """
+from flywheel import FlywheelError
 import io
 import logging
 import pickle
@@ -25,7 +26,7 @@ CIFAR100_TGZ = "cifar-100-python.tar.gz"
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
-class DataError(RuntimeError):
+class DataError(FlywheelError):
     """A data problem the user must fix; the message names it and the fix."""
 
 

@@ -7,6 +7,7 @@ permissions the user's umask gives (mkstemp alone would leave them 0600).
 RunLock: one process at a time may spend through a run folder (fcntl.flock on OUT/run.lock; the
 kernel drops it when the holder dies, even by kill -9).
 """
+from flywheel import FlywheelError
 import csv
 import hashlib
 import json
@@ -213,7 +214,7 @@ def stable_unit(*parts) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-class RunLockHeld(RuntimeError):
+class RunLockHeld(FlywheelError):
     """Another live process holds the run folder's lock; the message names it and the fix."""
 
 

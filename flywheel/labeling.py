@@ -242,7 +242,7 @@ def label_items(items, teacher, ledger, qc, budget, purpose, max_workers=10, des
             pool.submit(it)
             pending += 1
 
-    bar = tqdm(total=len(items), desc=desc, unit="img")
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not items)  # nothing to ask: no empty bar
     try:
         feed()
         while pending:

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 DPI = 120
 
 
+LEGEND_OUTSIDE = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)  # never over data
+
+
 def _save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -53,12 +56,14 @@ def reliability(ev, path):
             centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
             ax.bar(centers, [b["acc"] for b in bins], width=1 / 15, alpha=0.7, edgecolor="k", label="accuracy")
             ax.plot(centers, [b["conf"] for b in bins], "_", ms=14, mew=2.5, color="C3", label="mean confidence")
+            for c, b in zip(centers, bins):  # how many images each bar stands on: a bar of 2 says little
+                ax.text(c, 1.02, f"n={b['count']}", ha="center", va="bottom", fontsize=6, rotation=90)
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.12)
         ax.set_xlabel("confidence")
         ax.set_title(f"{title}: ECE {ev[ece_k]:.3f}")
-    axes[0].set_ylabel("accuracy (test)")
-    axes[0].legend(loc="upper left")
+    axes[0].set_ylabel("accuracy (test); n = images in the bin")
+    axes[1].legend(**LEGEND_OUTSIDE)
     return _save(fig, path)
 
 
@@ -75,7 +80,7 @@ def cascade_tradeoff(c, path):
     ax.set_xlabel("escalation rate (fraction sent to the LLM)")
     ax.set_ylabel("accuracy on test")
     ax.set_title("cascade trade-off: escalate more, pay more, get more right")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(**LEGEND_OUTSIDE)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -91,7 +96,7 @@ def per_class_f1(ev, path):
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("F1 (test)")
     ax.set_title("per-class F1")
-    ax.legend()
+    ax.legend(**LEGEND_OUTSIDE)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     return _save(fig, path)
 
@@ -110,7 +115,8 @@ def flywheel_turns(fw, path):
     ax2.set_ylabel("escalation rate at the same target precision")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best", fontsize=8)
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3,
+              fontsize=8)  # below the axes: the right-hand axis takes the space beside them
     ax.set_title("flywheel turns")
     return _save(fig, path)
 
@@ -133,7 +139,7 @@ def cost_curve(rows, breakeven, path, title="monthly cost"):
     ax.set_ylabel("USD per month")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(**LEGEND_OUTSIDE)
     return _save(fig, path)
 
 

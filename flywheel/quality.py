@@ -292,5 +292,12 @@ def pixel_features(files, side=CL_PIXELS, desc="held-out model: features"):
     out = np.zeros((len(files), side * side * 3), np.uint8)
     for i, f in enumerate(tqdm(files, desc=desc, unit="img", leave=False)):
         with Image.open(f) as im:
-            out[i] = np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR)).reshape(-1)
+            out[i] = thumbnail(im, side)
     return out
+
+
+def thumbnail(img, side=CL_PIXELS):
+    """A PIL image -> uint8 [side*side*3]: shrunk to side x side RGB (bilinear), rows then columns then colour."""
+    import numpy as np
+    from PIL import Image
+    return np.asarray(img.convert("RGB").resize((side, side), Image.BILINEAR)).reshape(-1)

@@ -6,6 +6,7 @@ does nothing and says so.
 Shortcuts: a file larger than BIG_FILE (a ledger of millions of calls) is fingerprinted by its size and
 modification time, not its bytes; every other file by its sha256.
 """
+from flywheel import FlywheelError
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 BIG_FILE = 64 * 2**20  # bytes; above this a file's fingerprint is its size and mtime (hashing a GB ledger takes s)
 
 
-class RunError(RuntimeError):
+class RunError(FlywheelError):
     """A run folder that lacks what a step needs; the message names the step to run first."""
 
 
@@ -41,6 +42,7 @@ class Paths:
         a = self.artifacts = o / "artifacts"
         self.flywheel, self.promoted = a / "flywheel.json", a / "promoted.json"
         self.onnx, self.ts, self.export = a / "mobilenet.onnx", a / "mobilenet.ts", a / "export.json"
+        self.ood = a / "ood.npz"  # what serving sends to a person unasked (flywheel.ood), fitted at export
         self.turn0 = Turn(a)
 
     def turn(self, k: int) -> "Turn":
@@ -173,13 +175,17 @@ def tree_fingerprint(root):
     return "tree:" + h.hexdigest()
 
 
-def fingerprint(files, settings) -> dict:
-    """What a step's outputs are made from: each file's fingerprint and the settings that shape them.
+def fingerprint(files, settings, root) -> dict:
+    """What a step's outputs are made from: each file's fingerprint (named relative to the run folder `root`,
+    so a copied or moved run keeps its stamps) and the settings that shape them.
 
-    >>> fingerprint([], {"epochs": 3})
+    >>> fingerprint([], {"epochs": 3}, ".")
     {'files': {}, 'settings': {'epochs': 3}}
     """
-    return {"files": {str(f): file_fingerprint(f) for f in files},
+    def name(f):
+        f = Path(f)
+        return f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f)
+    return {"files": {name(f): file_fingerprint(f) for f in files},
             "settings": json.loads(json.dumps(settings, default=str))}
 
 
@@ -223,7 +229,7 @@ def step_files(P, step, data_root=None, gold_csv=None) -> list:
     if step == "cascade":
         return labels + served + [ship.best, ship.cascade, ship.pool_predictions]
     if step == "export":
-        return [P.manifest, P.prep_json, ship.best, P.onnx, P.ts, P.export]
+        return [P.manifest, P.prep_json, ship.best, ship.train_rows, P.onnx, P.ts, P.export, P.ood]
     if step == "report":
         return [P.prep_json, P.label_summary, P.flywheel, P.export, ship.best, ship.eval, ship.cascade, ship.speed,
                 P.report, P.datacard]

@@ -10,8 +10,10 @@ simple_speed_test.py share that one definition. They output *calibrated* logits 
 the output is the calibrated probability the cascade thresholds; T and the class list are also stored as
 ONNX metadata.
 """
+from flywheel import FlywheelError
 import json
 import logging
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,6 +26,10 @@ from flywheel.student import Centre, Normalize, decode_rgb, fold_normalisation, 
 
 log = logging.getLogger(__name__)
 ONNX_OPSET = 18
+
+
+class ExportError(FlywheelError):
+    """The student cannot be exported here; the message names the fix."""
 
 
 class CalibratedStudent(nn.Module):
@@ -152,17 +158,30 @@ def export_onnx(graph, path, img_size, metadata: dict):
     graph = graph.eval().cpu()
     torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _resize_aa_bicubic, ONNX_OPSET)
     try:
-        torch.onnx.export(graph, (example_images(img_size),), str(path), dynamo=False, input_names=["image"],
-                          output_names=["logits"], opset_version=ONNX_OPSET,
-                          dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"}, "logits": {0: "batch"}})
+        with warnings.catch_warnings():
+            # the exporter notes each Slice it cannot constant-fold (the If's branches): harmless, and printed twice
+            warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+            # chosen on purpose: the dynamo exporter takes no scripted If (see the docstring)
+            warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
+            torch.onnx.export(graph, (example_images(img_size),), str(path), dynamo=False, input_names=["image"],
+                              output_names=["logits"], opset_version=ONNX_OPSET,
+                              dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"}, "logits": {0: "batch"}})
     except (TypeError, AttributeError) as e:
-        raise SystemExit(f"error: this torch ({torch.__version__}) has no TorchScript-based ONNX exporter, which "
-                         f"the export needs ({type(e).__name__}: {e}); use the torch version pinned in uv.lock") from None
+        raise ExportError(f"this torch ({torch.__version__}) has no TorchScript-based ONNX exporter, which the export "
+                          f"needs ({type(e).__name__}: {e}); use the torch version pinned in uv.lock") from None
     m = onnx.load(str(path))
     for k, v in metadata.items():
         p = m.metadata_props.add()
         p.key, p.value = k, v if isinstance(v, str) else json.dumps(v)
     onnx.save(m, str(path))
+
+
+def load_torchscript(path):
+    """TorchScript still loads in C++ (libtorch) with no Python; torch 2.15 deprecates torch.jit.load, hence the filter."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path))
 
 
 def export_torchscript(graph, path):

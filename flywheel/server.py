@@ -22,27 +22,48 @@ from pathlib import Path
 
 import numpy as np
 
+from flywheel.cascade import NONE_OF_THESE
+
 log = logging.getLogger(__name__)
 
 
 SHA_LOCKS = 64  # lock stripes for escalations in flight (more than the threadpool's 40 workers)
+MIN_VAL_IMAGES = 50  # fewer validation images fit the temperature and tau on too little to trust
+NOT_ASKED = "not_asked"  # llm_status of an upload the LLM was never asked (unlike everything, or no teacher for it)
 
 
 class BadImage(ValueError):
     pass
 
 
+def student_warnings(calibration_warning, n_val, tau):
+    """What an operator must know before trusting this student's confidences (startup log and /health).
+
+    >>> student_warnings(None, 120, 0.9)
+    []
+    >>> student_warnings("temperature at its search bound", 20, 1.5)[1:]
+    ['only 20 validation images fitted the temperature and tau (fewer than 50)', 'tau 1.5 is above 1: every upload escalates']
+    """
+    out = [f"calibration: {calibration_warning}"] if calibration_warning else []
+    if n_val < MIN_VAL_IMAGES:
+        out.append(f"only {n_val} validation images fitted the temperature and tau (fewer than {MIN_VAL_IMAGES})")
+    if tau > 1.0:
+        out.append(f"tau {tau:g} is above 1: every upload escalates")
+    return out
+
+
 class Service:
     """What one request needs, shared by every request (ORT sessions and the ledger are thread-safe)."""
 
     def __init__(self, out, session, classes, tau, img_size, sharpen, teacher, ledger, qc, budget, esc,
-                 student_id, turn, human_fields, max_upload_bytes, teacher_acc=0.85, contest_below=0.0):
+                 student_id, turn, human_fields, max_upload_bytes, teacher_acc, contest_below, ood=None, warnings=()):
         self.out, self.session, self.classes, self.tau = Path(out), session, list(classes), float(tau)
         self.img_size, self.sharpen, self.teacher, self.ledger, self.qc = img_size, sharpen, teacher, ledger, qc
         self.budget, self.esc, self.student_id, self.turn = budget, esc, student_id, turn
         self.human_fields, self.max_upload_bytes = human_fields, max_upload_bytes
         self.teacher_acc, self.contest_below = float(teacher_acc), float(contest_below)  # the cascade step's rule
         self.human_path = self.out / "human_review.csv"
+        self.ood, self.warnings = ood, list(warnings)  # flywheel.ood.OODModel (None: not fitted), student_warnings
         self.stop = getattr(teacher, "stop", None) or threading.Event()
         self._human_lock = threading.Lock()
         # one escalation per image at a time (nothing paid twice), from a fixed set of locks picked by sha256,
@@ -57,7 +78,11 @@ class Service:
             with Image.open(io.BytesIO(data)) as im:
                 return im.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise BadImage(f"not an image Pillow can read ({type(e).__name__}: {e})") from None
+            # Pillow's own text names the in-memory buffer (<_io.BytesIO object at 0x...>): not for a client
+            why = "truncated or corrupt" if isinstance(e, OSError) and not isinstance(e, UnidentifiedImageError) else \
+                "too large to decode safely" if isinstance(e, Image.DecompressionBombError) else "not a known image format"
+            raise BadImage(f"the upload is not an image this server can read ({why}); send a PNG, JPEG, WebP, BMP, "
+                           f"GIF or TIFF file in the multipart field 'file'") from None
 
     def prepped_jpeg(self, img) -> bytes:
         """The image as prep writes training images (upscale, sharpen, JPEG): what the LLM and a person see."""
@@ -89,11 +114,15 @@ class Service:
         out = {"label": d.label, "confidence": round(float(probs.max()), 6), "route": "student",
                "probs": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}, "needs_review": False,
                "request_id": rid}
-        if d.route == "student":
+        unlike = self.ood.reason(img) if self.ood is not None else None
+        if d.route == "student" and unlike is None:
             return out
         rel, sha = self.store(self.prepped_jpeg(img))
         upload_sha = hashlib.sha256(data).hexdigest()  # lets the flywheel refuse a test image sent as-is
-        status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
+        if unlike is not None:  # the student's confidence means nothing here, and the LLM's answer would be one of ours
+            status, label, llm_conf, answers, error = NOT_ASKED, None, None, [], unlike
+        else:
+            status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
         d = decide(probs, self.classes, self.tau, status, label, self.teacher_acc, self.contest_below)
         rec = {**escalation_record(self.student_id, self.turn, "production", rel, sha, probs, self.classes, self.tau,
                                    d.route, status, label, answers, llm_posterior=d.llm_posterior),
@@ -103,13 +132,16 @@ class Service:
             self.enqueue_for_review(rec)
         # for a person: the best guess so far (a contested LLM label: the top class of the combined evidence)
         return {**out, "label": d.label, "confidence": round(float(llm_conf if d.route == "llm" else probs.max()), 6),
-                "route": d.route, "needs_review": d.route == "human"}
+                "route": d.route, "needs_review": d.route == "human",
+                **({"reason": error} if d.route == "human" and error else {})}
 
     def escalate(self, it):
         """The label step's QC on one image. -> (status, label, confidence, pass records, error or None)."""
         from flywheel.labeling import ask_item, ledger_verdict
         from flywheel.teacher import FatalTeacherError
         error = None
+        if not self.teacher.can_answer(it["path"]):
+            return NOT_ASKED, None, None, [], f"{self.teacher.source} teacher cannot answer uploads: a person answers"
         with self._sha_locks[int(it["sha256"][:8], 16) % SHA_LOCKS]:
             try:
                 ask_item(it, self.teacher, self.ledger, self.qc, self.budget, "serve", self.stop)
@@ -143,15 +175,15 @@ class Service:
     def answer(self, path, label):
         """A person's label for one queued image, written atomically. -> the number still pending."""
         from flywheel.io import write_csv
-        if label not in self.classes:
-            raise ValueError(f"label {label!r} is not one of {self.classes}")
+        if label not in self.classes + [NONE_OF_THESE, ""]:  # "": undo
+            raise ValueError(f"label {label!r} is not one of {self.classes}, {NONE_OF_THESE!r} or '' (undo)")
         with self._human_lock:
             rows = self._rows()
             hit = [r for r in rows if r["path"] == path]
             if not hit:
                 raise KeyError(path)
             for r in hit:
-                r["label_final"], r["source"] = label, "human"
+                r["label_final"], r["source"] = label, ("human" if label else "")
             write_csv(self.human_path, self.human_fields, rows)
             return sum(1 for r in rows if not (r.get("label_final") or "").strip())
 
@@ -175,7 +207,8 @@ def build_app(svc: Service):
 
     async def health(request):
         return JSONResponse({"status": "ok", "student": f"turn_{svc.turn}", "student_id": svc.student_id,
-                             "tau": svc.tau, "classes": svc.classes})
+                             "tau": svc.tau, "classes": svc.classes, "warnings": svc.warnings,
+                             "ood_threshold": None if svc.ood is None else svc.ood.threshold})
 
     async def classify(request: Request):
         too_big = f"upload over --max_upload_mb ({svc.max_upload_bytes / 2**20:g} MB)"
@@ -206,10 +239,12 @@ def build_app(svc: Service):
         return JSONResponse(out)
 
     async def review_page(request):
-        return HTMLResponse(REVIEW_HTML.replace("__CLASSES__", json.dumps(svc.classes)))
+        return HTMLResponse(REVIEW_HTML.replace("__CLASSES__", json.dumps(svc.classes)).replace("__NONE__", NONE_OF_THESE))
 
     async def review_items(request):
-        return JSONResponse({"pending": svc.pending()})
+        rows = svc._rows()
+        return JSONResponse({"pending": svc.pending(), "total": len(rows),
+                             "done": [r for r in rows if (r.get("label_final") or "").strip()]})
 
     async def review_image(request):
         try:
@@ -233,61 +268,116 @@ def build_app(svc: Service):
         Route("/review/answer", review_answer, methods=["POST"])])
 
 
-# One pending image at a time, big; a button per class, and keys 1..9 for them; the answer is POSTed and
-# the next image shows. No build step, no external assets (the server may have no internet either).
+# One pending image at a time, big; a button per class (the student's guess highlighted), keys 1..9 for the
+# first nine, a filter box for any number of classes (type, then Enter), "none of these", skip and undo, and
+# a progress count. No build step, no external assets (the server may have no internet either).
 REVIEW_HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><title>cifar_distill review</title>
 <style>
- body{font-family:system-ui,sans-serif;margin:2em;max-width:760px}
+ body{font-family:system-ui,sans-serif;margin:2em;max-width:820px}
  img{width:320px;height:320px;image-rendering:pixelated;border:1px solid #999}
- button{font-size:1.1em;margin:.25em;padding:.5em 1em}
+ button{font-size:1.05em;margin:.25em;padding:.45em .9em}
+ button.guess{outline:3px solid #e69f00;font-weight:bold}
+ button[hidden]{display:none}
  .meta{color:#444;margin:.5em 0}
+ #progress{font-weight:bold}
 </style></head>
 <body>
 <h1>Review queue</h1>
-<div id="status">loading…</div>
+<div id="progress">loading…</div>
+<div id="status"></div>
 <div id="card" hidden>
   <img id="img" alt="image to label">
-  <div class="meta">student: <b id="student"></b> · LLM: <b id="llm"></b> · <span id="where"></span></div>
+  <div class="meta">student's guess: <b id="student"></b> (highlighted) · LLM: <b id="llm"></b> · <span id="where"></span></div>
+  <div class="meta" id="reason"></div>
+  <input id="filter" placeholder="type a class name, Enter picks the first match (/ to focus)" size="48">
   <div id="buttons"></div>
+  <button id="none">none of these (x)</button> <button id="skip">skip (s)</button> <button id="undo" disabled>undo (u)</button>
   <p class="meta">Keys: <span id="keys"></span></p>
 </div>
 <script>
-const CLASSES = __CLASSES__;
-let queue = [], current = null;
+const CLASSES = __CLASSES__, NONE = "__NONE__";
+let queue = [], current = null, done = 0, total = 0, answered = [];
 const $ = id => document.getElementById(id);
-$("keys").textContent = CLASSES.map((c, i) => `${i + 1} = ${c}`).join(", ");
+$("keys").textContent = CLASSES.slice(0, 9).map((c, i) => `${i + 1} = ${c}`).join(", ")
+  + (CLASSES.length > 9 ? `; the other ${CLASSES.length - 9}: type in the box` : "") + "; x none of these, s skip, u undo";
 CLASSES.forEach((c, i) => {
   const b = document.createElement("button");
-  b.textContent = `${i + 1} ${c}`; b.dataset.label = c; b.id = "label-" + c;
+  b.textContent = i < 9 ? `${i + 1} ${c}` : c; b.dataset.label = c; b.id = "label-" + c;
   b.onclick = () => answer(c);
   $("buttons").appendChild(b);
 });
+$("none").onclick = () => answer(NONE);
+$("skip").onclick = () => skip();
+$("undo").onclick = () => undo();
+function visible() { return CLASSES.filter(c => !$("label-" + c).hidden); }
+$("filter").oninput = () => {
+  const q = $("filter").value.trim().toLowerCase();
+  CLASSES.forEach(c => { $("label-" + c).hidden = q !== "" && !c.toLowerCase().includes(q); });
+};
+$("filter").onkeydown = e => {
+  if (e.key === "Enter" && visible().length) { answer(visible()[0]); }
+  if (e.key === "Escape") { $("filter").value = ""; $("filter").oninput(); $("filter").blur(); }
+  e.stopPropagation();
+};
 async function load() {
-  queue = (await (await fetch("review/items")).json()).pending;
+  const r = await (await fetch("review/items")).json();
+  queue = r.pending; total = r.total; done = r.done.length;
   show();
+}
+function progress() {
+  $("progress").textContent = `${done} of ${total} reviewed · ${queue.length + (current ? 1 : 0)} waiting`;
 }
 function show() {
   current = queue.shift() || null;
   $("card").hidden = !current;
-  $("status").textContent = current ? `${queue.length + 1} waiting` : "Nothing waiting for review.";
-  if (!current) return;
+  $("filter").value = ""; $("filter").oninput();
+  progress();
+  if (!current) { $("status").textContent = "Nothing waiting for review."; return; }
   $("img").src = "review/image?path=" + encodeURIComponent(current.path);
   $("student").textContent = `${current.student_label} (${current.student_conf})`;
-  $("llm").textContent = current.llm_answers || current.llm_status || "none";
+  CLASSES.forEach(c => $("label-" + c).classList.toggle("guess", c === current.student_label));
+  $("llm").textContent = current.llm_answers || "not asked";
   $("where").textContent = current.path;
 }
-async function answer(label) {
-  if (!current) return;
+async function post(path, label) {
   const r = await fetch("review/answer", {method: "POST", headers: {"content-type": "application/json"},
-                                         body: JSON.stringify({path: current.path, label})});
-  if (!r.ok) { $("status").textContent = "error: " + (await r.json()).error; return; }
+                                         body: JSON.stringify({path, label})});
+  if (!r.ok) { $("status").textContent = "error: " + (await r.json()).error; return false; }
+  return true;
+}
+async function answer(label) {
+  if (!current || !(await post(current.path, label))) return;
+  answered.push(current); done += 1;
+  $("undo").disabled = false;
+  $("status").textContent = `saved ${label} for ${current.path}`;
   $("status").dataset.saved = current.path;
   show();
 }
+function skip() {
+  if (!current) return;
+  queue.push(current); current = null;
+  $("status").textContent = "skipped: it comes back at the end";
+  show();
+}
+async function undo() {
+  const last = answered.pop();
+  if (!last || !(await post(last.path, ""))) return;
+  done -= 1;
+  if (current) queue.unshift(current);
+  queue.unshift(last); current = null;
+  $("undo").disabled = !answered.length;
+  $("status").textContent = `undone: ${last.path} waits again`;
+  $("status").dataset.undone = last.path;
+  show();
+}
 document.addEventListener("keydown", e => {
+  if (e.key === "/") { e.preventDefault(); $("filter").focus(); return; }
+  if (e.key === "x") return answer(NONE);
+  if (e.key === "s") return skip();
+  if (e.key === "u") return undo();
   const i = parseInt(e.key, 10) - 1;
-  if (i >= 0 && i < CLASSES.length) answer(CLASSES[i]);
+  if (i >= 0 && i < Math.min(9, CLASSES.length)) answer(CLASSES[i]);
 });
 load();
 </script></body></html>

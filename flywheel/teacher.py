@@ -343,6 +343,9 @@ class LLMTeacher:
                      "HTTP-Referer": "https://github.com/cifar-distill", "X-Title": "cifar_distill"},
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
 
+    def can_answer(self, path) -> bool:
+        return True
+
     def close(self):
         self._client.close()
 
@@ -501,6 +504,10 @@ class OracleTeacher:
         self.model = oracle_model_name(noise)
         self.usd_per_call, self.seed = usd_per_call, seed
         self.use_response_format = False
+
+    def can_answer(self, path) -> bool:
+        """Only images with a ground truth to simulate from (not uploads to --step serve)."""
+        return path in self.truth
 
     def close(self):
         pass

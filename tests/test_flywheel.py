@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from fakes import run_cli
-from flywheel.io import read_csv, read_json, read_jsonl
+from flywheel.io import read_csv, read_json, read_jsonl, write_csv
 
 
 def fly(t, *extra):
@@ -60,45 +60,55 @@ def test_flywheel_turn_grows_training_from_pool_only_and_human_edits_win(copy_ru
 
 # ----------------------------------------------------------------------------- issue 12: selection, promotion
 
-def test_promotion_follows_validation_never_test(tmp_path):
-    import cifar_distill as C
-    P = C.Paths(tmp_path)
-    P.artifacts.mkdir(parents=True)
-    fly = {"turns": [{"turn": 0, "val_acc": 0.80, "accuracy": 0.95}, {"turn": 1, "val_acc": 0.90, "accuracy": 0.50},
-                     {"turn": 2, "val_acc": 0.90, "accuracy": 0.99}]}
-    assert C.promote(P, fly) == 1  # best validation; the earlier turn on a full tie; test accuracy is ignored
-    d = read_json(P.artifacts / "promoted.json")
-    assert d["dir"] == "turn_1" and [c["turn"] for c in d["candidates"]] == [0, 1, 2]
+def test_promotion_follows_validation_never_test():
+    from flywheel.run import choose_turn
+    turns = [{"turn": 0, "val_acc": 0.80, "accuracy": 0.95}, {"turn": 1, "val_acc": 0.90, "accuracy": 0.50},
+             {"turn": 2, "val_acc": 0.90, "accuracy": 0.99}]
+    assert choose_turn(turns) == 1  # best validation; the earlier turn on a full tie; test accuracy is ignored
     # an accuracy tie goes to the lower validation NLL, whatever the test says
-    for t, v in zip(fly["turns"], (0.2, 0.5, 0.4)):
+    for t, v in zip(turns, (0.2, 0.5, 0.4)):
         t["val_nll"] = v
-    assert C.promote(P, fly) == 2 and read_json(P.artifacts / "promoted.json")["val_nll"] == 0.4
-    fly["turns"][1]["val_nll"] = 0.3
-    assert C.promote(P, fly) == 1
+    assert choose_turn(turns) == 2
+    turns[1]["val_nll"] = 0.3
+    assert choose_turn(turns) == 1
+
+
+def set_val_acc(ckpt, acc):
+    """Make a turn's student score `acc` on validation: the case a promotion test builds on purpose."""
+    from flywheel.student import load_checkpoint, save_checkpoint
+    ck = load_checkpoint(ckpt)
+    ck["best_val_acc"] = acc
+    save_checkpoint(ckpt, ck)
 
 
 def test_export_and_report_ship_the_promoted_student(copy_run):
+    from flywheel.run import Paths, promoted
     from flywheel.student import load_student
     run = copy_run / "run"
     fly(copy_run)
-    promoted = read_json(run / "artifacts" / "promoted.json")
-    import cifar_distill as C
-    vals = {t: C.better_key(C.validation_score(load_student(run / "artifacts" / d / "best.pt")))
-            for t, d in ((0, "."), (1, "turn_1"))}
-    assert vals[promoted["turn"]] == max(vals.values())
-    # whichever won, pin turn 1 and check every consumer follows promoted.json
-    from flywheel.io import write_json
-    write_json(run / "artifacts" / "promoted.json", {**promoted, "turn": 1, "dir": "turn_1"})
+    set_val_acc(run / "artifacts" / "turn_1" / "best.pt", 1.01)  # turn 1 wins on validation, by construction
+    set_val_acc(run / "artifacts" / "best.pt", 0.5)
+    assert promoted(Paths(run)).turn == 1
     run_cli("--step", "export", "--out_dir", run, "--teacher", "oracle")
     e = read_json(run / "artifacts" / "export.json")
     t1 = load_student(run / "artifacts" / "turn_1" / "best.pt")
     assert e["turn"] == 1 and e["temperature"] == t1["temperature"] and e["student"].endswith("turn_1/best.pt")
     run_cli("--step", "report", "--out_dir", run, "--teacher", "oracle")
-    assert "**Promoted student: turn 1**" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "**Promoted student: turn 1**" in report
+    # the plots embedded are the promoted turn's own, drawn from its artifacts
+    assert "](artifacts/turn_1/confusion_matrix.png)" in report and "](artifacts/turn_1/reliability.png)" in report
+    assert "](artifacts/confusion_matrix.png)" not in report
     from flywheel.costs import resolve_inputs, BREAKEVEN_DEFAULTS
     from types import SimpleNamespace
     inp, _ = resolve_inputs(SimpleNamespace(**{**BREAKEVEN_DEFAULTS, "root": str(run), "student_cost_per_1k": 0.0}))
     assert inp["escalation_rate"] == read_json(run / "artifacts" / "turn_1" / "cascade.json")["test"]["escalation_rate"]
+    # deleting the record changes nothing: promotion is recomputed from the turns' own checkpoints
+    (run / "artifacts" / "promoted.json").unlink(missing_ok=True)
+    assert promoted(Paths(run)).turn == 1
+    # and turn 0 winning again moves every consumer back
+    set_val_acc(run / "artifacts" / "best.pt", 1.02)
+    assert promoted(Paths(run)).turn == 0
 
 
 POOL = [{"path": f"p{i}", "pred": "ab"[i % 2], "margin": str(i / 100)} for i in range(10)]
@@ -181,15 +191,24 @@ def test_pseudo_labels_are_the_students_own_confident_pool_answers(copy_run):
     label for that turn only, cost nothing, stay in the pool, and never come from test."""
     import cifar_distill
     run = copy_run / "run"
-    preds = {r["path"]: r for r in read_csv(run / "artifacts" / "pool_predictions.csv")}
+    # the turn-0 student's pool answers, built on purpose: half the never-escalated items are taken at tau
+    esc = {e["path"] for e in read_jsonl(run / "escalations.jsonl")[0]}  # before the turn: its own cascade adds more
+    rows = read_csv(run / "artifacts" / "pool_predictions.csv")
+    taken = {r["path"] for r in rows[::2] if r["path"] not in esc}
+    assert taken
+    for r in rows:
+        r["escalated"] = "0" if r["path"] in taken else "1"
+    write_csv(run / "artifacts" / "pool_predictions.csv", list(rows[0]), rows)
+    preds = {r["path"]: r for r in rows}
     fly(copy_run, "--pseudo_labels", "on", "--retrain", "continue")
     new = read_csv(run / "flywheel_labels.csv")
     pseudo = [r for r in new if r["source"] == "pseudo"]
     turn1 = read_json(run / "artifacts" / "flywheel.json")["turns"][1]
     assert pseudo and turn1["pseudo_labels"] == len(pseudo)
-    esc = {e["path"] for e in read_jsonl(run / "escalations.jsonl")[0]}
+    others = {r["path"] for r in new if r["source"] != "pseudo"}
+    assert {r["path"] for r in pseudo} == taken - others  # every taken item a pick or paid answer did not claim
     for r in pseudo:
-        assert preds[r["path"]]["escalated"] == "0" and r["label"] == preds[r["path"]]["pred"] and r["path"] not in esc
+        assert r["label"] == preds[r["path"]]["pred"] and r["path"] not in esc
     assert len({r["path"] for r in new}) == len(new)  # one label per item: a pick or paid answer wins
     trained = {r["path"] for r in read_csv(run / "artifacts" / "turn_1" / "train_rows.csv")}
     assert {r["path"] for r in pseudo} <= trained

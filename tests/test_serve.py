@@ -84,43 +84,67 @@ def served(exported_run, tmp_path):
     return run
 
 
+def student_confidences(run, uploads):
+    """The exported student's calibrated confidence for each upload, as the server computes it."""
+    from flywheel.calibrate import softmax
+    from flywheel.serve import ort_session
+    s = ort_session(run / "artifacts" / "mobilenet.onnx")
+    return [float(softmax(s.run(None, {"image": np.asarray(Image.open(io.BytesIO(u)).convert("RGB"))[None]})[0]).max())
+            for u in uploads]
+
+
+def tau_between(confs, below=1):
+    """A threshold with at least `below` uploads under it and one over it, built from the student's own
+    outputs: the midpoint of the widest such gap between its distinct confidences (so float noise on
+    another machine moves no upload across it)."""
+    c = sorted(set(confs))
+    gaps = [k for k in range(len(c) - 1) if sum(x <= c[k] for x in confs) >= below]
+    assert gaps, f"the student's confidences {c} leave no gap with {below} upload(s) under it"
+    i = max(gaps, key=lambda k: c[k + 1] - c[k])
+    return (c[i] + c[i + 1]) / 2
+
+
 def test_routes_under_concurrency_errors_and_kill9(served):
     run = served
+    # pure class colours (the student's easy cases), 50/50 blends (hard ones), and grey and black
+    uploads = [png(COLOURS[c], seed=i) for i, c in enumerate(CLASSES * 2)]
+    uploads += [png(blend(a, b, 0.5), seed=i) for i, (a, b) in
+                enumerate([("apple", "orange"), ("pear", "mushroom"), ("orange", "sweet_pepper")] * 2)]
+    uploads += [png((128, 128, 128), seed=3), png((0, 0, 0), seed=4)]
+    confs = student_confidences(run, uploads)
+    tau = tau_between(confs, below=3)
+    under = [u for u, c in zip(uploads, confs) if c < tau]
+    disagree, unauthorised = under[-2:]  # two escalations kept back for the human route
+    concurrent = [(u, c) for u, c in zip(uploads, confs) if u not in (disagree, unauthorised)]
     with LoopbackTeacher(classes=CLASSES, cost=0.001) as teacher:
-        srv = Server(run, teacher.url)
+        # --contest_below 0: an accepted LLM label stands, so the LLM route is the teacher's answer
+        srv = Server(run, teacher.url, "--tau", tau, "--contest_below", 0)
         try:
             h = httpx.get(srv.url + "/health").json()
-            assert h["status"] == "ok" and h["student"] == "turn_0" and 0 < h["tau"] <= 1
+            assert h["status"] == "ok" and h["student"] == "turn_0" and h["tau"] == tau
 
-            # 16 clients at once: pure class colours (the student's easy cases) and 50/50 blends (hard ones)
-            uploads = [png(COLOURS[c], seed=i) for i, c in enumerate(CLASSES * 2)]
-            uploads += [png(blend(a, b, 0.5), seed=i) for i, (a, b) in
-                        enumerate([("apple", "orange"), ("pear", "mushroom"), ("orange", "sweet_pepper")] * 2)]
-            with ThreadPoolExecutor(16) as ex:
-                res = list(ex.map(srv.classify, uploads))
+            with ThreadPoolExecutor(16) as ex:  # 16 clients at once
+                res = list(ex.map(srv.classify, [u for u, _ in concurrent]))
             assert all(r.status_code == 200 for r in res), [r.text for r in res]
             out = [r.json() for r in res]
-            for o in out:
+            for o, (_, c) in zip(out, concurrent):
                 assert set(o) >= {"label", "confidence", "route", "probs", "needs_review", "request_id"}
                 assert abs(sum(o["probs"].values()) - 1) < 1e-4 and o["label"] in CLASSES
-            routes = {o["route"] for o in out}
-            assert "student" in routes and "llm" in routes, [(o["route"], o["confidence"]) for o in out]
-            for o in out:
-                if o["route"] == "student":
-                    assert o["confidence"] >= h["tau"] and not o["needs_review"]
-                if o["route"] == "llm":
-                    assert o["label"] == "apple"  # the loopback teacher's answer for an unknown image
+                if c >= tau:
+                    assert o["route"] == "student" and not o["needs_review"], (o, c, tau)
+                else:  # the loopback teacher answers apple, twice, for an image it does not know
+                    assert o["route"] == "llm" and o["label"] == "apple" and not o["needs_review"], (o, c, tau)
+            assert {o["route"] for o in out} == {"student", "llm"}
 
             # the human route: the two passes disagree
-            hard = png(blend("pear", "apple", 0.5), seed=99)
             teacher.script = [{"label": "pear"}, {"label": "sweet_pepper"}]
-            o = srv.classify(hard).json()
-            if o["route"] != "student":
-                assert o["route"] == "human" and o["needs_review"] and o["label"] in ("pear", "sweet_pepper")
+            o = srv.classify(disagree).json()
+            assert o["route"] == "human" and o["needs_review"] and o["label"] in ("pear", "sweet_pepper"), o
 
             # garbage, oversized and empty input: JSON errors, and the server keeps serving
             r = srv.classify(b"\x00not an image at all")
-            assert r.status_code == 400 and "error" in r.json()
+            assert r.status_code == 400 and "not an image" in r.json()["error"]
+            assert "BytesIO" not in r.text and " at 0x" not in r.text  # no Python object's repr
             r = httpx.post(srv.url + "/v1/classify", data={"nofile": "x"})
             assert r.status_code == 400
             r = srv.classify(os.urandom(11 * 2**20))
@@ -129,20 +153,18 @@ def test_routes_under_concurrency_errors_and_kill9(served):
 
             # 401 from the teacher: the student's guess, flagged for review; the key appears nowhere
             teacher.script = [{"status": 401, "body": {"error": {"message": f"bad key {KEY}"}}}] * 4
-            r = srv.classify(png(blend("apple", "pear", 0.5), seed=7))
+            r = srv.classify(unauthorised)
             o = r.json()
             assert r.status_code == 200 and KEY not in r.text
-            if o["route"] != "student":
-                assert o["route"] == "human" and o["needs_review"]
+            assert o["route"] == "human" and o["needs_review"] and o["reason"], o
             escalated = [x for x in out if x["route"] != "student"]
-            assert escalated
 
             # a person answers one queued image through the API the review page uses
             queued = httpx.get(srv.url + "/review/items").json()["pending"]
-            if queued:
-                r = httpx.post(srv.url + "/review/answer", json={"path": queued[0]["path"], "label": "mushroom"})
-                assert r.status_code == 200
-                assert httpx.post(srv.url + "/review/answer", json={"path": queued[0]["path"], "label": "banana"}).status_code == 400
+            assert len(queued) == 2
+            r = httpx.post(srv.url + "/review/answer", json={"path": queued[0]["path"], "label": "mushroom"})
+            assert r.status_code == 200
+            assert httpx.post(srv.url + "/review/answer", json={"path": queued[0]["path"], "label": "banana"}).status_code == 400
 
             # kill -9 right after answers: every escalation answered is already on disk
             srv.stop(signal.SIGKILL)
@@ -167,22 +189,75 @@ def _chromium():
     return None
 
 
+def test_unlike_training_goes_to_a_person_and_warnings_show(served):
+    """A degenerate size and an image far from every training thumbnail go to a person, unasked, with the
+    reason; a training image does not. The threshold is set on purpose between the two distances."""
+    from flywheel.ood import OODModel, nearest_distance
+    from flywheel.quality import thumbnail
+    run = served
+    train_jpg = next(r["path"] for r in read_csv(run / "artifacts" / "train_rows.csv") if r["split"] == "train")
+    seen = (run / train_jpg).read_bytes()
+    far = np.indices((48, 48)).sum(0) % 2 * 255  # a one-pixel black and white checkerboard
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([far] * 3, -1).astype(np.uint8)).save(buf, format="PNG")
+    ood = OODModel.load(run / "artifacts" / "ood.npz")
+    d = [float(nearest_distance(thumbnail(Image.open(io.BytesIO(b)))[None], ood.bank)[0]) for b in (seen, buf.getvalue())]
+    assert d[0] < d[1], d
+    ood._replace(threshold=(d[0] + d[1]) / 2).save(run / "artifacts" / "ood.npz")
+    with LoopbackTeacher(classes=CLASSES) as teacher:
+        srv = Server(run, teacher.url, "--tau", 1e-6)  # the student takes everything it is allowed to
+        try:
+            h = httpx.get(srv.url + "/health").json()
+            assert any("validation images" in w for w in h["warnings"]), h  # the tiny run validates on a few
+            assert h["ood_threshold"] == pytest.approx((d[0] + d[1]) / 2)
+            o = srv.classify(seen, "seen.jpg").json()
+            assert o["route"] == "student" and not o["needs_review"], o
+            o = srv.classify(buf.getvalue()).json()
+            assert o["route"] == "human" and o["needs_review"] and "unlike every training image" in o["reason"], o
+            o = srv.classify(png((200, 30, 30), size=(1, 1))).json()
+            assert o["route"] == "human" and o["needs_review"] and "degenerate size 1x1" in o["reason"], o
+            assert not teacher.requests  # never asked the LLM about either
+        finally:
+            srv.stop()
+    assert "warning" in (run / "serve.log").read_text() and "validation images" in (run / "serve.log").read_text()
+    rows = [r for r in read_csv(run / "human_review.csv") if r["split"] == "production"]
+    assert len(rows) == 2 and {r["llm_answers"] for r in rows} == {"not asked"}
+
+
+def test_offline_teacher_never_asked_says_not_asked(served):
+    """With the SIMULATED oracle, an escalated upload goes to a person and the queue says "not asked", not
+    "failed"."""
+    run = served
+    srv = Server(run, "http://127.0.0.1:9", "--teacher", "oracle", "--tau", 1.0)  # everything escalates
+    try:
+        o = srv.classify(png(COLOURS["pear"])).json()
+        assert o["route"] == "human" and o["needs_review"] and "oracle" in o["reason"], o
+        item = httpx.get(srv.url + "/review/items").json()["pending"][-1]
+        assert item["llm_answers"] == "not asked" and item["llm_status"] == "not_asked"
+    finally:
+        srv.stop()
+
+
 @pytest.mark.skipif(_chromium() is None or shutil.which("chromedriver") is None,
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_review_page_in_a_headless_browser(served):
+    """Three uploads routed to a person (tau 1: everything escalates; the teacher answers 401). In a real
+    browser: the progress count, the student's guess highlighted, skip, "none of these", undo, the
+    typing filter (any number of classes), a click and a key press."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as ChromeService
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     run = served
     with LoopbackTeacher(classes=CLASSES) as teacher:
-        srv = Server(run, teacher.url)
+        srv = Server(run, teacher.url, "--tau", 1.0)
         try:
-            # two images routed to a person: a teacher that answers 401
-            teacher.script = [{"status": 401}] * 20
-            sent = [srv.classify(png(blend("orange", "apple", w), seed=s)).json() for s, w in ((1, 0.5), (2, 0.45))]
-            pending = httpx.get(srv.url + "/review/items").json()["pending"]
-            assert pending, f"nothing was routed to a person: {sent}"
+            teacher.script = [{"status": 401}] * 40
+            for s_, w in ((1, 0.5), (2, 0.45), (3, 0.4)):
+                assert srv.classify(png(blend("orange", "apple", w), seed=s_)).json()["route"] == "human"
+            pending = [p for p in httpx.get(srv.url + "/review/items").json()["pending"] if p["split"] == "production"]
+            assert len(pending) == 3
             opts = webdriver.ChromeOptions()
             opts.binary_location = _chromium()
             for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
@@ -191,22 +266,46 @@ def test_review_page_in_a_headless_browser(served):
             try:
                 driver.get(srv.url + "/review")
                 wait = WebDriverWait(driver, 20)
-                wait.until(lambda d: not d.find_element(By.ID, "card").get_attribute("hidden"))
-                first = driver.find_element(By.ID, "where").text
-                driver.find_element(By.ID, "label-pear").click()          # one click
-                wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-saved") == first)
-                if len(pending) > 1:
-                    second = driver.find_element(By.ID, "where").text
-                    driver.find_element(By.TAG_NAME, "body").send_keys("5")  # one key press: sweet_pepper
-                    wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-saved") == second)
+                el = lambda i: driver.find_element(By.ID, i)  # noqa: E731
+                body = lambda: driver.find_element(By.TAG_NAME, "body")  # noqa: E731
+                wait.until(lambda d: not el("card").get_attribute("hidden"))
+                n = len(httpx.get(srv.url + "/review/items").json()["pending"])
+                assert el("progress").text == f"0 of {n} reviewed · {n} waiting"
+                first = el("where").text
+                guess = next(p["student_label"] for p in httpx.get(srv.url + "/review/items").json()["pending"]
+                             if p["path"] == first)
+                assert "guess" in el("label-" + guess).get_attribute("class")
+                assert sum("guess" in el("label-" + c).get_attribute("class") for c in CLASSES) == 1
+                el("skip").click()                                       # skip: it comes back at the end
+                wait.until(lambda d: el("where").text != first)
+                second = el("where").text
+                body().send_keys("x")                                    # none of these
+                wait.until(lambda d: el("status").get_attribute("data-saved") == second)
+                assert el("progress").text.startswith("1 of ")
+                body().send_keys("u")                                    # undo: the second waits again
+                wait.until(lambda d: el("status").get_attribute("data-undone") == second)
+                assert el("where").text == second and el("progress").text.startswith("0 of ")
+                el("filter").send_keys("pep")                            # typing picks among any number of classes
+                assert [c for c in CLASSES if el("label-" + c).is_displayed()] == ["sweet_pepper"]
+                el("filter").send_keys(Keys.ENTER)
+                wait.until(lambda d: el("status").get_attribute("data-saved") == second)
+                third = el("where").text
+                el("label-pear").click()                                 # one click
+                wait.until(lambda d: el("status").get_attribute("data-saved") == third)
+                rest = n - 2
+                for _ in range(rest):                                    # one key press each, the skipped one last
+                    cur = el("where").text
+                    body().send_keys("1")
+                    wait.until(lambda d, cur=cur: el("status").get_attribute("data-saved") == cur)
+                wait.until(lambda d: el("progress").text == f"{n} of {n} reviewed · 0 waiting")
             finally:
                 driver.quit()
         finally:
             srv.stop()
     rows = {r["path"]: r for r in read_csv(run / "human_review.csv")}
-    assert rows[first]["label_final"] == "pear" and rows[first]["source"] == "human"
-    if len(pending) > 1:
-        assert rows[second]["label_final"] == "sweet_pepper"
+    assert rows[second]["label_final"] == "sweet_pepper" and rows[second]["source"] == "human"
+    assert rows[third]["label_final"] == "pear"
+    assert rows[first]["label_final"] == "apple"  # skipped, then answered last with key 1
 
 
 def test_next_flywheel_turn_trains_on_what_serving_logged(served):
