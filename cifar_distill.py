@@ -2,10 +2,13 @@
 learns from those labels, and a confidence cascade serves traffic (student -> LLM -> human). Every
 escalation is logged and fed back as targeted relabeling.
 
+A first run, offline, on real images (scikit-learn's digits), SIMULATED teacher and human, ~1 minute:
+    uv run cifar_distill.py --demo
 The whole pipeline (needs OPENROUTER_API_KEY in the environment or .env):
     uv run cifar_distill.py --step all
 The whole pipeline offline, with the simulated (oracle) teacher and a simulated human:
-    uv run cifar_distill.py --step all --teacher oracle --oracle_noise 0.1 --simulate_human
+    uv run cifar_distill.py --step all --teacher oracle --oracle_noise 0.1 --simulate_human --weights none
+Rerun any of these: a step whose inputs and settings are unchanged does nothing (--force runs it anyway).
 
 One step at a time (each reads and writes only under --out_dir, default cifar5_run):
     uv run cifar_distill.py --step prep                      # CIFAR-100 -> images/, manifest.csv
@@ -44,7 +47,7 @@ from flywheel import FlywheelError, cli
 from flywheel.costs import usd
 from flywheel.io import (RunLock, RunLockHeld, atomic_write_bytes, read_csv, read_json, read_jsonl, sha256_file,
                          write_csv, write_json)
-from flywheel.run import (Paths, RunError, better_key, clear_stamp, fingerprint, promoted, promoted_artifacts, record_promotion,
+from flywheel.run import (Paths, RunError, better_key, fingerprint, promoted, promoted_artifacts, record_promotion,
                           step_files, unchanged, validation_score, write_stamp)
 
 log = logging.getLogger("cifar_distill")
@@ -869,7 +872,6 @@ def step_merge(cfg, P):
             write_json(P.label_merge, done)  # after each shard: an interrupted merge resumes where it stopped
             log.info("merge: %s: %d call(s) added, %d answer(s) already in %s skipped, %d bad line(s)", path.name,
                      r.added, r.duplicates, P.ledger.name, r.bad_lines)
-        clear_stamp(P, "label")  # the merged answers change what the label step writes
         log.info("merge: %s now holds %d calls ($%.4f); next: uv run cifar_distill.py --step label --out_dir %s",
                  P.ledger, len(ledger), ledger.total_cost(), P.out)
     finally:

@@ -205,17 +205,14 @@ def write_stamp(P, step, fp):
     write_json(P.stamp(step), {**fp, "step": step, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def clear_stamp(P, step):
-    P.stamp(step).unlink(missing_ok=True)
-
 
 def step_files(P, step, data_root=None, gold_csv=None) -> list:
     """The files a step reads and writes (its outputs are fingerprinted too: a deleted or edited output makes
     the step run again). data_root: prep's source; gold_csv: the label step's hand-checked labels."""
     if step == "prep":
         return [P.manifest, P.prep_json, P.classes] + ([Path(data_root)] if data_root else [])
-    if step == "label":  # not the ledger: other steps append to it; merge clears this stamp when it adds answers
-        return [P.manifest, P.review, P.labels_llm, P.label_summary, P.label_flags] + ([Path(gold_csv)] if gold_csv else [])
+    if step == "label":
+        return [P.manifest, P.ledger, P.review, P.labels_llm, P.label_summary, P.label_flags] + ([Path(gold_csv)] if gold_csv else [])
     t0 = P.turn0
     labels = [P.manifest, P.review, P.label_summary]
     served = [P.label_flags, P.flywheel_labels, P.human_review, P.escalations, P.ledger]

@@ -124,6 +124,8 @@ class Service:
         else:
             status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
         d = decide(probs, self.classes, self.tau, status, label, self.teacher_acc, self.contest_below)
+        if unlike is not None:
+            d = d._replace(route="human")  # however confident the student is: it has never seen anything like it
         rec = {**escalation_record(self.student_id, self.turn, "production", rel, sha, probs, self.classes, self.tau,
                                    d.route, status, label, answers, llm_posterior=d.llm_posterior),
                "request_id": rid, "upload_sha256": upload_sha, "error": error}

@@ -126,7 +126,9 @@ def test_truncated_last_line_tolerated(run):
 
 def test_budget_stop_then_resume_with_higher_budget(run):
     with LoopbackTeacher(truth(run), CLASSES, cost=0.001) as srv:
-        label(run, srv, "--max_label", 20, "--max_usd", 0.0105, "--usd_per_call", 0.001)
+        with pytest.raises(SystemExit) as stop:  # a budget stop exits 5, naming the budget
+            label(run, srv, "--max_label", 20, "--max_usd", 0.0105, "--usd_per_call", 0.001)
+        assert stop.value.code == 5
         s = read_json(run / "label_summary.json")
         assert s["budget_stopped"] and s["cost_usd"] <= 0.0105 + 1e-9 and s["calls"] == 10
         assert s["failed"] > 0

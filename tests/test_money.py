@@ -79,20 +79,24 @@ def test_second_run_on_the_same_folder_is_refused_naming_the_holder(run):
 def test_budget_caps_real_spend_when_the_estimate_is_20x_low(run):
     price = 0.002
     with LoopbackTeacher(truth(run), CLASSES, cost=price) as srv:
-        label(run, srv.url, "--max_label", 20, "--max_workers", 1, "--usd_per_call", price / 20, "--max_usd", 0.005)
+        with pytest.raises(SystemExit) as stop:  # a budget stop exits 5
+            label(run, srv.url, "--max_label", 20, "--max_workers", 1, "--usd_per_call", price / 20, "--max_usd", 0.005)
+        assert stop.value.code == 5
     spent = read_json(run / "label_summary.json")["cost_usd"]
     assert 0 < spent <= 0.005 + 1e-12  # one worker: nothing in flight to overshoot with
     # the next run knows the price from the ledger: raising the cap by 1.5 calls buys exactly one more
     with LoopbackTeacher(truth(run), CLASSES, cost=price) as srv:
-        label(run, srv.url, "--max_label", 20, "--max_workers", 1, "--usd_per_call", price / 20,
-              "--max_usd", spent + 1.5 * price)
+        with pytest.raises(SystemExit):  # stopped again, one call later
+            label(run, srv.url, "--max_label", 20, "--max_workers", 1, "--usd_per_call", price / 20,
+                  "--max_usd", spent + 1.5 * price)
         assert sum(srv.requests.values()) == 1
 
 
 def test_budget_overshoot_is_at_most_the_calls_in_flight(run):
     price, workers, cap = 0.002, 4, 0.01
     with LoopbackTeacher(truth(run), CLASSES, cost=price, latency_s=0.05) as srv:
-        label(run, srv.url, "--max_label", 40, "--max_workers", workers, "--usd_per_call", price / 20, "--max_usd", cap)
+        with pytest.raises(SystemExit):
+            label(run, srv.url, "--max_label", 40, "--max_workers", workers, "--usd_per_call", price / 20, "--max_usd", cap)
     s = read_json(run / "label_summary.json")
     assert s["budget_stopped"] and s["cost_usd"] <= cap + workers * price + 1e-12
 

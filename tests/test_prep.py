@@ -74,7 +74,7 @@ def test_bad_archive_clear_error_no_half_output(tmp_path, kind):
             info = tarfile.TarInfo("cifar-100-python/../../evil.txt")
             info.size = 4
             tf.addfile(info, io.BytesIO(b"evil"))
-    with pytest.raises(Exception) as e:
+    with pytest.raises(SystemExit) as e:  # the package's DataError, turned into a message by the script
         prep(tmp_path, data)
     msg = str(e.value)
     assert str(tgz) in msg and ("corrupt" in msg or "unsafe" in msg)
@@ -100,7 +100,10 @@ def test_rerun_idempotent_and_settings_change_regenerates(tmp_path):
     p = next((out / "images" / "train" / "apple").iterdir())
     mtime = p.stat().st_mtime_ns
     assert read_json(out / "prep.json")["made"] == 15
-    prep(tmp_path, tmp_path / "data")
+    before = (out / "prep.json").read_bytes()
+    prep(tmp_path, tmp_path / "data")  # unchanged source and settings: the step does nothing at all
+    assert (out / "prep.json").read_bytes() == before and p.stat().st_mtime_ns == mtime
+    prep(tmp_path, tmp_path / "data", "--force")  # forced: every image made with the same settings is kept
     assert read_json(out / "prep.json")["made"] == 0 and p.stat().st_mtime_ns == mtime
     sha_sharp = {r["path"]: r["sha256"] for r in read_csv(out / "manifest.csv")}
     prep(tmp_path, tmp_path / "data", "--no_sharpen")
