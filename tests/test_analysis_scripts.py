@@ -107,3 +107,28 @@ def test_breakeven_never_when_escalation_costs_more():
 def test_breakeven_missing_or_bad_input_names_the_flag(argv, flag):
     with pytest.raises(SystemExit, match=flag):
         cost_breakeven.main(argv)
+
+
+def test_scripts_agree_on_the_promoted_turn(exported_run, tmp_path, capsys):
+    """A run whose turn 1 wins on validation (built on purpose: a copy of turn 0 scored higher): the speed
+    test writes speed.json beside turn 1's student, breakeven finds it there, plot_confusion draws turn 1."""
+    import shutil
+    from flywheel.io import write_json
+    from flywheel.student import load_checkpoint, save_checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    art = run / "artifacts"
+    (art / "turn_1").mkdir()
+    for f in ("best.pt", "eval.json", "cascade.json", "train_rows.csv"):
+        shutil.copy(art / f, art / "turn_1" / f)
+    ck = load_checkpoint(art / "turn_1" / "best.pt")
+    ck["best_val_acc"] = 1.01
+    save_checkpoint(art / "turn_1" / "best.pt", ck)
+    write_json(art / "flywheel.json", {"turns": [{"turn": k, "accuracy": 0.5, "macro_f1": 0.5, "escalation_rate": 0.5} for k in (0, 1)]})
+    simple_speed_test.main(["--root", str(run), "--max_images", "8", "--batch_size", "4", "--repeats", "1"])
+    assert json.loads((art / "turn_1" / "speed.json").read_text())["turn"] == 1 and not (art / "speed.json").exists()
+    cost_breakeven.main(["--root", str(run), "--out_prefix", str(tmp_path / "be")])
+    assert "inputs from turn 1" in capsys.readouterr().out
+    out = plot_confusion.main(["--root", str(run)])
+    assert "drawing turn 1" in capsys.readouterr().out
+    assert out["confusion_matrix"].parent == art / "turn_1"
