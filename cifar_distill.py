@@ -1611,7 +1611,7 @@ def step_export(cfg, P):
     import numpy as np
     import torch
     from flywheel.calibrate import softmax
-    from flywheel.serve import (CalibratedStudent, export_onnx, export_torchscript, load_images, load_torchscript, ort_session,
+    from flywheel.export import (CalibratedStudent, export_onnx, export_torchscript, load_images, load_torchscript, ort_session,
                                 prep_consistency, serving_graph)
     from flywheel.ood import MIN_SIDE, fit_ood
     from flywheel.student import IMAGENET_MEAN, IMAGENET_STD, load_student, model_from_checkpoint, normalize
@@ -1866,15 +1866,15 @@ def write_datacard(P, ls, ev, prep, best, cas):
 # ----------------------------------------------------------------------------- serve
 
 def step_serve(cfg, P):
-    """The promoted student in ONNX Runtime behind HTTP (flywheel/server.py): student, then the LLM through
+    """The promoted student in ONNX Runtime behind HTTP (flywheel/service.py): student, then the LLM through
     the label step's ledger, QC and budget, then a person at /review. Blocks until Ctrl-C.
     -> production/, escalations.jsonl (split production), human_review.csv"""
     import uvicorn
     from flywheel.cascade import EscalationLog
     from flywheel.ledger import Ledger
-    from flywheel.serve import ort_session
+    from flywheel.export import ort_session
     from flywheel.ood import OODModel
-    from flywheel.server import Service, build_app, student_warnings
+    from flywheel.service import Service, build_app, student_warnings
     from flywheel.student import load_student
     art, turn = promoted_artifacts(P.out)
     best = load_student(P.need(art / "best.pt", "train"))

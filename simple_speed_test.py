@@ -8,7 +8,7 @@ Two figures per backend and device:
   model-only  images/s at --batch_size on images already decoded in memory;
   end to end  JPEG decode (threads) + preprocess + model, images/s at --batch_size, and p50/p95 latency
               per image at batch 1.
-Every backend but "original" runs the exported graph's definition (flywheel.serve.serving_graph): raw
+Every backend but "original" runs the exported graph's definition (flywheel.export.serving_graph): raw
 uint8 pixels in, the resize, sharpening and normalisation inside, so its model-only figure includes the
 preprocessing the original path does outside the model.
 Warm-up runs come first; CUDA is synchronised around every timing. The speed-up column is against
@@ -29,7 +29,7 @@ import torch
 from cifar_distill import Paths, heldout_rows, load_manifest, prep_sharpens
 from flywheel.io import write_json
 from flywheel.run import promoted_artifacts
-from flywheel.serve import load_images, ort_session
+from flywheel.export import load_images, ort_session
 from flywheel.student import load_student, model_from_checkpoint
 
 BACKENDS = ["original", "torch", "torch_channels_last", "torchscript", "onnxruntime"]
@@ -70,10 +70,10 @@ def make_runner(backend, device, P, best, threads, sharpen):
     if backend == "torchscript":
         m = torch.jit.load(str(P.need(P.ts, "export")), map_location=dev).eval()
     elif backend == "original":
-        from flywheel.serve import CalibratedStudent
+        from flywheel.export import CalibratedStudent
         m = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval().to(dev)
     else:
-        from flywheel.serve import serving_graph
+        from flywheel.export import serving_graph
         m = serving_graph(model_from_checkpoint(best), best["temperature"], best["model_args"]["img_size"], sharpen).to(dev)
         if backend == "torch_channels_last":
             m = m.to(memory_format=torch.channels_last)

@@ -43,7 +43,7 @@ def test_original_path_preprocesses_like_the_pipeline(exported_run):
     import torch
 
     from cifar_distill import Paths, heldout_rows, load_manifest
-    from flywheel.serve import load_images
+    from flywheel.export import load_images
     from flywheel.student import normalize
     P = Paths(exported_run)
     files = [P.out / r["path"] for r in heldout_rows(load_manifest(P))][:4]

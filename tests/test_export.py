@@ -9,7 +9,7 @@ import torch
 
 from flywheel.io import read_csv, read_json
 from flywheel.calibrate import softmax
-from flywheel.serve import load_images, onnx_metadata
+from flywheel.export import load_images, onnx_metadata
 
 
 def test_export_matches_torch_and_folds_temperature(exported_run):
@@ -41,7 +41,7 @@ def test_graph_takes_any_size_and_matches_prep(exported_run, wh):
     from PIL import Image
 
     from flywheel.data import jpeg_bytes, upscale
-    from flywheel.serve import CalibratedStudent, Preprocess
+    from flywheel.export import CalibratedStudent, Preprocess
     from flywheel.student import load_student, model_from_checkpoint, normalize
     meta = onnx_metadata(exported_run / "artifacts" / "mobilenet.onnx")
     size, sharpen = int(meta["img_size"]), json.loads(meta["sharpen"])

@@ -95,7 +95,7 @@ def served(served_with_ood):
 def student_confidences(run, uploads):
     """The exported student's calibrated confidence for each upload, as the server computes it."""
     from flywheel.calibrate import softmax
-    from flywheel.serve import ort_session
+    from flywheel.export import ort_session
     s = ort_session(run / "artifacts" / "mobilenet.onnx")
     return [float(softmax(s.run(None, {"image": np.asarray(Image.open(io.BytesIO(u)).convert("RGB"))[None]})[0]).max())
             for u in uploads]

@@ -3,7 +3,7 @@ the label step's own teacher client, ledger, QC and budget, then a person, as an
 uvicorn), plus a review page where that person answers.
 
 The student takes each upload's raw pixels: the exported graph resizes, sharpens and normalises them as
-prep and training did (flywheel.serve.Preprocess). An escalated upload is prepared as prep prepares
+prep and training did (flywheel.export.Preprocess). An escalated upload is prepared as prep prepares
 training images (flywheel.data.upscale, the same JPEG encoding) and stored once under
 OUT/production/<sha256>.jpg, so the teacher, the review page and the flywheel can read it (the student
 route writes nothing). Every escalation is appended (and flushed) to
