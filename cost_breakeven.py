@@ -18,6 +18,7 @@ Writes a table to stdout, and CSV, JSON and a cost-curve PNG (default prefix ROO
 import argparse
 from pathlib import Path
 
+from flywheel import FlywheelError
 from flywheel.costs import BREAKEVEN_DEFAULTS, breakeven_report
 from flywheel.io import write_csv, write_json
 
@@ -52,7 +53,10 @@ def main(argv=None):
         raise SystemExit(f"error: --volumes must be positive numbers separated by commas, got {a.volumes!r}")
     if a.fixed_monthly_usd < 0:
         raise SystemExit("error: --fixed_monthly_usd must be >= 0")
-    out = breakeven_report(volumes, **{k: getattr(a, k) for k in BREAKEVEN_DEFAULTS})
+    try:
+        out = breakeven_report(volumes, **{k: getattr(a, k) for k in BREAKEVEN_DEFAULTS})
+    except FlywheelError as e:  # an input neither a flag nor the run gives: the message names the flag
+        raise SystemExit(f"error: {e}") from None
     inp, src, rows = out["inputs"], out["inputs"]["sources"], out["rows"]
     be, pay = out["breakeven_volume"], out["payback_months"]
     if "turn" in src:

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from flywheel import FlywheelError
 from flywheel.plots import plot_run
 from flywheel.run import Paths, promoted
 
@@ -24,7 +25,13 @@ def build_parser():
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
+    try:
+        return run(build_parser().parse_args(argv))
+    except FlywheelError as e:  # a problem the user fixes (a missing step, a run folder in use): its message
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(a):
     P = Paths(a.root)
     if a.artifacts:
         art, what = Path(a.artifacts), f"the artifacts in {a.artifacts}"

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar_distill import Paths, heldout_rows, load_manifest, prep_sharpens
+from flywheel import FlywheelError
 from flywheel.io import write_json
-from flywheel.run import promoted_artifacts
+from flywheel.run import Paths, heldout_rows, load_manifest, prep_sharpens, promoted_artifacts
 from flywheel.export import load_images, ort_session
 from flywheel.student import load_student, model_from_checkpoint
 
@@ -206,7 +206,13 @@ def build_parser():
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
+    try:
+        return run(build_parser().parse_args(argv))
+    except FlywheelError as e:  # a problem the user fixes (a missing step, a run folder in use): its message
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(a):
     if a.batch_size < 1 or a.max_images < 1 or a.threads < 0 or a.repeats < 1:
         raise SystemExit("error: --batch_size, --max_images and --repeats must be >= 1 and --threads >= 0")
     devices = available_devices() if a.compare_devices else [a.device]
@@ -223,7 +229,7 @@ def main(argv=None):
     # the original tool's path and torch eager always run too: the baselines of every speed-up
     backends = BACKENDS if a.backend == "all" else list(dict.fromkeys(["original", "torch", a.backend]))
     size = best["model_args"]["img_size"]
-    sharpen = prep_sharpens({"no_sharpen": False}, P)
+    sharpen = prep_sharpens(P, True)
     results = []
     with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
         for dev in devices:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flywheel.io import JsonlAppender
+from flywheel.io import Closing, JsonlAppender
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ ROUTES = ("student", "llm", "human")
 SWEEP_TAUS = [round(x, 2) for x in np.linspace(0.2, 1.0, 41)]
 
 
-class EscalationLog:
+class EscalationLog(Closing):
     """escalations.jsonl: {(student_id, split, path): record}; tolerates a torn last line."""
 
     def __init__(self, path):
@@ -48,6 +48,7 @@ class EscalationLog:
         self._file.close()
 
 
+DEFAULT_TEACHER_ACC = 0.85  # prior accuracy of accepted teacher labels when no gold pins estimated it
 NONE_OF_THESE = "none_of_these"  # a person's answer for an image of no listed class: it never trains
 
 def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau, route, llm_status, llm_label,
@@ -126,7 +127,7 @@ class Decision(NamedTuple):
     llm_posterior: float   # P(the LLM's label is right | the evidence); None when it gave no accepted label
 
 
-def decide(probs, classes, tau, llm_status=None, llm_label=None, teacher_acc=0.85, contest_below=0.0):
+def decide(probs, classes, tau, llm_status=None, llm_label=None, teacher_acc=DEFAULT_TEACHER_ACC, contest_below=0.0):
     """The cascade's rule for one item, used by the cascade step and the server alike.
 
     probs: the student's calibrated probabilities [C] in `classes` order. For a person, label is the best
@@ -227,102 +228,3 @@ def tau_sweep(conf, student_correct, escalated_acc, taus=SWEEP_TAUS):
         out.append({"tau": float(t), "escalation_rate": esc, "accuracy": None if accuracy is None else float(accuracy),
                     "student_precision": float(ok[acc_m].mean()) if acc_m.any() else None})
     return out
-
-
-# ----------------------------------------------------------------------------- relabel selection
-UNANSWERABLE = ("disagreed", "low_confidence", "flagged", "invalid")  # the ledger holds a rejected answer: asking again repeats it
-
-
-def paid_labels(pool, escalations, classes, teacher_acc, min_posterior=0.5):
-    """Pool items the cascade already paid the LLM for and whose accepted answer the evidence supports:
-    {path: label}. They train at no new cost, so no relabel pick is spent on them.
-
-    A label is kept when escalation_posterior (the student's calibrated probability for it, combined with the
-    teacher's accuracy) is at least min_posterior: more likely right than wrong.
-
-    >>> esc = {"a": {"llm_status": "accepted", "llm_label": "y", "student_probs": [.55, .45]},
-    ...        "b": {"llm_status": "accepted", "llm_label": "y", "student_probs": [.99, .01]},
-    ...        "c": {"llm_status": "disagreed", "llm_label": "x", "student_probs": [.5, .5]},
-    ...        "z": {"llm_status": "accepted", "llm_label": "x", "student_probs": [.9, .1]}}
-    >>> paid_labels([{"path": p} for p in "abc"], esc, ["x", "y"], 0.85)  # b: .01 for y -> .13; z: not in the pool
-    {'a': 'y'}
-    """
-    in_pool = {r["path"] for r in pool}
-    return {p: e["llm_label"] for p, e in escalations.items()
-            if p in in_pool and e.get("llm_status") == "accepted" and e.get("llm_label") in classes
-            and escalation_posterior(e, classes, teacher_acc) >= min_posterior}
-
-
-def escalation_posterior(e, classes, teacher_acc):
-    """The probability that an escalation record's LLM label is right (combined_posterior), from the
-    student_probs it logged (in `classes` order); the teacher's accuracy alone when the record has no usable
-    probabilities.
-
-    Student .05 for the label, 5 classes, teacher .85: .0425 / (.0425 + .95 * .0375) = .544
-    >>> round(escalation_posterior({"llm_label": "a", "student_probs": [.05, .5, .15, .15, .15]}, list("abcde"), .85), 3)
-    0.544
-    """
-    if classes and e.get("student_probs") and e.get("llm_label") in classes:
-        i = classes.index(e["llm_label"])
-        return float(combined_posterior(e["student_probs"], i, teacher_acc)[i])
-    return teacher_acc
-
-
-def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0, classes=None,
-                  teacher_acc=0.85, min_posterior=0.9, doubt_below=0.5):
-    """Which pool items a flywheel turn relabels, at most n, as (paths, why).
-
-    pool: [{path, pred, margin}] (the student's pool predictions); escalations: {path: record} of this
-    student (llm_status, llm_label, student_pred, student_conf, student_probs in `classes` order);
-    answered: pool paths a person labeled.
-      targeted: a person's answers first (their work is never wasted). Then escalations whose accepted
-        LLM label is probably right (escalation_posterior >= min_posterior, combining the student's calibrated
-        probability for it with teacher_acc, estimated from gold pins), least confident student first:
-        labels the student was unsure of, already paid for. Then never-asked items by lowest margin,
-        round-robin over predicted classes (class-balanced, not 300 look-alikes). Then the remaining
-        accepted escalations, most probable first. Skipped: items whose ledger answer was rejected
-        (disagreed, low confidence, invalid) unless a person answered them, since asking again returns
-        the same answer; and LLM labels the evidence says are more likely wrong than right (posterior below
-        doubt_below: 0.5, or the cascade's --contest_below when higher, so a label sent to a person never trains
-        as the LLM's).
-      random: a uniform sample (the control: same budget, same epochs).
-      margin: lowest student margin first, nothing skipped.
-
-    >>> pool = [{"path": p, "pred": c, "margin": m} for p, c, m in
-    ...         [("a", "x", .1), ("b", "x", .2), ("c", "y", .3), ("d", "y", .05), ("e", "x", .01)]]
-    >>> esc = {"e": {"llm_status": "accepted", "llm_label": "y", "student_pred": "x", "student_conf": .55,
-    ...              "student_probs": [.55, .45]},
-    ...        "d": {"llm_status": "disagreed", "llm_label": "x", "student_pred": "y", "student_conf": .5}}
-    >>> pick_relabels(pool, esc, 3, classes=["x", "y"], teacher_acc=0.95)[0]  # e: posterior .94, d: rejected
-    ['e', 'a', 'c']
-    >>> pick_relabels(pool, esc, 3, classes=["x", "y"], teacher_acc=0.85)[0]  # e: .82, after never-asked a, c, b
-    ['a', 'c', 'b']
-    >>> pick_relabels(pool, esc, 3, "margin")[0]
-    ['e', 'd', 'a']
-    """
-    import random
-    in_pool = {r["path"] for r in pool}
-    if strategy == "random":
-        picked = random.Random(seed).sample(sorted(in_pool), min(n, len(in_pool)))
-        return picked, {"strategy": strategy, "picked": len(picked)}
-    if strategy == "margin":
-        picked = [r["path"] for r in sorted(pool, key=lambda r: float(r["margin"]))][:n]
-        return picked, {"strategy": strategy, "picked": len(picked)}
-    human = [p for p in answered if p in in_pool]
-    ok = {p: escalation_posterior(e, classes, teacher_acc) for p, e in escalations.items()
-          if p in in_pool and e.get("llm_status") == "accepted" and e.get("llm_label")}
-    sure = sorted((p for p, q in ok.items() if q >= min_posterior), key=lambda p: float(escalations[p].get("student_conf") or 0))
-    rest = sorted((p for p, q in ok.items() if doubt_below <= q < min_posterior), key=lambda p: -ok[p])
-    doubtful = {p for p, q in ok.items() if q < doubt_below}
-    skipped = {p for p, e in escalations.items() if p in in_pool and e.get("llm_status") in UNANSWERABLE}
-    skipped = (skipped | doubtful) - set(human)
-    fresh = [r for r in sorted(pool, key=lambda r: float(r["margin"])) if r["path"] not in escalations]
-    by_class = {}
-    for r in fresh:
-        by_class.setdefault(r["pred"], []).append(r["path"])
-    balanced = [q[i] for i in range(max(map(len, by_class.values()), default=0)) for q in by_class.values() if i < len(q)]
-    picked = list(dict.fromkeys(human + sure + balanced + rest))[:n]
-    tiers = {"human_answered": set(human), "llm_label_probable": set(sure), "low_margin_balanced": set(balanced),
-             "llm_label_plausible": set(rest)}
-    return picked, {"strategy": strategy, "picked": len(picked), "skipped": len(skipped),
-                    **{t: sum(p in v for p in picked) for t, v in tiers.items()}}

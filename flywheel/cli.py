@@ -7,12 +7,13 @@ Shortcut: "closest" is difflib's ratio (the same measure Python's own "did you m
 import argparse
 import difflib
 import re
-import sys
+
+from flywheel import FlywheelError
 
 EXIT_USAGE = 1  # a bad flag or value: the README's exit-code table
 
 
-class UsageError(ValueError):
+class UsageError(FlywheelError, ValueError):
     """A flag or value the command line cannot take; str() is the one-line message."""
 
 
@@ -78,9 +79,5 @@ def build_parser(groups: dict, start_here: list, choices: dict, description: str
 
 
 def parse(parser, argv=None):
-    """parse_args, with a usage error printed as one line and exit EXIT_USAGE."""
-    try:
-        return parser.parse_args(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
+    """parse_args; a usage error is raised as UsageError (the script prints it and exits EXIT_USAGE)."""
+    return parser.parse_args(argv)

@@ -6,12 +6,20 @@ An escalated item may cost more than one LLM-only call (the cascade asks the LLM
 escalated_item_cost defaults to llm_cost_per_item.
 The one-time labeling spend is paid back by the monthly savings. Below the breakeven volume the
 flywheel costs more; we say so rather than print a meaningless negative percentage.
+
+Everything here is a pure function except `resolve_inputs`, which reads a run's JSON files for the
+inputs no flag gave, and raises CostInputError naming the flag to pass when neither has one.
 """
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
+from flywheel import FlywheelError
 from flywheel.io import read_json
+
+
+class CostInputError(FlywheelError):
+    """An input the cost model needs that neither a flag nor the run gives; the message names the flag."""
 
 # The one definition of the LLM-only baseline: a production service that calls the LLM once per item.
 # (The label step's QC asks twice; that is a labeling cost, not what serving LLM-only would pay.)
@@ -131,13 +139,13 @@ def resolve_inputs(a):
         llm_cost = per_call * a.llm_calls_per_item
         src["llm_cost_per_item"] = f"label_summary.json mean cost per call ({'SIMULATED/estimated' if ls.get('cost_estimated') else 'measured'}) x {a.llm_calls_per_item} call(s)"
     else:
-        raise SystemExit("error: no LLM cost: pass --llm_cost USD (per item), or --root a run whose label step ran")
+        raise CostInputError("no LLM cost: pass --llm_cost USD (per item), or --root a run whose label step ran")
     if a.escalation_rate is not None:
         esc, src["escalation_rate"] = a.escalation_rate, "--escalation_rate"
     elif cas:
         esc, src["escalation_rate"] = cas["test"]["escalation_rate"], "cascade.json (test split)"
     else:
-        raise SystemExit("error: no escalation rate: pass --escalation_rate F, or --root a run whose cascade step ran")
+        raise CostInputError("no escalation rate: pass --escalation_rate F, or --root a run whose cascade step ran")
     if a.escalated_item_cost is not None:
         esc_cost, src["escalated_item_cost"] = a.escalated_item_cost, "--escalated_item_cost"
     elif cas and per_call and a.llm_cost is None and cas["test"]["escalation_rate"] and cas["test"]["llm_calls"]:
@@ -160,16 +168,16 @@ def resolve_inputs(a):
             ips = best["e2e_img_per_s"]
             src["student_img_per_s"] = f"speed.json: {best['backend']} on {best['device']} e2e ({speed['img_size']}px)"
         if ips is None:
-            raise SystemExit("error: no student serving cost: pass --student_cost_per_1k USD, or --student_img_per_s N, "
+            raise CostInputError("no student serving cost: pass --student_cost_per_1k USD, or --student_img_per_s N, "
                              "or run simple_speed_test.py on the run first")
         src.setdefault("student_img_per_s", "--student_img_per_s")
         stu = student_cost_per_1k_from_throughput(ips, a.cpu_hour_usd)
         src["student_cost_per_1k"] = f"--cpu_hour_usd {a.cpu_hour_usd} / {ips:.1f} img/s"
     for k, v in (("llm_cost_per_item", llm_cost), ("escalation_rate", esc), ("labeling_usd", lab), ("student_cost_per_1k", stu)):
         if v < 0:
-            raise SystemExit(f"error: {k} must be >= 0, got {v}")
+            raise CostInputError(f"{k} must be >= 0, got {v}")
     if not 0 <= esc <= 1:
-        raise SystemExit(f"error: --escalation_rate must be in [0, 1], got {esc}")
+        raise CostInputError(f"--escalation_rate must be in [0, 1], got {esc}")
     simulated = bool((ls or {}).get("simulated")) and a.llm_cost is None
     return {"llm_cost_per_item": llm_cost, "escalated_item_cost": esc_cost, "escalation_rate": esc,
             "labeling_usd": lab, "student_cost_per_1k": stu, "fixed_monthly_usd": a.fixed_monthly_usd,

@@ -22,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flywheel.calibrate import softmax
-from flywheel.student import Centre, Normalize, decode_rgb, fold_normalisation, normalize
+from flywheel.run import heldout_rows
+from flywheel.student import (IMAGENET_MEAN, IMAGENET_STD, Centre, Normalize, decode_rgb, fold_normalisation,
+                              load_student, model_from_checkpoint, normalize)
 
 log = logging.getLogger(__name__)
 ONNX_OPSET = 18
@@ -247,3 +249,56 @@ def prep_consistency(student, session, files, img_size, sharpen, wh=RAW_CHECK_WH
             "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
             "what": "graph on raw images vs the student on prep's JPEG of the same raw images"}
 
+
+
+# ----------------------------------------------------------------------------- the export step
+
+EXPORT_CHECK_IMAGES = 64
+EXPORT_TOLERANCE = 1e-3  # max |calibrated probability difference| between the exported graphs and torch
+
+
+def export_student(P, T, turn, manifest, sharpen) -> dict:
+    """T's student -> P.onnx and P.ts (raw uint8 pixels in, preprocessing inside the graph, calibrated logits
+    out, dynamic batch and size), each checked on real test images against the PyTorch student as training
+    runs it (normalised images in, no folding), and the graph on raw small images against that student on
+    prep's JPEGs of them. Returns export.json's content (without the OOD section)."""
+    best = load_student(T.best)  # the promoted student: the one that ships
+    size = best["model_args"]["img_size"]
+    graph = serving_graph(model_from_checkpoint(best), best["temperature"], size, sharpen)
+    student = CalibratedStudent(model_from_checkpoint(best), best["temperature"]).eval()  # the reference
+    meta = {"classes": best["classes"], "temperature": best["temperature"], "img_size": size, "sharpen": sharpen,
+            "input": "image: uint8 [B,H,W,3] RGB, any H and W. At img_size x img_size it is taken as prep wrote it; "
+                     "any other size is resized (antialiased bicubic) and sharpened as prep did. Then (x/255 - mean)/std "
+                     "(the graph subtracts 255*mean; the first convolution's weights carry 1/(255*std))",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "output": "calibrated logits (logits / temperature)",
+            "source": "cifar_distill " + str(T.best), "turn": turn}
+    export_onnx(graph, P.onnx, size, meta)
+    export_torchscript(graph, P.ts)
+    rows = heldout_rows(manifest)[:EXPORT_CHECK_IMAGES]
+    if not rows:
+        raise ExportError("no test images to check the export against; rerun --step prep")
+    files = [P.out / r["path"] for r in rows]
+    x = load_images(files)
+    with torch.no_grad():
+        ref = softmax(student(normalize(torch.from_numpy(x).permute(0, 3, 1, 2))).numpy())
+    session = ort_session(P.onnx)
+    outs = {"onnx": softmax(session.run(None, {"image": x})[0]),
+            "torchscript": softmax(load_torchscript(P.ts)(torch.from_numpy(x)).detach().numpy())}
+    result = {"n_images": len(rows), "temperature": best["temperature"], "classes": best["classes"],
+              "turn": turn, "student": str(T.best), "val_acc": best["best_val_acc"], "sharpen": sharpen,
+              "tolerance": EXPORT_TOLERANCE,
+              "reference": "the PyTorch student as training runs it: normalised images in, nothing folded"}
+    for name, path in (("onnx", P.onnx), ("torchscript", P.ts)):
+        result[name] = {"path": str(path), "max_abs_diff": float(np.abs(outs[name] - ref).max()),
+                        "agreement": float((outs[name].argmax(1) == ref.argmax(1)).mean()),
+                        "bytes": path.stat().st_size}
+    result["raw_input"] = prep_consistency(student, session, files, size, sharpen)
+    return result
+
+
+def check_export(result, where):
+    """Raise ExportError when an exported graph differs from PyTorch by more than EXPORT_TOLERANCE."""
+    bad = [n for n in ("onnx", "torchscript") if result[n]["max_abs_diff"] > EXPORT_TOLERANCE]
+    if bad:
+        raise ExportError(f"the exported {', '.join(bad)} graph differs from PyTorch by more than "
+                          f"{EXPORT_TOLERANCE} in probability (see {where}); do not ship it")

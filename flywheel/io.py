@@ -12,7 +12,9 @@ import csv
 import hashlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -214,6 +216,16 @@ def stable_unit(*parts) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
+class Closing:
+    """`with X(...) as x:` closes x on the way out, whatever happened (ledgers, logs, teacher clients)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class RunLockHeld(FlywheelError):
     """Another live process holds the run folder's lock; the message names it and the fix."""
 
@@ -268,3 +280,20 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+class SigtermAsInterrupt:
+    """SIGTERM (what `kill` and process managers send) stops a step the way Ctrl-C does."""
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)

@@ -14,16 +14,18 @@ its outputs from what was paid.
 """
 import logging
 import queue
+import random
 import threading
 import time
 from typing import NamedTuple
 
 from tqdm import tqdm
 
-from flywheel.io import stable_unit
+from flywheel import FlywheelError
+from flywheel.io import read_csv, stable_unit
 from flywheel.ledger import call_key, image_verdict
-from flywheel.quality import score
-from flywheel.teacher import PROMPT_VERSION, pass_class_order, question_hash
+from flywheel.quality import fit_rule, flag_cuts, gold_check, gold_pins, held_out_scores, score, write_flags
+from flywheel.teacher import PROMPT_VERSION, FatalTeacherError, pass_class_order, question_hash
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,26 @@ class Budget:
             self.est = max(self.est, float(cost or 0))  # learn the real price from the first answer
 
 
+class GoldError(FlywheelError):
+    """A --gold_csv row the run cannot use, or more gold than the sample; the message names the row."""
+
+
+class GoldGateError(FlywheelError):
+    """The teacher's accuracy on gold items is below --min_gold_acc: labeling stopped before the rest."""
+
+
+class BudgetStop(FlywheelError):
+    """--max_usd is spent: what was paid for is kept, and a rerun with a higher cap labels the rest."""
+
+
+class Verdict(NamedTuple):
+    """QC's verdict on one image, from the ledger alone."""
+    status: str           # accepted | disagreed | low_confidence | invalid | failed | flagged
+    label: str            # the label QC would keep ("" when there is no answer)
+    confidence: object    # float, or None without an answer
+    records: list         # the pass records behind it (ok ledger records, pass 1 first)
+
+
 class Call(NamedTuple):
     """One question to the teacher about one image: its ledger key and what is sent."""
     key: str
@@ -78,6 +100,11 @@ class Call(NamedTuple):
     model: str
 
 
+# the QC settings' defaults, in one place: the command line's table (cifar_distill.OPTIONS) reads them here
+QC_DEFAULTS = {"conf_thresh": 0.7, "second_pass": "fitted", "adaptive_thresh": 0.9, "audit_frac": 0.1,
+               "second_temp": 0.7, "max_invalid": 2}
+
+
 class QC:
     """Acceptance policy shared by label, cascade and flywheel.
 
@@ -86,8 +113,10 @@ class QC:
     always get both answers. second_model, when set, answers pass 2 (its errors overlap less).
     """
 
-    def __init__(self, classes, conf_thresh=0.7, second_pass="fitted", adaptive_thresh=0.9, audit_frac=0.1,
-                 second_temp=0.7, max_invalid=2, seed=0, second_model=None):
+    def __init__(self, classes, conf_thresh=QC_DEFAULTS["conf_thresh"], second_pass=QC_DEFAULTS["second_pass"],
+                 adaptive_thresh=QC_DEFAULTS["adaptive_thresh"], audit_frac=QC_DEFAULTS["audit_frac"],
+                 second_temp=QC_DEFAULTS["second_temp"], max_invalid=QC_DEFAULTS["max_invalid"], seed=0,
+                 second_model=None):
         self.classes, self.conf_thresh, self.second_pass = list(classes), conf_thresh, second_pass
         self.adaptive_thresh, self.audit_frac, self.second_temp = adaptive_thresh, audit_frac, second_temp
         self.max_invalid, self.seed, self.second_model = max_invalid, seed, second_model
@@ -113,6 +142,21 @@ class QC:
             return p1_conf < self.adaptive_thresh or audited
         return score(p1_conf, sha, self.seed) < self.threshold or audited
 
+    def calls_needed(self, items, model, ledger):
+        """(fewest, most) calls still needed for items ({sha256}), from what the ledger already holds."""
+        lo = hi = 0
+        for it in items:
+            p1 = ledger.ok(self.call(it["sha256"], 1, model).key)
+            p2 = ledger.ok(self.call(it["sha256"], 2, model).key)
+            if p1 is None:
+                # a second call is certain under always, for gold items, and under fitted with no gold to fit
+                sure = (self.second_pass == "always" or it["sha256"] in self.always_second
+                        or (self.second_pass == "fitted" and not self.always_second))
+                lo, hi = lo + 1 + sure, hi + 2
+            elif p2 is None and self.second_needed(it["sha256"], float(p1["confidence"])):
+                lo, hi = lo + 1, hi + 1
+        return lo, hi
+
     def thresholds(self):
         """(accept a first answer alone at confidence, accept an agreeing pair at mean confidence). Under
         fitted, an image with no second answer scored above the threshold, so it is accepted alone."""
@@ -121,8 +165,8 @@ class QC:
         return self.conf_thresh, self.conf_thresh
 
 
-def ledger_verdict(item, teacher, ledger, qc):
-    """(status, label, confidence, [pass records]) for one image from the ledger alone."""
+def ledger_verdict(item, teacher, ledger, qc) -> Verdict:
+    """QC's verdict on one image from the ledger alone."""
     keys = [qc.call(item["sha256"], p, teacher.model).key for p in (1, 2)]
     got = ledger.answers(keys)
     (p1, invalid1), (p2, invalid2) = got[keys[0]], got[keys[1]]
@@ -131,7 +175,7 @@ def ledger_verdict(item, teacher, ledger, qc):
     st, lab, conf = image_verdict(p1, p2, need2, single_at, invalid1, invalid2, pair_thresh=pair_at)
     if p1 is not None and item["sha256"] in qc.flagged and item["sha256"] not in qc.always_second:
         st = "flagged"  # the held-out model confidently contradicts this label: never silently kept
-    return st, lab, conf, [r for r in (p1, p2 if need2 else None) if r is not None]
+    return Verdict(st, lab, conf, [r for r in (p1, p2 if need2 else None) if r is not None])
 
 
 def current_keys(items, teacher, qc):
@@ -302,3 +346,96 @@ def _drain(pool, pending, grace_s):
     if pending:
         log.warning("%d teacher call(s) still in flight after %.0fs were abandoned; a rerun asks them again",
                     pending, grace_s)
+
+
+# ----------------------------------------------------------------------------- the sample the label step asks
+
+def label_sample(manifest, seed, max_label, classes, gold_csv=None, gold_n=0):
+    """-> (sample paths with gold first, {gold path: gold label}). Ground truth picks nothing here
+    except the gold_n stand-in labels, which play a person checking those items."""
+    train = sorted(p for p, r in manifest.items() if r["split"] == "train")
+    order = train[:]
+    random.Random(seed).shuffle(order)  # a fixed order, so a larger --max_label extends the sample
+    gold = {}
+    if gold_csv:
+        for i, r in enumerate(read_csv(gold_csv)):
+            p, lab = (r.get("path") or "").strip(), (r.get("label") or "").strip()
+            if p not in manifest or manifest[p]["split"] != "train":
+                raise GoldError(f"--gold_csv row {i + 2}: path {p!r} is not a training image in the run's "
+                                f"manifest.csv (use paths like images/train/<class>/<file>.jpg)")
+            if lab not in classes:
+                raise GoldError(f"--gold_csv row {i + 2}: label {lab!r} is not one of {classes}")
+            gold[p] = lab
+    elif gold_n:
+        gold = {p: manifest[p]["label"] for p in order[:gold_n]}
+    if len(gold) > max_label:
+        raise GoldError(f"{len(gold)} gold items exceed --max_label {max_label}; gold items count within the sample")
+    rest = [p for p in order if p not in gold][:max(0, max_label - len(gold))]
+    return list(gold) + rest, gold
+
+
+def shard_of(sample, gold, manifest, i, n):
+    """The part of the sample (and of its gold) that shard i of n labels: a stable hash of each image's
+    sha256 picks its part, so parts are disjoint, cover the sample, and do not depend on the machine.
+
+    >>> m = {f"p{k}": {"sha256": f"{k:064x}"} for k in range(100)}
+    >>> parts = [shard_of(list(m), {"p1": "x"}, m, i, 3) for i in range(3)]
+    >>> sorted(sum((p for p, _ in parts), [])) == sorted(m), sum(len(g) for _, g in parts)
+    (True, 1)
+    """
+    mine = [p for p in sample if int(stable_unit("shard", manifest[p]["sha256"]) * n) == i]
+    keep = set(mine)
+    return mine, {p: lab for p, lab in gold.items() if p in keep}
+
+
+# ----------------------------------------------------------------------------- the label step
+
+def label_all(cfg, P, items, gold, teacher, ledger, qc, budget, outputs):
+    """Gold first (the gate, and the QC rule fitted on it), then the rest. outputs(gold_report, rule, **state)
+    rewrites the label files from the ledger on every way out, so they match what was paid."""
+    state = {"gold_report": None, "rule": fit_rule([], cfg["target_label_precision"])}
+    write_flags(P.label_flags, None, None)  # refilled below when the held-out model's flags are fitted; no stale ones
+    try:
+        rest = [it for it in items if it["path"] not in gold]
+        if gold:
+            gitems = [it for it in items if it["path"] in gold]
+            verdicts = label_items(gitems, teacher, ledger, qc, budget, "gold", cfg["max_workers"], "label gold")
+            g = state["gold_report"] = gold_check(gold, {p: v.label for p, v in verdicts.items()}, cfg["classes"])
+            state["rule"] = fit_rule(gold_pins(gitems, gold, teacher, ledger, qc), cfg["target_label_precision"])
+            log.info("gold check: teacher accuracy %.3f on %d gold items (--min_gold_acc %.2f)", g["accuracy"], g["n"],
+                     cfg["min_gold_acc"])
+            if g["accuracy"] < cfg["min_gold_acc"]:
+                outputs(**state)
+                raise GoldGateError(f"teacher accuracy on gold items is {g['accuracy']:.3f} < --min_gold_acc "
+                                    f"{cfg['min_gold_acc']}; stopping before labeling the rest. Confusions (true -> "
+                                    f"teacher: n): " + ", ".join(f"{k}: {v}" for k, v in g["confusions"].items())
+                                    + ". Check the prompt, the model and the class names.")
+            if qc.second_pass == "fitted":
+                state["rule"] = fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget)
+        label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label")
+        return outputs(**state, budget_stopped=budget.stopped)  # before the ledger closes: the outputs read it
+    except FatalTeacherError:
+        outputs(**state, budget_stopped=budget.stopped)
+        raise
+    except KeyboardInterrupt:
+        outputs(**state, budget_stopped=budget.stopped, interrupted=True)  # the files match what was paid
+        raise
+
+
+def fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget):
+    """The fitted rule: with --confident_learning on, every first answer is asked first, so the held-out
+    model can judge each label before any second call; then threshold and flag cut are fitted on gold
+    and set on qc (flagged labels listed in label_flags.csv). -> QCRule."""
+    scores = None
+    if cfg["confident_learning"] == "on":
+        label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label (first answers)",
+                    first_only=True)
+        scores = held_out_scores(cfg["classes"], cfg["seed"], items, teacher, ledger, qc)
+    rule = fit_rule(gold_pins(gitems, gold, teacher, ledger, qc, scores), cfg["target_label_precision"],
+                    flag_cuts(scores))
+    qc.threshold = rule.threshold
+    # gold pins are judged by both answers (and a person's label), so they are never listed as flagged
+    qc.flagged = write_flags(P.label_flags, {sha: h for sha, h in (scores or {}).items() if sha not in qc.always_second},
+                             rule.flag_below)
+    log.info("QC rule: %s", rule.why)
+    return rule

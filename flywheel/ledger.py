@@ -27,7 +27,7 @@ import threading
 import time
 from typing import NamedTuple
 
-from flywheel.io import JsonlAppender, iter_jsonl
+from flywheel.io import Closing, JsonlAppender, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def head_hash(path, n) -> str:
         return hashlib.sha256(f.read(n)).hexdigest()
 
 
-class Ledger:
+class Ledger(Closing):
     """labels.jsonl, appended to under a lock by many worker threads, looked up through its SQLite index."""
 
     def __init__(self, path):
@@ -405,8 +405,15 @@ def merge_review(new_rows, old_rows):
     return out
 
 
+class Label(NamedTuple):
+    """A label the review file gives one image, with where it came from."""
+    path: str
+    label: str
+    source: str           # the teacher's source (llm | oracle), human, or gold
+
+
 def training_labels(review_rows, classes, teacher_source: str):
-    """Review rows -> [(path, label, source)]: accepted rows, plus every row a person decided.
+    """Review rows -> [Label]: accepted rows, plus every row a person decided.
 
     A non-empty label_final is the label used. Source: 'gold' for --gold_csv rows, 'human' where a person
     edited label_final or set status 'approved' (approving a disagreed or low-confidence row as it is),
@@ -416,7 +423,7 @@ def training_labels(review_rows, classes, teacher_source: str):
     ...                  {"path": "r", "llm_label": "a", "label_final": "a", "status": "disagreed"},
     ...                  {"path": "s", "llm_label": "b", "label_final": "b", "status": "approved"},
     ...                  {"path": "t", "llm_label": "a", "label_final": "b", "status": "gold"}], ["a", "b"], "llm")
-    [('p', 'a', 'llm'), ('q', 'b', 'human'), ('s', 'b', 'human'), ('t', 'b', 'gold')]
+    [Label(path='p', label='a', source='llm'), Label(path='q', label='b', source='human'), Label(path='s', label='b', source='human'), Label(path='t', label='b', source='gold')]
     """
     check_review_columns(review_rows)
     out = []
@@ -429,9 +436,9 @@ def training_labels(review_rows, classes, teacher_source: str):
                              f"fix or empty it")
         status = (r.get("status") or "").strip().lower()
         if status == GOLD:
-            out.append((r["path"], final, "gold"))
+            out.append(Label(r["path"], final, "gold"))
         elif is_person_row(r):
-            out.append((r["path"], final, "human"))
+            out.append(Label(r["path"], final, "human"))
         elif status == "accepted":
-            out.append((r["path"], final, teacher_source))
+            out.append(Label(r["path"], final, teacher_source))
     return out

@@ -29,10 +29,16 @@ dependency (which pulls in pandas) for the one score used. Choosing among the cu
 makes the lower bound slightly optimistic; label_summary.json's measured figure (when the manifest has
 ground truth) is the check.
 """
+import logging
 import math
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
-from flywheel.io import stable_unit
+import numpy as np
+
+from flywheel.io import stable_unit, write_csv
 
 FLAG_SHARES = (0.05, 0.1, 0.15, 0.2)  # candidate shares of images to flag (quantiles of the held-out score)
 CL_MIN_ITEMS, CL_FOLDS, CL_PIXELS = 50, 5, 12  # fewest first answers to train on; folds; feature side (px)
@@ -256,7 +262,6 @@ def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0, max_train=CL_MAX_TRAIN):
     is judged by a model that saw its label), on a sample of at most max_train of them, scored in chunks.
     x [n, d] float features, or uint8 pixels (read as /255 in float32, a few rows at a time, so the heap
     holds 1 byte a feature), y [n] ints in [0, k)."""
-    import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -279,14 +284,12 @@ def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0, max_train=CL_MAX_TRAIN):
 
 
 def _as_float(x):
-    import numpy as np
     return x.astype(np.float32) / 255 if x.dtype == np.uint8 else x
 
 
 def pixel_features(files, side=CL_PIXELS, desc="held-out model: features"):
     """[n, side*side*3] uint8: each image shrunk to side x side RGB, a cheap, label-free representation for
     the held-out model (432 bytes an image; out_of_fold_probs reads them as float32 / 255)."""
-    import numpy as np
     from PIL import Image
     from tqdm import tqdm
     out = np.zeros((len(files), side * side * 3), np.uint8)
@@ -298,6 +301,91 @@ def pixel_features(files, side=CL_PIXELS, desc="held-out model: features"):
 
 def thumbnail(img, side=CL_PIXELS):
     """A PIL image -> uint8 [side*side*3]: shrunk to side x side RGB (bilinear), rows then columns then colour."""
-    import numpy as np
     from PIL import Image
     return np.asarray(img.convert("RGB").resize((side, side), Image.BILINEAR)).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- the label step's gold and flags
+
+log = logging.getLogger(__name__)
+
+
+class HeldOut(NamedTuple):
+    """The held-out model's view of one first answer."""
+    path: str
+    llm_label: str
+    p_label: float        # held-out probability of the teacher's first-answer label (the score)
+    student_label: str    # the held-out model's top class
+    p_student: float      # and its probability
+
+
+def gold_pins(gitems, gold, teacher, ledger, qc, scores=None):
+    """[{conf1, score, right1, agree, right_pair[, cl_conf]}] for gold items with a first answer: what
+    fit_rule needs. scores: held_out_scores' output (None: no held-out model)."""
+    out = []
+    for it in gitems:
+        p1 = ledger.ok(qc.call(it["sha256"], 1, teacher.model).key)
+        p2 = ledger.ok(qc.call(it["sha256"], 2, teacher.model).key)
+        if p1 is None:
+            continue
+        truth = gold[it["path"]]
+        agree = None if p2 is None else p2["label"] == p1["label"]
+        g = {"conf1": float(p1["confidence"]), "score": score(p1["confidence"], it["sha256"], qc.seed),
+             "right1": p1["label"] == truth, "agree": agree, "right_pair": bool(agree) and p1["label"] == truth}
+        if scores and it["sha256"] in scores:
+            g["cl_conf"] = scores[it["sha256"]].p_label
+        out.append(g)
+    return out
+
+
+def held_out_scores(classes, seed, items, teacher, ledger, qc):
+    """The student's out-of-sample disagreement: a logistic regression on 12x12 pixels, trained in folds on
+    the teacher's first answers, judges each label without having seen it. Gold items' labels here are first
+    answers too, so judging the score on gold stays honest.
+    -> {sha256: HeldOut}, or None when there are too few first answers to train on."""
+    got = [(it, rec) for it in items if (rec := ledger.ok(qc.call(it["sha256"], 1, teacher.model).key)) is not None]
+    y = np.array([classes.index(rec["label"]) for _, rec in got])
+    if len(got) < CL_MIN_ITEMS or len(set(y.tolist())) < 2:
+        log.info("held-out model skipped: %d first answers (needs >= %d in 2+ classes)", len(got), CL_MIN_ITEMS)
+        return None
+    t0 = time.time()
+    probs = out_of_fold_probs(pixel_features([it["file"] for it, _ in got]), y, len(classes), seed=seed)
+    log.info("held-out model: %d folds on %d first answers in %.1fs", CL_FOLDS, len(got), time.time() - t0)
+    return {it["sha256"]: HeldOut(it["path"], rec["label"], round(float(pr[k]), 6), classes[int(pr.argmax())],
+                                  round(float(pr.max()), 6))
+            for (it, rec), pr, k in zip(got, probs, y)}
+
+
+def flag_cuts(scores):
+    """Candidate cuts on the held-out score: its FLAG_SHARES quantiles over every image judged."""
+    if not scores:
+        return []
+    return [float(q) for q in np.quantile([h.p_label for h in scores.values()], FLAG_SHARES)]
+
+
+FLAG_FIELDS = ["path", "sha256", "llm_label", "p_label", "student_label", "p_student"]
+
+
+def write_flags(path, scores, cut):
+    """label_flags.csv: the labels sent to review because the held-out model gives them < cut.
+    -> the flagged images' sha256s."""
+    rows = [{"sha256": sha, **h._asdict()} for sha, h in (scores or {}).items() if cut is not None and h.p_label < cut]
+    write_csv(path, FLAG_FIELDS, rows)
+    return {r["sha256"] for r in rows}
+
+
+def gold_check(gold, answers, classes):
+    """Teacher ({path: label, "" when unanswered}) vs gold labels; an unanswered item counts as wrong.
+
+    >>> g = gold_check({"a": "x", "b": "y"}, {"a": "x", "b": ""}, ["x", "y"])
+    >>> g["accuracy"], g["confusions"]
+    (0.5, {'y -> no answer': 1})
+    """
+    n = len(gold)
+    got = {p: answers.get(p) or "" for p in gold}
+    right = sum(got[p] == lab for p, lab in gold.items())
+    conf = Counter(f"{lab} -> {got[p] or 'no answer'}" for p, lab in gold.items() if got[p] != lab)
+    per_class = {c: {d: sum(1 for p, lab in gold.items() if lab == c and got[p] == d) for d in classes + [""]}
+                 for c in classes}
+    return {"n": n, "accuracy": right / n if n else 0.0, "confusions": dict(conf.most_common()),
+            "per_class_confusion": per_class}

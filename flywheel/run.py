@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from flywheel.io import read_json, sha256_file, write_json
+from flywheel.io import read_csv, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,49 @@ class Turn:
         self.speed = d / "speed.json"
         self.noise_twin = d / "noise_cost"  # the same training on ground-truth labels, for measuring only
         self.noise_twin_ckpt = self.noise_twin / "best_epoch.pt"
+
+
+# ----------------------------------------------------------------------------- manifest and splits
+
+def load_manifest(P) -> dict:
+    """{path: manifest row} of the images prep made."""
+    return {r["path"]: r for r in read_csv(P.need(P.manifest, "prep"))}
+
+
+def heldout_rows(manifest) -> list:
+    """The official test split, [{path, label}] in path order: measured, never trained on or chosen by."""
+    return [{"path": p, "label": r["label"]} for p, r in sorted(manifest.items()) if r["split"] == "test"]
+
+
+def pool_rows(P, manifest, upto_turn) -> list:
+    """The production stream: training images the teacher has not labeled, minus flywheel relabels (a
+    pseudo-labeled item stays: the student's own label is no answer, and the next student may doubt it)."""
+    used = {r["path"] for r in read_csv(P.need(P.review, "label"))}
+    if P.flywheel_labels.exists():
+        used |= {r["path"] for r in read_csv(P.flywheel_labels) if int(r["turn"]) <= upto_turn and r["source"] != "pseudo"}
+    return [{"path": p, "label": r["label"]} for p, r in sorted(manifest.items()) if r["split"] == "train" and p not in used]
+
+
+def split_of(manifest, path) -> str:
+    """train / test from the manifest; production for what --step serve stored; unknown otherwise.
+
+    >>> split_of({"a.jpg": {"split": "test"}}, "a.jpg"), split_of({}, "production/x.jpg"), split_of({}, "b.jpg")
+    ('test', 'production', 'unknown')
+    """
+    if path in manifest:
+        return manifest[path]["split"]
+    return "production" if path.startswith("production/") else "unknown"
+
+
+def item(P, manifest, path) -> dict:
+    """What the teacher is asked about one image: {path, file, sha256}."""
+    return {"path": path, "file": str(P.out / path), "sha256": manifest[path]["sha256"]}
+
+
+def prep_sharpens(P, default: bool) -> bool:
+    """Whether prep sharpened this run's images (prep.json), which the exported graph must repeat."""
+    settings = read_json(P.prep_json).get("settings", {}) if P.prep_json.exists() else {}
+    return settings.get("sharpen", default)
 
 
 # ----------------------------------------------------------------------------- promotion

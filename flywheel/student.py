@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from flywheel import FlywheelError
+
 log = logging.getLogger(__name__)
 
 CKPT_VERSION = 1
@@ -40,7 +42,11 @@ BN_RECAL_IMAGES = 256  # ~6% of an epoch of 1,350 images at 224px on CPU
 LABEL_SMOOTHING = 0.05
 
 
-class WeightsError(RuntimeError):
+class StudentError(FlywheelError):
+    """A student that cannot be trained, loaded or placed as asked; the message names the fix."""
+
+
+class WeightsError(StudentError):
     pass
 
 
@@ -54,9 +60,9 @@ def pick_device(name="auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available; use --device auto or cpu")
+        raise StudentError("--device cuda but CUDA is not available; use --device auto or cpu")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SystemExit("error: --device mps but MPS is not available; use --device auto or cpu")
+        raise StudentError("--device mps but MPS is not available; use --device auto or cpu")
     return torch.device(name)
 
 
@@ -368,7 +374,7 @@ def load_checkpoint(path, map_location="cpu"):
     """The inverse of save_checkpoint; checks the version."""
     ck = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(ck, dict) or ck.get("version") != CKPT_VERSION:
-        raise SystemExit(f"error: {path} is not a cifar_distill checkpoint of version {CKPT_VERSION}; "
+        raise StudentError(f"{path} is not a cifar_distill checkpoint of version {CKPT_VERSION}; "
                          f"retrain with --step train")
     return ck
 
@@ -378,11 +384,11 @@ def load_student(path, map_location="cpu"):
     path = Path(path)
     if not path.exists():
         resume = (path.parent / "last.pt").exists()
-        raise SystemExit(f"error: {path} is missing; run `uv run cifar_distill.py --step train"
+        raise StudentError(f"{path} is missing; run `uv run cifar_distill.py --step train"
                          f"{' --resume' if resume else ''}` first" + (" (an interrupted training left last.pt)" if resume else ""))
     ck = load_checkpoint(path, map_location)
     if "temperature" not in ck:
-        raise SystemExit(f"error: {path} has no temperature: training stopped before calibration. Run "
+        raise StudentError(f"{path} has no temperature: training stopped before calibration. Run "
                          f"`uv run cifar_distill.py --step train --resume` to finish it.")
     return ck
 
@@ -422,7 +428,7 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
     rank, world = dist_world()
     bs = min(cfg["batch_size"], len(x_tr))  # the global batch; each of `world` processes takes bs / world of it
     if bs % world:
-        raise SystemExit(f"error: --batch_size {bs} must divide evenly over the {world} training processes")
+        raise StudentError(f"--batch_size {bs} must divide evenly over the {world} training processes")
     per = bs // world
     core = model  # the module itself: what is checkpointed, evaluated and recalibrated
     if world > 1:
@@ -442,14 +448,14 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
     start_epoch, best_acc, history = 0, -1.0, []
     if resume:
         if not last_p.exists():
-            raise SystemExit(f"error: --resume but {last_p} does not exist; train without --resume")
+            raise StudentError(f"--resume but {last_p} does not exist; train without --resume")
         ck = load_checkpoint(last_p)
         if ck["classes"] != list(classes) or ck["model_args"] != model_args:
-            raise SystemExit(f"error: --resume: {last_p} was trained on classes {ck['classes']} / {ck['model_args']}, "
+            raise StudentError(f"--resume: {last_p} was trained on classes {ck['classes']} / {ck['model_args']}, "
                              f"not {list(classes)} / {model_args}; train without --resume")
         changed = rows_diff(ck["config"].get("rows") or {}, cfg.get("rows") or {})
         if changed:
-            raise SystemExit(f"error: --resume: the training rows changed since {last_p} was written ({changed}); "
+            raise StudentError(f"--resume: the training rows changed since {last_p} was written ({changed}); "
                              f"resuming would mix two data sets. Train without --resume.")
         core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from flywheel.io import stable_unit
+from flywheel.io import Closing, stable_unit
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def price_usage(prompt_tokens, completion_tokens, usd_per_mtok_in, usd_per_mtok_
     return (prompt_tokens * usd_per_mtok_in + completion_tokens * usd_per_mtok_out) / 1e6
 
 
-class LLMTeacher:
+class LLMTeacher(Closing):
     """Thread-safe OpenAI-compatible vision classifier. `classify` never raises except
     FatalTeacherError (bad key, no credits, a dead or unusable endpoint)."""
 
@@ -488,7 +488,7 @@ def oracle_model_name(noise) -> str:
     return f"oracle(noise={noise})"
 
 
-class OracleTeacher:
+class OracleTeacher(Closing):
     """SIMULATED teacher for offline runs: the manifest's ground truth with a fraction `noise` of wrong
     labels and a synthetic confidence. Deterministic per (image, pass), so reruns and resumes agree.
 

@@ -9,9 +9,10 @@ import numpy as np
 from PIL import Image
 
 import cifar_distill
+from flywheel import prep
 from loopback import LOOKALIKES
 
-CIFAR5 = cifar_distill.CIFAR5.split(",")
+CIFAR5 = prep.CIFAR5.split(",")
 KEY = "sk-or-test-SECRET-4242"  # the test API key: no file under a run folder may ever contain it
 # one pure-ish colour per class; channel-distinct so that an RGB/BGR swap changes the class colour
 COLOURS = {"apple": (220, 30, 30), "mushroom": (30, 200, 40), "orange": (30, 40, 210),
@@ -69,7 +70,7 @@ def make_cifar_folder(root: Path, n_train=6, n_test=3, classes=("apple", "mushro
     each image toward its class's look-alike (loopback.LOOKALIKES; weight uniform in [0, lookalike_mix]),
     so above 0.5 an image looks more like the look-alike than its own class, as real ambiguous images do."""
     rng = np.random.default_rng(seed)
-    names = cifar_distill.CIFAR100_FINE
+    names = prep.CIFAR100_FINE
     folder = Path(root) / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
     truth = {}

@@ -42,7 +42,7 @@ def test_original_path_preprocesses_like_the_pipeline(exported_run):
     """The baseline must feed the model the same numbers, or its speed says nothing about the same job."""
     import torch
 
-    from cifar_distill import Paths, heldout_rows, load_manifest
+    from flywheel.run import Paths, heldout_rows, load_manifest
     from flywheel.export import load_images
     from flywheel.student import normalize
     P = Paths(exported_run)

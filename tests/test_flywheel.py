@@ -6,6 +6,9 @@ import pytest
 
 from fakes import run_cli
 from flywheel.io import read_csv, read_json, read_jsonl, write_csv
+from flywheel.relabel import turn_evidence
+from flywheel.run import Paths, better_key, load_manifest, pool_rows
+from flywheel.training import training_rows
 
 
 def fly(t, *extra):
@@ -122,14 +125,14 @@ POOL = [{"path": f"p{i}", "pred": "ab"[i % 2], "margin": str(i / 100)} for i in 
     ("margin", 2, {"p0": {"llm_status": "disagreed"}}, (), ["p0", "p1"]),
 ])
 def test_pick_relabels_edge_cases(strategy, n, esc, answered, want):
-    from flywheel.cascade import pick_relabels
+    from flywheel.relabel import pick_relabels
     assert pick_relabels(POOL, esc, n, strategy, answered)[0] == want
 
 
 @pytest.mark.parametrize("doubt_below,kept", [(0.5, True), (0.586, True), (0.587, False), (0.7, False)])
 def test_targeted_skips_what_the_cascade_contested(doubt_below, kept):
     # p9's accepted LLM label "b": student .2 for it, teacher .85, 2 classes -> .17 / (.17 + .8 * .15) = .586
-    from flywheel.cascade import pick_relabels
+    from flywheel.relabel import pick_relabels
     esc = {"p9": {"llm_status": "accepted", "llm_label": "b", "student_pred": "a", "student_conf": .8,
                   "student_probs": [.8, .2]}}
     picked, why = pick_relabels(POOL, esc, 10, "targeted", (), 0, ["a", "b"], 0.85, doubt_below=doubt_below)
@@ -138,7 +141,7 @@ def test_targeted_skips_what_the_cascade_contested(doubt_below, kept):
 
 
 def test_random_control_is_seeded_and_within_the_pool():
-    from flywheel.cascade import pick_relabels
+    from flywheel.relabel import pick_relabels
     a, b = pick_relabels(POOL, {}, 4, "random", seed=1)[0], pick_relabels(POOL, {}, 4, "random", seed=1)[0]
     assert a == b and len(set(a)) == 4 and set(a) <= {r["path"] for r in POOL}
     assert pick_relabels([], {}, 4, "targeted")[0] == [] and pick_relabels([], {}, 4, "random")[0] == []
@@ -152,10 +155,9 @@ def test_continue_or_scratch_is_decided_on_validation(copy_run, retrain):
     t1 = read_json(run / "artifacts" / "flywheel.json")["turns"][1]["retrain"]
     kept = load_student(run / "artifacts" / "turn_1" / "best.pt")
     if retrain == "best":
-        import cifar_distill as C
         scores = t1["val_acc"]  # {candidate: {val_acc, val_nll}}
         assert set(scores) == {"continue", "scratch"}
-        assert C.better_key(scores[t1["choice"]]) == max(map(C.better_key, scores.values()))
+        assert better_key(scores[t1["choice"]]) == max(map(better_key, scores.values()))
         assert kept["best_val_acc"] == scores[t1["choice"]]["val_acc"]
         assert not list((run / "artifacts" / "turn_1").glob("_*"))  # the candidates' folders are gone
     else:
@@ -164,13 +166,12 @@ def test_continue_or_scratch_is_decided_on_validation(copy_run, retrain):
 
 @pytest.mark.parametrize("strategy", ["targeted", "random", "margin"])
 def test_no_test_image_enters_selection_training_or_promotion(copy_run, strategy):
-    import cifar_distill as C
     run = copy_run / "run"
     manifest = {r["path"]: r for r in read_csv(run / "manifest.csv")}
     test = {p for p, r in manifest.items() if r["split"] == "test"}
-    P = C.Paths(run)
-    from flywheel.cascade import paid_labels, pick_relabels
-    ev = C.turn_evidence(P, P.artifacts)
+    P = Paths(run)
+    from flywheel.relabel import paid_labels, pick_relabels
+    ev = turn_evidence(P, P.turn0)
     picked, _ = pick_relabels(ev.pool, ev.escalations, 10_000, strategy, (), 0, ev.classes, ev.teacher_acc)
     assert picked and not set(picked) & test  # everything the strategy would ever pick
     assert not set(paid_labels(ev.pool, ev.escalations, ev.classes, ev.teacher_acc)) & test
@@ -211,12 +212,12 @@ def test_pseudo_labels_are_the_students_own_confident_pool_answers(copy_run):
     assert len({r["path"] for r in new}) == len(new)  # one label per item: a pick or paid answer wins
     trained = {r["path"] for r in read_csv(run / "artifacts" / "turn_1" / "train_rows.csv")}
     assert {r["path"] for r in pseudo} <= trained
-    P = cifar_distill.Paths(run)
-    manifest = cifar_distill.load_manifest(P)
-    assert {r["path"] for r in pseudo} <= {r["path"] for r in cifar_distill.pool_rows(P, manifest, 1)}  # still in the pool
+    P = Paths(run)
+    manifest = load_manifest(P)
+    assert {r["path"] for r in pseudo} <= {r["path"] for r in pool_rows(P, manifest, 1)}  # still in the pool
     cfg = cifar_distill.validate(vars(cifar_distill.build_parser().parse_args(
         ["--out_dir", str(run), "--data_root", str(copy_run / "data"), "--teacher", "oracle"])))
-    turn1_rows = {r["path"] for r in cifar_distill.training_rows(cfg, P, manifest, upto_turn=1)[0]}
-    later = {r["path"] for r in cifar_distill.training_rows(cfg, P, manifest, upto_turn=2)[0]}
+    turn1_rows = {r["path"] for r in training_rows(P, manifest, cfg["classes"], cfg["val_frac"], cfg["seed"], upto_turn=1)[0]}
+    later = {r["path"] for r in training_rows(P, manifest, cfg["classes"], cfg["val_frac"], cfg["seed"], upto_turn=2)[0]}
     assert {r["path"] for r in pseudo} <= turn1_rows
     assert not {r["path"] for r in pseudo} & later  # a later turn's student redraws its own

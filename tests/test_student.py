@@ -64,7 +64,7 @@ def test_resume_after_interrupted_epoch_matches_uninterrupted(tmp_path):
 def test_resume_refuses_other_classes(tmp_path):
     x, y = colour_set(4)
     S.train_student(x, y, x, y, CLASSES, {**CFG, "epochs": 1}, tmp_path, "none", torch.device("cpu"))
-    with pytest.raises(SystemExit, match="resume"):
+    with pytest.raises(S.StudentError, match="resume"):
         S.train_student(x, y, x, y, CLASSES[::-1], {**CFG, "epochs": 1}, tmp_path, "none", torch.device("cpu"),
                         resume=True)
 
