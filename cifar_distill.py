@@ -52,12 +52,12 @@ from flywheel import FlywheelError, cli
 from flywheel.cascade import EscalationLog
 from flywheel.data import write_digits_folder
 from flywheel.evaluate import evaluate
-from flywheel.export import check_export, export_student, ort_session
+from flywheel.export import check_export, export_student, serving_session
 from flywheel.io import RunLock, SigtermAsInterrupt, read_csv, read_json, write_csv, write_json
 from flywheel.labeling import (QC, QC_DEFAULTS, Budget, BudgetStop, GoldGateError, label_all, label_items,
                                label_sample, shard_of)
 from flywheel.ledger import Ledger, merge_ledger_file
-from flywheel.ood import MIN_SIDE, OODModel, fit_ood
+from flywheel.ood import OODModel, fit_ood
 from flywheel.prep import (CIFAR5, class_counts, drop_cross_split_duplicates, listing, make_images, prep_jobs,
                            resolve_classes, JPEG_QUALITY, MANIFEST_FIELDS)
 from flywheel.relabel import (doubt_threshold, paid_labels, pick_relabels, production_labels, turn_evidence,
@@ -275,7 +275,7 @@ def validate_processes(cfg):
             bad("batch_size", f"{cfg['batch_size']} must divide evenly over the {world} torchrun processes (it is "
                               f"the global batch; each process takes an equal slice)")
     if cfg["shard"] is not None:
-        cfg["shard_i"], cfg["shard_n"] = parse_shard(cfg["shard"])
+        cfg["shard_i"], cfg["shard_n"] = cli.parse_shard(cfg["shard"])
         if cfg["step"] != "label":
             bad("shard", f"applies to --step label only (got --step {cfg['step']}); merge the shards' ledgers with "
                          f"--step merge")
@@ -293,26 +293,6 @@ def run_classes(cfg) -> list:
             bad("classes", f"is {classes} but prep made {prepped} ({made}); rerun --step prep with these --classes "
                            f"first, or drop the flag")
     return classes
-
-
-def parse_shard(text):
-    """'I/N' -> (I, N) with 0 <= I < N.
-
-    >>> parse_shard("1/4")
-    (1, 4)
-    >>> parse_shard("4/4")
-    Traceback (most recent call last):
-    ...
-    SystemExit: error: --shard 4/4: I must be in 0..N-1 (parts are numbered from 0: 0/4, 1/4, 2/4, 3/4)
-    """
-    try:
-        i, n = (int(x) for x in str(text).split("/"))
-    except ValueError:
-        raise SystemExit(f"error: --shard {text}: expected I/N, e.g. 0/2 and 1/2 for two machines") from None
-    if n < 1 or not 0 <= i < n:
-        raise SystemExit(f"error: --shard {text}: I must be in 0..N-1 (parts are numbered from 0: "
-                         + ", ".join(f"{k}/{n}" for k in range(max(n, 1))) + ")")
-    return i, n
 
 
 # ----------------------------------------------------------------------------- the wiring of teacher, QC and budget
@@ -583,23 +563,12 @@ def step_export(cfg, P):
     turn = promoted(P).turn
     T = P.turn(turn)
     result = export_student(P, T, turn, load_manifest(P), prep_sharpens(P, not cfg["no_sharpen"]))
-    log.info("export: ONNX max |dp| %.2e, agreement %.3f; TorchScript max |dp| %.2e, agreement %.3f on %d test "
-             "images -> %s, %s, %s", result["onnx"]["max_abs_diff"], result["onnx"]["agreement"],
-             result["torchscript"]["max_abs_diff"], result["torchscript"]["agreement"], result["n_images"], P.onnx,
-             P.ts, P.export)
-    r = result["raw_input"]
-    log.info("export: on raw %dx%d copies of those images, the graph agrees with the student on prep's JPEGs of them "
-             "for %.1f%% (max |dp| %.3f, mean %.4f)", *r["size_wh"], 100 * r["agreement"], r["max_abs_diff"],
-             r["mean_abs_diff"])
     trained = read_csv(T.train_rows)
     ood = fit_ood([P.out / r["path"] for r in trained if r["split"] == "train"],
                   [P.out / r["path"] for r in trained if r["split"] == "val"], cfg["seed"])
     ood.save(P.ood)
     result["ood"] = {"path": str(P.ood), "bank": len(ood.bank), "threshold": ood.threshold, "quantile": ood.val_quantile}
     write_json(P.export, result)
-    log.info("export: serving sends an upload to a person when it is under %d px, or further than %.1f grey levels "
-             "from all %d training thumbnails (the %gth percentile of validation) -> %s", MIN_SIDE, ood.threshold,
-             len(ood.bank), 100 * ood.val_quantile, P.ood)
     check_export(result, P.export)
     return result
 
@@ -617,16 +586,9 @@ def step_serve(cfg, P):
     -> production/, escalations.jsonl (split production), human_review.csv"""
     turn = promoted(P).turn
     best = load_student(P.need(P.turn(turn).best, "train"))
-    exported = read_json(P.need(P.export, "export"))
-    if exported.get("turn", 0) != turn:
-        raise SystemExit(f"error: {P.onnx} holds turn {exported.get('turn', 0)}'s student but turn {turn} is promoted; "
-                         f"run `uv run cifar_distill.py --step export --out_dir {P.out}` first")
+    session = serving_session(P, turn, cfg["num_threads"])
     th = fit_tau(best, cfg["tau"], cfg["escalation_budget"], cfg["target_precision"])
     manifest = load_manifest(P)
-    session = ort_session(P.onnx, threads=cfg["num_threads"], spin=False)
-    if [i.name for i in session.get_inputs()] != ["image"]:
-        raise SystemExit(f"error: {P.onnx} was exported before the graph took raw uint8 images; rerun "
-                         f"`uv run cifar_distill.py --step export --out_dir {P.out}`")
     ood = OODModel.load(P.ood) if P.ood.exists() else None
     if ood is None:
         log.warning("serve: no %s (exported before it existed): only degenerate sizes are caught as unlike training; "
@@ -649,9 +611,9 @@ def step_serve(cfg, P):
 STEP_FUNCTIONS = {"prep": step_prep, "label": step_label, "train": step_train, "eval": step_eval,
                   "cascade": step_cascade, "flywheel": step_flywheel, "export": step_export, "report": step_report,
                   "serve": step_serve, "merge": step_merge}
-# the package's errors that have their own exit code (README's table); any other FlywheelError exits 1
-EXIT_CODES = {FatalTeacherError: EXIT_TEACHER_FATAL, GoldGateError: EXIT_GOLD_GATE, BudgetStop: EXIT_BUDGET,
-              cli.UsageError: cli.EXIT_USAGE}
+# the package's errors that have their own exit code (README's table); any other FlywheelError (a bad flag
+# value among them: cli.UsageError) exits 1
+EXIT_CODES = {FatalTeacherError: EXIT_TEACHER_FATAL, GoldGateError: EXIT_GOLD_GATE, BudgetStop: EXIT_BUDGET}
 
 
 def main(argv=None):

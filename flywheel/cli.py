@@ -81,3 +81,23 @@ def build_parser(groups: dict, start_here: list, choices: dict, description: str
 def parse(parser, argv=None):
     """parse_args; a usage error is raised as UsageError (the script prints it and exits EXIT_USAGE)."""
     return parser.parse_args(argv)
+
+
+def parse_shard(text):
+    """--shard 'I/N' -> (I, N) with 0 <= I < N.
+
+    >>> parse_shard("1/4")
+    (1, 4)
+    >>> parse_shard("4/4")
+    Traceback (most recent call last):
+    ...
+    flywheel.cli.UsageError: --shard 4/4: I must be in 0..N-1 (parts are numbered from 0: 0/4, 1/4, 2/4, 3/4)
+    """
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text}: expected I/N, e.g. 0/2 and 1/2 for two machines") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text}: I must be in 0..N-1 (parts are numbered from 0: "
+                         + ", ".join(f"{k}/{n}" for k in range(max(n, 1))) + ")")
+    return i, n

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flywheel.calibrate import softmax
+from flywheel.io import read_json
 from flywheel.run import heldout_rows
 from flywheel.student import (IMAGENET_MEAN, IMAGENET_STD, Centre, Normalize, decode_rgb, fold_normalisation,
                               load_student, model_from_checkpoint, normalize)
@@ -293,7 +294,28 @@ def export_student(P, T, turn, manifest, sharpen) -> dict:
                         "agreement": float((outs[name].argmax(1) == ref.argmax(1)).mean()),
                         "bytes": path.stat().st_size}
     result["raw_input"] = prep_consistency(student, session, files, size, sharpen)
+    log.info("export: ONNX max |dp| %.2e, agreement %.3f; TorchScript max |dp| %.2e, agreement %.3f on %d test "
+             "images -> %s, %s", result["onnx"]["max_abs_diff"], result["onnx"]["agreement"],
+             result["torchscript"]["max_abs_diff"], result["torchscript"]["agreement"], len(rows), P.onnx, P.ts)
+    r = result["raw_input"]
+    log.info("export: on raw %dx%d copies of those images, the graph agrees with the student on prep's JPEGs of them "
+             "for %.1f%% (max |dp| %.3f, mean %.4f)", *r["size_wh"], 100 * r["agreement"], r["max_abs_diff"],
+             r["mean_abs_diff"])
     return result
+
+
+def serving_session(P, turn, threads):
+    """An ONNX Runtime session on the exported graph, checked to hold turn `turn`'s student and to take raw
+    uint8 images (an older export took normalised floats)."""
+    exported = read_json(P.need(P.export, "export"))
+    if exported.get("turn", 0) != turn:
+        raise ExportError(f"{P.onnx} holds turn {exported.get('turn', 0)}'s student but turn {turn} is promoted; "
+                          f"run `uv run cifar_distill.py --step export --out_dir {P.out}` first")
+    session = ort_session(P.onnx, threads=threads, spin=False)
+    if [i.name for i in session.get_inputs()] != ["image"]:
+        raise ExportError(f"{P.onnx} was exported before the graph took raw uint8 images; rerun "
+                          f"`uv run cifar_distill.py --step export --out_dir {P.out}`")
+    return session
 
 
 def check_export(result, where):

@@ -8,9 +8,12 @@ scene of another kind, other colours), not a photo of an unseen class that looks
 threshold is a quantile of held-out validation images' distances, so about 1 - OOD_QUANTILE of genuine
 images go to a person too.
 """
+import logging
 from typing import NamedTuple
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MIN_SIDE = 8          # px: a smaller upload carries too little for the student to read
 MAX_ASPECT = 6.0      # longer side / shorter side: a banner or a strip, not a photo of one object
@@ -85,4 +88,8 @@ def fit_ood(train_files, val_files, seed=0, q=OOD_QUANTILE) -> OODModel:
     bank = pixel_features([train_files[i] for i in keep], desc="ood: training thumbnails")
     val = pixel_features(val_files, desc="ood: validation thumbnails")
     d = nearest_distance(val, bank) if len(val) else np.zeros(1)
-    return OODModel(bank, float(np.quantile(d, q)), q)
+    m = OODModel(bank, float(np.quantile(d, q)), q)
+    log.info("ood: serving sends an upload to a person when it is under %d px, or further than %.1f grey levels "
+             "from all %d training thumbnails (the %gth percentile of validation)", MIN_SIDE, m.threshold,
+             len(m.bank), 100 * m.val_quantile)
+    return m
