@@ -318,36 +318,6 @@ def _as_record(row) -> dict:
     return rec
 
 
-# ----------------------------------------------------------------------------- QC verdicts
-
-def image_verdict(p1, p2, second_needed: bool, conf_thresh: float, p1_invalid=0, p2_invalid=0, pair_thresh=None):
-    """Combine one image's pass records (ok records or None) into (status, label, confidence).
-    A single answer is accepted at confidence >= conf_thresh; an agreeing pair at mean confidence >=
-    pair_thresh (default conf_thresh).
-
-    >>> image_verdict({"label": "a", "confidence": 0.9}, {"label": "a", "confidence": 0.7}, True, 0.7)
-    ('accepted', 'a', 0.8)
-    >>> image_verdict({"label": "a", "confidence": 0.9}, {"label": "b", "confidence": 0.9}, True, 0.7)[0]
-    'disagreed'
-    >>> image_verdict({"label": "a", "confidence": 0.95}, None, False, 0.7)
-    ('accepted', 'a', 0.95)
-    """
-    if p1 is None:
-        return ("invalid" if p1_invalid else "failed"), "", None
-    if second_needed and p2 is None:
-        return ("invalid" if p2_invalid else "failed"), p1["label"], p1["confidence"]
-    if not second_needed:
-        c = float(p1["confidence"])
-        return ("accepted" if c >= conf_thresh else "low_confidence"), p1["label"], c
-    conf = round((float(p1["confidence"]) + float(p2["confidence"])) / 2, 6)
-    if p1["label"] != p2["label"]:
-        # report the more confident pass's label; it is not accepted either way
-        lab = p1["label"] if p1["confidence"] >= p2["confidence"] else p2["label"]
-        return "disagreed", lab, conf
-    pair_thresh = conf_thresh if pair_thresh is None else pair_thresh
-    return ("accepted" if conf >= pair_thresh else "low_confidence"), p1["label"], conf
-
-
 # ----------------------------------------------------------------------------- review CSV round trip
 
 def check_review_columns(rows_or_header, path="review_labels.csv"):
