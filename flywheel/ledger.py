@@ -1,4 +1,4 @@
-"""The append-only JSONL ledger of teacher calls, its index, per-image QC verdicts, and the review CSV round trip.
+"""The append-only JSONL ledger of teacher calls, its index, shard merging, and the review CSV round trip.
 
 One line per finished call, flushed as written (fsynced on close), so `kill -9` loses at most the
 calls in flight. A call is keyed by (image sha256, pass, model, question hash), where the question hash
