@@ -28,7 +28,7 @@ import torch
 
 from flywheel import FlywheelError
 from flywheel.io import write_json
-from flywheel.run import Paths, heldout_rows, load_manifest, prep_sharpens, promoted_artifacts
+from flywheel.run import Paths, Turn, heldout_rows, load_manifest, prep_sharpens, promoted_artifacts
 from flywheel.export import load_images, ort_session
 from flywheel.student import load_student, model_from_checkpoint
 
@@ -222,7 +222,7 @@ def run(a):
         torch.set_num_threads(a.threads)
     P = Paths(a.root)
     art, turn = promoted_artifacts(P.out)
-    best = load_student(art / "best.pt")  # the student that ships
+    best = load_student(Turn(art).best)  # the student that ships
     files = [P.out / r["path"] for r in heldout_rows(load_manifest(P))][:a.max_images]
     if not files:
         raise SystemExit(f"error: no test images in {P.manifest}; rerun --step prep")
@@ -263,7 +263,7 @@ def run(a):
         print(f"{r['backend']:<20}{r['device']:<7}{mo:>22}{ee:>22}"
               f"{r['p50_ms_b1']:>11.2f}{r['p95_ms_b1']:>11.2f}"
               f"{r['speedup_vs_original']:>16.2f}x / {r['e2e_speedup_vs_original']:.2f}x")
-    out = Path(a.json) if a.json else art / "speed.json"  # beside the student it timed: the report and breakeven look there
+    out = Path(a.json) if a.json else Turn(art).speed  # beside the student it timed: the report and breakeven look there
     write_json(out, {"machine": info, "img_size": size, "turn": turn, "results": results})
     print(f"wrote {out}")
     return results

@@ -11,7 +11,6 @@ Everything here is a pure function except `resolve_inputs`, which reads a run's 
 inputs no flag gave, and raises CostInputError naming the flag to pass when neither has one.
 """
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 from flywheel import FlywheelError
@@ -121,17 +120,16 @@ BREAKEVEN_DEFAULTS = dict(root=None, llm_cost=None, llm_calls_per_item=float(LLM
 def resolve_inputs(a):
     """Flags first, then the run's artifacts -> (inputs dict, sources dict). Fails naming the flag.
     `a` has the attributes of BREAKEVEN_DEFAULTS (cost_breakeven.py's flags)."""
-    from flywheel.run import promoted_artifacts
-    art, turn = promoted_artifacts(a.root) if a.root else (None, None)  # the cascade of the student that ships
-    src = {} if turn is None else {"turn": f"turn {turn}, the promoted student ({art})"}
+    from flywheel.run import Paths, promoted
+    P = Paths(a.root) if a.root else None
+    turn = promoted(P).turn if P else None  # the cascade of the student that ships
+    src = {} if turn is None else {"turn": f"turn {turn}, the promoted student ({P.turn(turn).dir})"}
 
-    def art_json(name):
-        if art is None:
-            return None
-        p = (Path(a.root) / name) if name == "label_summary.json" else (art / name)
-        return read_json(p) if p.exists() else None
+    def run_json(path):
+        return read_json(path) if P and path.exists() else None
 
-    ls, cas, speed = art_json("label_summary.json"), art_json("cascade.json"), art_json("speed.json")
+    T = P.turn(turn) if P else None
+    ls, cas, speed = (run_json(P.label_summary), run_json(T.cascade), run_json(T.speed)) if P else (None, None, None)
     per_call = (ls or {}).get("mean_cost_per_call_usd")
     if a.llm_cost is not None:
         llm_cost, src["llm_cost_per_item"] = a.llm_cost, "--llm_cost"

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flywheel.io import read_json  # noqa: E402
+from flywheel.run import Paths, Turn  # noqa: E402
 
 log = logging.getLogger(__name__)
 DPI = 120
@@ -160,18 +161,19 @@ def plot_run(artifacts: Path, flywheel_json: Path = None):
     eval.json is required; cascade.json and the run's flywheel.json (default: artifacts/flywheel.json) are
     drawn when present. Raises FileNotFoundError naming the step that makes a file."""
     art = Path(artifacts)
-    fw = Path(flywheel_json) if flywheel_json else art / "flywheel.json"
-    if not (art / "eval.json").exists():
-        raise FileNotFoundError(f"{art / 'eval.json'} is missing; run `uv run cifar_distill.py --step eval` first")
-    ev = read_json(art / "eval.json")
+    T = Turn(art)
+    fw = Path(flywheel_json) if flywheel_json else Paths(art.parent).flywheel
+    if not T.eval.exists():
+        raise FileNotFoundError(f"{T.eval} is missing; run `uv run cifar_distill.py --step eval` first")
+    ev = read_json(T.eval)
     out = {"confusion_matrix": confusion(ev, art / "confusion_matrix.png"),
            "reliability": reliability(ev, art / "reliability.png"),
            "per_class_f1": per_class_f1(ev, art / "per_class_f1.png")}
     (art / "classification_report.txt").write_text(classification_report_text(ev))
     out["classification_report"] = art / "classification_report.txt"
     missing = []
-    if (art / "cascade.json").exists():
-        out["cascade_tradeoff"] = cascade_tradeoff(read_json(art / "cascade.json"), art / "cascade_tradeoff.png")
+    if T.cascade.exists():
+        out["cascade_tradeoff"] = cascade_tradeoff(read_json(T.cascade), art / "cascade_tradeoff.png")
     else:
         missing.append("cascade_tradeoff.png needs cascade.json: run --step cascade")
     if fw.exists() and len(read_json(fw)["turns"]) > 1:
