@@ -68,7 +68,7 @@ from flywheel.routing import CascadeIO, fit_tau, open_human_rows, route_turn, st
 from flywheel.run import (Paths, fingerprint, item, load_manifest, pool_rows, prep_sharpens,
                           promoted, record_promotion, split_of, step_files, unchanged, write_stamp)
 from flywheel.service import Service, build_app, student_warnings
-from flywheel.student import ARCH, STUDENTS, load_student, pick_device, start_distributed
+from flywheel.student import ARCH, RECIPES, STUDENTS, load_student, pick_device, start_distributed
 from flywheel.teacher import FatalTeacherError, LLMTeacher, OracleTeacher, oracle_model_name
 from flywheel.training import count_by, retrain, train_turn, warn_if_turn0_retrained
 from flywheel.turns import add_turn, earlier_labels, load_turns, turn_entry, write_turn_labels
@@ -137,6 +137,8 @@ OPTION_GROUPS = {
     "train": {
         "student": (str, ARCH, "the student: mobilenet_v3_small (torchvision) | efficientnet_lite0 (timm; its ImageNet "
                                "weights install with the package, so --weights imagenet needs no download)"),
+        "recipe": (str, RECIPES[0], "training recipe: default (augmentation, label smoothing, BatchNorm statistics "
+                                    "recomputed each epoch) | plain (the control: flips only)"),
         "weights": (str, "imagenet", "student init: imagenet (mobilenet_v3_small: torchvision's IMAGENET1K_V1, from torch's "
                                      "cache or downloaded; efficientnet_lite0: installed) | none | path to a checkpoint"),
         "device": (str, "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | mps"),
@@ -185,14 +187,14 @@ START_HERE = ["step", "demo", "out_dir", "dataset", "data_root", "classes", "tea
 CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
            "second_pass": ["fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "relabel_strategy": ["targeted", "random", "margin"],
            "paid_answers": ["on", "off"], "pseudo_labels": ["on", "off"],
-           "retrain": ["best", "continue", "scratch"], "student": list(STUDENTS), "device": ["auto", "cpu", "cuda", "mps"],
+           "retrain": ["best", "continue", "scratch"], "student": list(STUDENTS), "recipe": list(RECIPES), "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 # the flags that shape each step's outputs (the others change only speed, logging or where things go): a rerun
 # with the same ones and the same files does nothing (flywheel.run stamps)
 _ASK = ["classes", "seed", "teacher", "oracle_noise", "llm_base_url", "llm_model", "second_model", "second_pass",
         "conf_thresh", "target_label_precision", "confident_learning", "adaptive_thresh", "audit_frac", "second_temp",
         "max_invalid", "max_usd"]
-_FIT = ["classes", "seed", "student", "weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "measure_noise_cost"]
+_FIT = ["classes", "seed", "student", "recipe", "weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "measure_noise_cost"]
 _ROUTE = ["tau", "target_precision", "escalation_budget", "contest_below", "simulate_human"]
 SHAPED_BY = {"prep": ["dataset", "classes", "max_per_class", "img_size", "no_sharpen"],
              "label": _ASK + ["max_label", "gold_csv", "gold_n", "min_gold_acc"],

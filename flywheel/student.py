@@ -43,6 +43,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BN_MOMENTUM = 0.1
 BN_RECAL_IMAGES = 256  # ~6% of an epoch of 1,350 images at 224px on CPU
 LABEL_SMOOTHING = 0.05
+# --recipe: default (augmentation, label smoothing, BatchNorm statistics recomputed each epoch) | plain (the
+# control: horizontal flips only, no smoothing, BatchNorm as trained)
+RECIPES = ("default", "plain")
 
 
 class StudentError(FlywheelError):
@@ -316,6 +319,14 @@ def augment(x_u8: torch.Tensor, gen: torch.Generator, part=(0, 1)) -> torch.Tens
     return normalize(x.clamp(0, 1) * 255.0)
 
 
+def flip(x_u8: torch.Tensor, gen: torch.Generator, part=(0, 1)) -> torch.Tensor:
+    """The plain recipe's augmentation: a horizontal flip of half the images (numbers drawn as augment draws
+    them, for the whole global batch). uint8 [B, 3, H, W] -> normalised float [B, 3, H, W]."""
+    B, (rank, world) = x_u8.shape[0], part
+    r = torch.rand(B * world, generator=gen)[rank * B:(rank + 1) * B].to(x_u8.device)
+    return normalize(torch.where((r < 0.5).view(B, 1, 1, 1), x_u8.flip(-1), x_u8))
+
+
 def hash_split(keys, labels, val_frac, seed):
     """Indices (train, val): item i is in validation when stable_unit(seed, "val", keys[i]) < val_frac,
     keys being image sha256s. An item's split depends on itself alone, so editing one label or adding
@@ -508,7 +519,8 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
     steps_per_epoch = max(1, len(x_tr) // bs)  # drop the ragged last batch: BN needs >1 sample
     total = cfg["epochs"] * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    crit = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    recipe = cfg.get("recipe", RECIPES[0])
+    crit = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING if recipe == "default" else 0.0)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     model_args = {"arch": arch, "num_classes": len(classes), "img_size": int(x_tr.shape[-1])}
@@ -544,7 +556,7 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
             xb = x_tr[idx]  # one batch gathered from the cache (a tensor or a flywheel.imcache.Images view)
             xb = (xb.pin_memory() if device.type == "cuda" else xb).to(device, non_blocking=True)
             yb = y_tr_t[idx].to(device, non_blocking=True)
-            xb = augment(xb, gen, (rank, world))
+            xb = augment(xb, gen, (rank, world)) if recipe == "default" else flip(xb, gen, (rank, world))
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with amp_context(device):
@@ -565,7 +577,8 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
             loss_sum, correct, seen = _sum_over_ranks([loss_sum, correct, seen])
             _check_ranks_agree(core)
         # every process recalibrates and validates the same way on the same images, so all agree on "improved"
-        recalibrate_bn(core, x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(epoch))[:BN_RECAL_IMAGES]], device)
+        if recipe == "default":
+            recalibrate_bn(core, x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(epoch))[:BN_RECAL_IMAGES]], device)
         val_logits = predict_logits(core, x_va, device, cfg["batch_size"])
         val_acc = float((val_logits.argmax(1) == np.asarray(y_va)).mean()) if len(y_va) else 0.0
         dt = time.time() - t0

@@ -21,7 +21,7 @@ from flywheel.student import (calibrate_checkpoint, dist_world, hash_split, load
 log = logging.getLogger(__name__)
 
 TRAIN_ROW_FIELDS = ["path", "label", "source", "split", "turn"]
-TRAIN_SETTINGS = ("student", "epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights", "img_size", "device")
+TRAIN_SETTINGS = ("student", "recipe", "epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights", "img_size", "device")
 
 
 class LabelsError(FlywheelError):

@@ -221,6 +221,8 @@ class LoopbackTeacher:
                 time.sleep(self.latency_s)
             label = self.truth.get(sha, self.classes[0] if self.classes else "apple")
             conf = self.confidence
+            if isinstance(label, tuple):  # (label, stated confidence) for this image
+                label, conf = label
             if self.profile is not None:
                 return self._profiled(h, body, sha, label, action)
             # wrong answers depend on (seed, image, pass) only, not on the order threads arrive in, so a

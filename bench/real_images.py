@@ -1,0 +1,80 @@
+"""Real images this machine has offline, for benches: Debian's dataset-fashion-mnist restricted to the five
+classes the project may use (trouser, dress, sandal, sneaker, ankle boot; the other five are held back for
+the maintainers' own measurements and are never read), and scikit-learn's digits. And a stand-in teacher
+that errs as a real classifier does: a logistic regression trained on a few held-out images, whose
+predictions (and probabilities, as stated confidence) answer for the images it never saw.
+"""
+import gzip
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_ALLOWED = {1: "trouser", 3: "dress", 5: "sandal", 7: "sneaker", 9: "ankle_boot"}  # label -> class
+
+
+def _idx(path):
+    with gzip.open(path) as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion(split):
+    """-> (uint8 [N, 28, 28] images, [N] class names) of the allowed classes only ("train" or "test")."""
+    prefix = "train" if split == "train" else "t10k"
+    if not (FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz").exists():
+        raise SystemExit(f"error: {FASHION_DIR} is missing; install it with `apt-get install dataset-fashion-mnist`")
+    x, y = _idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz"), _idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+    keep = np.isin(y, list(FASHION_ALLOWED))  # the held-back classes are dropped here, before anything sees them
+    return x[keep], np.array([FASHION_ALLOWED[int(v)] for v in y[keep]])
+
+
+def digits():
+    """-> (uint8 [1797, 8, 8] images on 0-255, [1797] digit names)."""
+    from sklearn.datasets import load_digits
+    from flywheel.data import DIGIT_NAMES
+    d = load_digits()
+    return np.round(d.images * 255 / 16).astype(np.uint8), np.array([DIGIT_NAMES[t] for t in d.target])
+
+
+def sample(x, y, per_class, rng, exclude=()):
+    """Indices: per_class of each class, drawn with rng, none from exclude."""
+    out = []
+    for c in sorted(set(y)):
+        idx = np.setdiff1d(np.flatnonzero(y == c), np.asarray(list(exclude), dtype=int))
+        out += rng.choice(idx, min(per_class, len(idx)), replace=False).tolist()
+    return np.array(sorted(out))
+
+
+def write_folder(root, parts):
+    """parts: {split: (images uint8 [N, h, w], names [N], ids [N])} -> root/<split>/<class>/<id>.png (RGB)."""
+    for split, (x, names, ids) in parts.items():
+        for img, c, i in zip(x, names, ids):
+            dst = Path(root) / split / c / f"{i:06d}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            Image.fromarray(img).convert("RGB").save(buf, format="PNG")
+            dst.write_bytes(buf.getvalue())
+
+
+class ClassifierTeacher:
+    """A stand-in teacher (SIMULATED) whose errors are a real classifier's: logistic regression on the pixels
+    of fit_x (held-out images, never labeled by the bench), answering each image with its prediction and
+    stated confidence = its probability for that answer."""
+
+    def __init__(self, fit_x, fit_y, seed=0):
+        from sklearn.linear_model import LogisticRegression
+        self.model = LogisticRegression(C=0.05, max_iter=2000, random_state=seed).fit(self._f(fit_x), fit_y)
+
+    @staticmethod
+    def _f(x):
+        return x.reshape(len(x), -1).astype(np.float32) / 255
+
+    def answer(self, x):
+        """-> [(label, confidence)] for images x."""
+        p = self.model.predict_proba(self._f(x))
+        return [(str(self.model.classes_[k]), round(float(p[i, k]), 4)) for i, k in enumerate(p.argmax(1))]

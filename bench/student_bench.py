@@ -1,0 +1,140 @@
+"""The student on real images: from scratch (MobileNetV3-Small, --weights none) against pretrained
+(EfficientNet-Lite0, --weights imagenet, installed with the package), the plain recipe against the default
+one, with 300 and 1,500 labels asked, each trained on the stand-in teacher's labels and, with
+--measure_noise_cost, on the ground truth of the same images (the noise cost). Runs the real pipeline
+(prep at --img_size, label through the loopback server on 127.0.0.1 with the project's default QC, train,
+eval); no network.
+
+Real images: Debian's dataset-fashion-mnist restricted to trouser, dress, sandal, sneaker and ankle boot
+(the other five classes are never read), or scikit-learn's digits. The teacher is SIMULATED and errs as a
+real classifier does: a logistic regression fitted on --teacher_fit held-out images per class answers each
+image with its prediction, stating its probability as confidence (bench/real_images.py).
+
+    uv run python bench/student_bench.py                                  # fashion, 300 and 1,500 labels, 3 seeds
+    uv run python bench/student_bench.py --dataset digits --labels 300 --seeds 3
+    uv run python bench/student_bench.py --labels 300 --seeds 1 --arms scratch/default,pretrained/default
+
+Prints test accuracy on teacher labels and on ground truth (mean ± std over seeds), the noise cost and the
+training time per arm.
+"""
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+from common import mean_std, quiet_offline_workdir  # noqa: E402
+from fakes import run_cli  # noqa: E402
+from flywheel.io import read_csv, read_json  # noqa: E402
+from loopback import LoopbackTeacher  # noqa: E402
+from real_images import ClassifierTeacher, digits, fashion, sample, write_folder  # noqa: E402
+
+INITS = {"scratch": ["--student", "mobilenet_v3_small", "--weights", "none"],
+         "pretrained": ["--student", "efficientnet_lite0", "--weights", "imagenet"]}
+RECIPES = ("default", "plain")
+
+
+def make_data(d, a, seed):
+    """The bench's image folder (train: a.train_per_class, test: a.test_per_class per class) and the stand-in
+    teacher's answers {file name: (label, confidence)}, fitted on a.teacher_fit other images per class."""
+    rng = np.random.default_rng(seed)
+    if a.dataset == "fashion":
+        x, y = fashion("train")
+        xt, yt = fashion("test")
+        te = sample(xt, yt, a.test_per_class, rng)
+        test = (xt[te], yt[te], 100000 + te)
+    else:
+        x, y = digits()
+        te = sample(x, y, a.test_per_class, rng)
+        test = (x[te], y[te], te)
+    fit = sample(x, y, a.teacher_fit, rng, exclude=te if a.dataset == "digits" else ())
+    tr = sample(x, y, a.train_per_class, rng, exclude=np.concatenate([fit, te if a.dataset == "digits" else []]))
+    write_folder(d / "data", {"train": (x[tr], y[tr], tr), "test": test})
+    teacher = ClassifierTeacher(x[fit], y[fit], seed)
+    answers = dict(zip((f"{i:06d}.png" for i in tr), teacher.answer(x[tr])))
+    acc = float(np.mean([answers[f"{i:06d}.png"][0] == c for i, c in zip(tr, y[tr])]))
+    return answers, acc
+
+
+def one_seed(tmp, a, seed):
+    d = tmp / f"seed{seed}"
+    answers, teacher_acc = make_data(d, a, seed)
+    base = d / "base"
+    run_cli("--step", "prep", "--dataset", "folder", "--data_root", d / "data", "--out_dir", base, "--img_size", a.img_size,
+            "--seed", seed, "--log_level", "WARNING")
+    by_sha = {r["sha256"]: answers[r["source_index"]] for r in read_csv(base / "manifest.csv") if r["split"] == "train"}
+    out = {"teacher_acc": teacher_acc}
+    for n in a.labels:
+        lab = d / f"labels{n}"
+        shutil.copytree(base, lab)
+        with LoopbackTeacher(by_sha, sorted({v[0] for v in answers.values()})) as srv:
+            run_cli("--step", "label", "--out_dir", lab, "--data_root", d / "data", "--llm_base_url", srv.url + "/v1",
+                    "--llm_model", "sim/classifier", "--max_label", n, "--seed", seed, "--log_level", "WARNING")
+        ls = read_json(lab / "label_summary.json")
+        for arm in a.arms:
+            init, recipe = arm.split("/")
+            run = d / f"{n}_{init}_{recipe}"
+            shutil.copytree(lab, run)
+            t0 = time.time()
+            run_cli("--step", "train", "--out_dir", run, *INITS[init], "--recipe", recipe, "--epochs",
+                    a.epochs if init == "scratch" else a.pretrained_epochs, "--batch_size", a.batch_size,
+                    "--measure_noise_cost", "--seed", seed, "--log_level", "WARNING")
+            secs = (time.time() - t0) / 2  # the run trains twice: on teacher labels and on the ground truth
+            run_cli("--step", "eval", "--out_dir", run, "--log_level", "WARNING")
+            ev = read_json(run / "artifacts" / "eval.json")
+            out[(n, arm)] = {"acc": ev["accuracy"], "gt": ev["noise_cost"]["ground_truth_twin_accuracy"],
+                             "cost": ev["noise_cost"]["noise_cost_pts"], "secs": secs,
+                             "label_acc": ls["teacher_accuracy"], "accepted": ls["accepted"]}
+            shutil.rmtree(run / "cache", ignore_errors=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=["fashion", "digits"], default="fashion", help="real images (default: fashion)")
+    p.add_argument("--labels", default="300,1500", help="label budgets, comma-separated (default: 300,1500)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds: data draw, teacher and training (default: 3)")
+    p.add_argument("--arms", default=",".join(f"{i}/{r}" for i in INITS for r in RECIPES),
+                   help="init/recipe pairs (default: every init with every recipe)")
+    p.add_argument("--img_size", type=int, default=96, help="prep's image side in px (default: 96)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs from scratch (default: 20)")
+    p.add_argument("--pretrained_epochs", type=int, default=6, help="epochs for the pretrained student (default: 6)")
+    p.add_argument("--batch_size", type=int, default=64, help="training batch size (default: 64)")
+    p.add_argument("--train_per_class", type=int, default=400, help="training images per class (default: 400)")
+    p.add_argument("--test_per_class", type=int, default=200, help="test images per class (default: 200)")
+    p.add_argument("--teacher_fit", type=int, default=12,
+                   help="held-out images per class the stand-in teacher is fitted on (default: 12)")
+    a = p.parse_args(argv)
+    a.labels = [int(v) for v in a.labels.split(",")]
+    a.arms = a.arms.split(",")
+    bad = [arm for arm in a.arms if arm.count("/") != 1 or arm.split("/")[0] not in INITS or arm.split("/")[1] not in RECIPES]
+    if bad:
+        raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe with init in {list(INITS)} and recipe in {list(RECIPES)}")
+    tmp = quiet_offline_workdir("student_bench_")
+    t0 = time.time()
+    try:
+        seeds = [one_seed(tmp, a, s) for s in range(a.seeds)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{a.dataset} ({'5 allowed Fashion-MNIST classes' if a.dataset == 'fashion' else 'digits'}), {a.img_size}px, "
+          f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher: logistic "
+          f"regression on {a.teacher_fit} held-out images/class, raw accuracy {mean_std([s['teacher_acc'] for s in seeds], 100)}%; "
+          f"{a.seeds} seed(s), mean ± std; {time.time() - t0:.0f}s")
+    print(f"{'labels':>6}  {'arm':<20} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
+          f"{'noise cost':>11} {'train s':>9}")
+    for n in a.labels:
+        for arm in a.arms:
+            r = [s[(n, arm)] for s in seeds]
+            print(f"{n:>6}  {arm:<20} {mean_std([x['accepted'] for x in r], nd=0):>9} "
+                  f"{mean_std([x['label_acc'] for x in r], 100):>12} {mean_std([x['acc'] for x in r], 100):>12} "
+                  f"{mean_std([x['gt'] for x in r], 100):>12} {mean_std([x['cost'] for x in r]):>11} "
+                  f"{mean_std([x['secs'] for x in r], nd=0):>9}")
+
+
+if __name__ == "__main__":
+    main()
