@@ -43,9 +43,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BN_MOMENTUM = 0.1
 BN_RECAL_IMAGES = 256  # ~6% of an epoch of 1,350 images at 224px on CPU
 LABEL_SMOOTHING = 0.05
-# --recipe: default (augmentation, label smoothing, BatchNorm statistics recomputed each epoch) | plain (the
-# control: horizontal flips only, no smoothing, BatchNorm as trained)
-RECIPES = ("default", "plain")
+# --recipe: augment (augmentation, label smoothing, BatchNorm statistics recomputed each epoch) | lpft (a linear
+# probe on the frozen backbone first, then augment's fine-tuning with the backbone at LPFT_BACKBONE_LR of the
+# learning rate) | plain (the control: horizontal flips only, no smoothing, BatchNorm as trained) | auto
+# (lpft from ImageNet weights, augment otherwise)
+RECIPES = ("auto", "augment", "lpft", "plain")
+LPFT_BACKBONE_LR = 0.1
+PROBE_STEPS = 300        # full-batch Adam steps of the linear probe on the frozen features
+PROBE_WEIGHT_DECAY = 1e-3
 
 
 class StudentError(FlywheelError):
@@ -169,16 +174,56 @@ def map_lite0_keys(theirs: dict, ours: dict) -> dict:
     return {b: x for x, b in zip(theirs.values(), ours)}
 
 
+def resolve_recipe(recipe, init_weights) -> str:
+    """auto -> lpft from ImageNet weights, augment from scratch or a checkpoint.
+
+    >>> resolve_recipe("auto", "imagenet"), resolve_recipe("auto", "none"), resolve_recipe("plain", "imagenet")
+    ('lpft', 'augment', 'plain')
+    """
+    if recipe == "auto":
+        return "lpft" if str(init_weights) == "imagenet" else "augment"
+    return recipe
+
+
+def head(model: nn.Module) -> nn.Linear:
+    """The student's last layer: the linear map from features() to class scores."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def linear_probe(model, x_u8, y, device, batch_size, seed):
+    """Fit head(model) alone on the frozen backbone's features of the un-augmented training images
+    (full-batch Adam, cross-entropy with weight decay), so fine-tuning starts from a head that already
+    fits and the backbone's features are not torn up by a random one."""
+    model.eval()
+    with torch.no_grad():
+        f = torch.cat([features(model, normalize(x_u8[i:i + batch_size].to(device))).float().cpu()
+                       for i in range(0, len(x_u8), batch_size)])
+    y = torch.as_tensor(np.asarray(y))
+    torch.manual_seed(seed)
+    lin = nn.Linear(f.shape[1], head(model).out_features)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=PROBE_WEIGHT_DECAY)
+    for _ in range(PROBE_STEPS):
+        opt.zero_grad()
+        F.cross_entropy(lin(f), y).backward()
+        opt.step()
+    acc = float((lin(f).argmax(1) == y).float().mean())
+    with torch.no_grad():
+        head(model).weight.copy_(lin.weight.to(head(model).weight.device))
+        head(model).bias.copy_(lin.bias.to(head(model).bias.device))
+    log.info("linear probe: head fitted on %d frozen feature vectors (%d-d), training accuracy %.3f", len(f), f.shape[1], acc)
+
+
 def num_outputs(model: nn.Module) -> int:
     """The number of classes the head scores."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    return head(model).out_features
 
 
 def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The backbone's pooled features [B, D] of normalised images x [B, 3, H, W]: what the head sees."""
+    """The features [B, D] of normalised images x [B, 3, H, W] that head(model) maps to class scores:
+    Lite0's pooled 1280, MobileNetV3's 1024 after its hidden layer."""
     if hasattr(model, "forward_head"):  # timm
         return model.forward_head(model.forward_features(x), pre_logits=True)
-    return torch.flatten(model.avgpool(model.features(x)), 1)
+    return model.classifier[:-1](torch.flatten(model.avgpool(model.features(x)), 1))
 
 
 # ----------------------------------------------------------------------------- data
@@ -515,12 +560,18 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
             core = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # on CPU (gloo) SyncBatchNorm is unsupported: each process normalises over its own slice
         model = DistributedDataParallel(core, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(core.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    recipe = resolve_recipe(cfg.get("recipe", "auto"), init_weights)
+    if recipe == "lpft" and not resume:
+        linear_probe(core, x_tr, y_tr, device, cfg["batch_size"], cfg["seed"])
+    head_params = set(map(id, head(core).parameters()))
+    backbone = [p for p in core.parameters() if id(p) not in head_params]
+    opt = torch.optim.AdamW([{"params": backbone, "lr": cfg["lr"] * (LPFT_BACKBONE_LR if recipe == "lpft" else 1.0)},
+                             {"params": list(head(core).parameters()), "lr": cfg["lr"]}],
+                            lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     steps_per_epoch = max(1, len(x_tr) // bs)  # drop the ragged last batch: BN needs >1 sample
     total = cfg["epochs"] * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    recipe = cfg.get("recipe", RECIPES[0])
-    crit = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING if recipe == "default" else 0.0)
+    crit = nn.CrossEntropyLoss(label_smoothing=0.0 if recipe == "plain" else LABEL_SMOOTHING)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     model_args = {"arch": arch, "num_classes": len(classes), "img_size": int(x_tr.shape[-1])}
@@ -556,7 +607,7 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
             xb = x_tr[idx]  # one batch gathered from the cache (a tensor or a flywheel.imcache.Images view)
             xb = (xb.pin_memory() if device.type == "cuda" else xb).to(device, non_blocking=True)
             yb = y_tr_t[idx].to(device, non_blocking=True)
-            xb = augment(xb, gen, (rank, world)) if recipe == "default" else flip(xb, gen, (rank, world))
+            xb = flip(xb, gen, (rank, world)) if recipe == "plain" else augment(xb, gen, (rank, world))
             if device.type == "cuda":
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with amp_context(device):
@@ -577,7 +628,7 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
             loss_sum, correct, seen = _sum_over_ranks([loss_sum, correct, seen])
             _check_ranks_agree(core)
         # every process recalibrates and validates the same way on the same images, so all agree on "improved"
-        if recipe == "default":
+        if recipe != "plain":
             recalibrate_bn(core, x_tr[torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(epoch))[:BN_RECAL_IMAGES]], device)
         val_logits = predict_logits(core, x_va, device, cfg["batch_size"])
         val_acc = float((val_logits.argmax(1) == np.asarray(y_va)).mean()) if len(y_va) else 0.0

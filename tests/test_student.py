@@ -75,6 +75,8 @@ def test_imagenet_weights_unreachable_names_the_fix(monkeypatch):
     def offline(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(mv3.MobileNet_V3_Small_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    monkeypatch.setattr(S, "reachable", lambda url: True)  # the host answers, the download still fails
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home")  # and nothing is cached
     with pytest.raises(S.WeightsError) as e:
         S.build_model(5, "imagenet")
     assert "--weights none" in str(e.value) and "checkpoints" in str(e.value) and "no network" in str(e.value)
