@@ -1,14 +1,20 @@
 """A run's images as the student reads them (the memory-mapped cache, one batch at a time) and the
 student's calibrated probabilities on them: what eval, the cascade and training share."""
+import functools
 import time
 from typing import NamedTuple
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from flywheel.calibrate import softmax
 from flywheel.imcache import ImageCache
 from flywheel.io import read_csv
-from flywheel.student import decode_images, model_from_checkpoint, predict_logits
+from flywheel.student import decode_images, decode_jpeg, features, lite0, model_from_checkpoint, normalize, predict_logits
+
+EMBED_SIZE = 96       # px: images are resized to this side before the backbone embeds them
+EMBED_BATCH = 64
 
 
 class Predictions(NamedTuple):
@@ -45,3 +51,21 @@ def student_probs(P, rows, best, device, desc) -> Predictions:
     logits = predict_logits(model, x, device, best["config"]["batch_size"], desc=desc)
     ms = (time.perf_counter() - t0) * 1000 / max(len(rows), 1)
     return Predictions(softmax(logits, best["temperature"]), logits, ms, x)
+
+
+@functools.lru_cache(maxsize=1)
+def _embedder():
+    return lite0(imagenet=True).eval()
+
+
+def embed_files(files, size=EMBED_SIZE, batch=EMBED_BATCH, desc="held-out model: embeddings") -> np.ndarray:
+    """float32 [N, 1280]: the ImageNet-pretrained EfficientNet-Lite0 backbone's pooled features of each image
+    (resized to size x size), installed with the package: no network."""
+    model, out = _embedder(), []
+    files = list(files)
+    for s in tqdm(range(0, len(files), batch), desc=desc, unit="batch", leave=False):
+        x = torch.stack([decode_jpeg(f) for f in files[s:s + batch]]).float()
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        with torch.no_grad():
+            out.append(features(model, normalize(x)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1280), np.float32)

@@ -454,13 +454,16 @@ def fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget):
     """The fitted rule: with --confident_learning on, every first answer is asked first, so the held-out
     model can judge each label before any second call; then threshold and flag cut are fitted on gold
     and set on qc (flagged labels listed in label_flags.csv). -> QCRule."""
-    scores = None
+    judged = None
     if cfg["confident_learning"] == "on":
         label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label (first answers)",
                     first_only=True)
-        scores = held_out_scores(cfg["classes"], cfg["seed"], items, teacher, ledger, qc)
+        judged = held_out_scores(cfg["classes"], cfg["seed"], items, teacher, ledger, qc, gold)
+    scores = judged.scores if judged else None
     rule = fit_rule(gold_pins(gitems, gold, teacher, ledger, qc, scores), cfg["target_label_precision"],
                     flag_cuts(scores))
+    if judged and rule.student is not None:
+        rule.student.update(representation=judged.representation, auroc_by_representation=judged.auroc)
     qc.threshold = rule.threshold
     # gold pins are judged by both answers (and a person's label), so they are never listed as flagged
     qc.flagged = write_flags(P.label_flags, {sha: h for sha, h in (scores or {}).items() if sha not in qc.always_second},

@@ -45,6 +45,7 @@ CL_MIN_ITEMS, CL_FOLDS, CL_PIXELS = 50, 5, 12  # fewest first answers to train o
 CL_MAX_TRAIN = 20_000  # each fold's model trains on at most this many items (a sample): heap and time stay flat
 CL_CHUNK = 8192        # items scored at once
 TIE_BREAK = 1e-4  # stated confidences come with <= 3 decimals: the hash only orders equal ones
+REPRESENTATIONS = ("pixels", "embeddings")  # how the held-out model reads an image, cheaper first
 CONF_AUROC_MIN = 0.6  # below this, stated confidence is treated as uninformative (verbalised-confidence literature: ~0.55-0.6)
 Z95 = 1.959964
 
@@ -338,22 +339,54 @@ def gold_pins(gitems, gold, teacher, ledger, qc, scores=None):
     return out
 
 
-def held_out_scores(classes, seed, items, teacher, ledger, qc):
-    """The student's out-of-sample disagreement: a logistic regression on 12x12 pixels, trained in folds on
-    the teacher's first answers, judges each label without having seen it. Gold items' labels here are first
-    answers too, so judging the score on gold stays honest.
-    -> {sha256: HeldOut}, or None when there are too few first answers to train on."""
+class Judged(NamedTuple):
+    """The held-out model's judgement of every first answer, and which image representation made it."""
+    scores: dict          # {sha256: HeldOut}
+    representation: str   # pixels (12x12 thumbnails) | embeddings (the pretrained backbone's features)
+    auroc: dict           # {representation: AUROC on gold of p_label for "first answer right"} for each tried
+
+
+def held_out_scores(classes, seed, items, teacher, ledger, qc, gold=None, representations=REPRESENTATIONS):
+    """The student's out-of-sample disagreement: a logistic regression, trained in folds on the teacher's
+    first answers, judges each label without having seen it. It reads each image as 12x12 pixels and, when
+    the pretrained backbone is installed, as its ImageNet embeddings; gold ({path: label}) picks the one
+    whose scores separate right first answers from wrong ones better (pixels on a tie: the cheaper). Gold
+    items' labels here are first answers too, so judging the score on gold stays honest.
+    -> Judged, or None when there are too few first answers to train on."""
     got = [(it, rec) for it in items if (rec := ledger.ok(qc.call(it["sha256"], 1, teacher.model).key)) is not None]
     y = np.array([classes.index(rec["label"]) for _, rec in got])
     if len(got) < CL_MIN_ITEMS or len(set(y.tolist())) < 2:
         log.info("held-out model skipped: %d first answers (needs >= %d in 2+ classes)", len(got), CL_MIN_ITEMS)
         return None
-    t0 = time.time()
-    probs = out_of_fold_probs(pixel_features([it["file"] for it, _ in got]), y, len(classes), seed=seed)
-    log.info("held-out model: %d folds on %d first answers in %.1fs", CL_FOLDS, len(got), time.time() - t0)
-    return {it["sha256"]: HeldOut(it["path"], rec["label"], round(float(pr[k]), 6), classes[int(pr.argmax())],
-                                  round(float(pr.max()), 6))
-            for (it, rec), pr, k in zip(got, probs, y)}
+    tried, aurocs = {}, {}
+    for rep in representations:
+        t0 = time.time()
+        x = represent(rep, [it["file"] for it, _ in got])
+        if x is None:
+            continue
+        probs = out_of_fold_probs(x, y, len(classes), seed=seed)
+        tried[rep] = {it["sha256"]: HeldOut(it["path"], rec["label"], round(float(pr[k]), 6), classes[int(pr.argmax())],
+                                            round(float(pr.max()), 6))
+                      for (it, rec), pr, k in zip(got, probs, y)}
+        on_gold = [(h.p_label, h.llm_label == gold[h.path]) for h in tried[rep].values() if gold and h.path in gold]
+        aurocs[rep] = auroc([a for a, _ in on_gold], [b for _, b in on_gold])
+        log.info("held-out model on %s: %d folds on %d first answers in %.1fs; AUROC on gold %s", rep, CL_FOLDS,
+                 len(got), time.time() - t0, "n/a" if aurocs[rep] is None else f"{aurocs[rep]:.3f}")
+    best = max(tried, key=lambda r: (aurocs[r] or 0.0, -list(tried).index(r)))
+    return Judged(tried[best], best, aurocs)
+
+
+def represent(rep, files):
+    """Images as the held-out model reads them: uint8 thumbnails (pixels) or float embeddings; None when the
+    representation is not available here."""
+    if rep == "pixels":
+        return pixel_features(files)
+    from flywheel.inference import embed_files  # torch and the backbone: only when embeddings are asked for
+    try:
+        return embed_files(files)
+    except ImportError as e:  # no pretrained backbone installed
+        log.info("held-out model: no embeddings (%s); pixels only", e)
+        return None
 
 
 def flag_cuts(scores):

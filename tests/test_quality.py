@@ -205,3 +205,26 @@ def test_label_step_flags_what_the_held_out_model_contradicts(tmp_path, monkeypa
     last_first = max(i for i, (pu, pa) in enumerate(purposes) if pu == "label" and pa == 1)
     first_second = min((i for i, (pu, pa) in enumerate(purposes) if pu == "label" and pa == 2), default=len(recs))
     assert last_first < first_second
+
+
+def test_held_out_model_reads_images_the_way_gold_says_separates_better(monkeypatch):
+    """Two representations built on purpose: one carries each image's true class, the other is noise. Gold
+    picks the informative one whichever order they come in (the cheaper wins only a tie)."""
+    import numpy as np
+    from types import SimpleNamespace
+    from flywheel import quality as Q
+    rng = np.random.default_rng(0)
+    n, classes = 200, ["a", "b"]
+    truth = rng.integers(0, 2, n)
+    first = np.where(rng.random(n) < 0.2, 1 - truth, truth)  # the teacher's first answers: 20% wrong
+    items = [{"path": f"p{i}", "file": f"f{i}", "sha256": f"s{i}"} for i in range(n)]
+    answers = {f"s{i}": {"label": classes[first[i]]} for i in range(n)}
+    ledger = SimpleNamespace(ok=lambda key: answers.get(key))
+    qc = SimpleNamespace(call=lambda sha, p, model: SimpleNamespace(key=sha))
+    informative = np.eye(2)[truth] * 3 + rng.normal(0, 0.3, (n, 2))
+    noise = rng.normal(0, 1, (n, 2))
+    gold = {f"p{i}": classes[truth[i]] for i in range(60)}
+    for good in ("pixels", "embeddings"):
+        monkeypatch.setattr(Q, "represent", lambda rep, files: informative if rep == good else noise)
+        j = Q.held_out_scores(classes, 0, items, SimpleNamespace(model="m"), ledger, qc, gold)
+        assert j.representation == good and j.auroc[good] > 0.9 > j.auroc[{"pixels": "embeddings", "embeddings": "pixels"}[good]]
