@@ -3,6 +3,7 @@
     uv run simple_speed_test.py                                   # ONNX Runtime (the CPU deploy path) vs torch eager
     uv run simple_speed_test.py --backend all --threads 2         # every backend
     uv run simple_speed_test.py --backend all --compare_devices   # every backend on every available device
+    uv run simple_speed_test.py --other_student                   # the other student beside it (torch, ONNX Runtime)
 
 Two figures per backend and device:
   model-only  images/s at --batch_size on images already decoded in memory;
@@ -13,6 +14,9 @@ uint8 pixels in, the resize, sharpening and normalisation inside, so its model-o
 preprocessing the original path does outside the model.
 Warm-up runs come first; CUDA is synchronised around every timing. The speed-up column is against
 torch eager on the same device, measured in the same run (torch eager always runs as the baseline).
+--other_student also times the other architecture (MobileNetV3-Small or EfficientNet-Lite0) through the same
+serving graph, at the same size, with random weights: speed does not depend on the weights, and its rows
+say "student" and "speed only" so nothing reads them as the run's student.
 Writes --json (default ROOT/artifacts/speed.json), which cost_breakeven.py and the report read.
 """
 import argparse
@@ -30,7 +34,7 @@ from flywheel import FlywheelError
 from flywheel.io import write_json
 from flywheel.run import Paths, Turn, heldout_rows, load_manifest, prep_sharpens, promoted_artifacts
 from flywheel.export import load_images, ort_session
-from flywheel.student import load_student, model_from_checkpoint
+from flywheel.student import ARCH, STUDENTS, build_model, load_student, model_from_checkpoint
 
 BACKENDS = ["original", "torch", "torch_channels_last", "torchscript", "onnxruntime"]
 # "original": the original tool's serving path, the baseline every speed-up is quoted against: per image
@@ -82,6 +86,25 @@ def make_runner(backend, device, P, best, threads, sharpen):
     def run(x):
         return m(torch.from_numpy(x).to(dev, non_blocking=True)).float().cpu().numpy()
     return run
+
+
+def other_student_runners(best, arch, device, threads, sharpen):
+    """{backend: fn} for architecture `arch` with random weights, through the serving graph the run exports
+    (same classes, size and sharpening): torch eager and, on CPU, ONNX Runtime."""
+    import tempfile
+    from flywheel.export import export_onnx, serving_graph
+    size = best["model_args"]["img_size"]
+    graph = serving_graph(build_model(len(best["classes"]), "none", arch), 1.0, size, sharpen)
+    dev = torch.device(device)
+    m = graph.to(dev)
+    out = {"torch": torch.no_grad()(lambda x: m(torch.from_numpy(x).to(dev)).float().cpu().numpy())}
+    if device == "cpu":
+        path = Path(tempfile.mkdtemp(prefix="speed_")) / f"{arch}.onnx"
+        export_onnx(serving_graph(build_model(len(best["classes"]), "none", arch), 1.0, size, sharpen), path, size,
+                    {"note": "speed only"})
+        sess = ort_session(path, threads, device)
+        out["onnxruntime"] = lambda x: sess.run(None, {"image": x})[0]
+    return out
 
 
 def spread(xs):
@@ -201,6 +224,9 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
                    help=f"timings per throughput figure after the warm-up; the median is quoted with min and max (default: {DEFAULT_REPEATS})")
     p.add_argument("--compare_devices", action="store_true", help="measure every available device (default: off)")
+    p.add_argument("--other_student", action="store_true",
+                   help="also time the other student architecture (random weights, speed only) on torch and ONNX "
+                        "Runtime, side by side (default: off)")
     p.add_argument("--json", default=None, metavar="PATH", help="where to write the figures (default: speed.json in the promoted turn's artifacts folder)")
     return p
 
@@ -242,9 +268,17 @@ def run(a):
                 prep = original_preprocess(size) if b == "original" else load_images
                 timers.append(BackendTimer(run, dev, files, a.batch_size, pool, prep))
                 names.append(b)
-            for b, fig in zip(names, measure_all(timers, a.repeats)):
-                results.append({"backend": b, "device": dev, "batch_size": a.batch_size, **fig})
-    base = {r["device"]: r for r in results if r["backend"] == "torch"}
+            arch = best["model_args"].get("arch", ARCH)
+            names = [(arch, b) for b in names]
+            if a.other_student:
+                other = next(s for s in STUDENTS if s != arch)
+                for b, fn in other_student_runners(best, other, dev, a.threads, sharpen).items():
+                    timers.append(BackendTimer(fn, dev, files, a.batch_size, pool, load_images))
+                    names.append((other, b))
+            for (st, b), fig in zip(names, measure_all(timers, a.repeats)):
+                results.append({"backend": b, "device": dev, "batch_size": a.batch_size, "student": st,
+                                **({} if st == arch else {"speed_only": True}), **fig})
+    base = {r["device"]: r for r in results if r["backend"] == "torch" and not r.get("speed_only")}
     orig = {r["device"]: r for r in results if r["backend"] == "original"}
     for r in results:
         r["speedup_vs_torch"] = r["model_img_per_s"] / base[r["device"]]["model_img_per_s"]
@@ -255,12 +289,12 @@ def run(a):
     print(f"{info['cpu']} | {info['cores']} cores | torch {info['torch']} | onnxruntime {info['onnxruntime']} | "
           f"{size}px, batch {a.batch_size}, {len(files)} images; img/s: median [min-max] of {a.repeats} timings, "
           f"interleaved across backends")
-    print(f"{'backend':<20}{'device':<7}{'model img/s':>22}{'e2e img/s':>22}{'p50 ms b1':>11}{'p95 ms b1':>11}"
+    print(f"{'student':<20}{'backend':<20}{'device':<7}{'model img/s':>22}{'e2e img/s':>22}{'p50 ms b1':>11}{'p95 ms b1':>11}"
           f"{'vs original model / e2e':>26}")
     for r in results:
         mo = f"{r['model_img_per_s']:.1f} [{r['model_img_per_s_min']:.0f}-{r['model_img_per_s_max']:.0f}]"
         ee = f"{r['e2e_img_per_s']:.1f} [{r['e2e_img_per_s_min']:.0f}-{r['e2e_img_per_s_max']:.0f}]"
-        print(f"{r['backend']:<20}{r['device']:<7}{mo:>22}{ee:>22}"
+        print(f"{r['student'] + (' (speed only)' if r.get('speed_only') else ''):<20}{r['backend']:<20}{r['device']:<7}{mo:>22}{ee:>22}"
               f"{r['p50_ms_b1']:>11.2f}{r['p95_ms_b1']:>11.2f}"
               f"{r['speedup_vs_original']:>16.2f}x / {r['e2e_speedup_vs_original']:.2f}x")
     out = Path(a.json) if a.json else Turn(art).speed  # beside the student it timed: the report and breakeven look there

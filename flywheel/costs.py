@@ -162,7 +162,7 @@ def resolve_inputs(a):
     else:
         ips = a.student_img_per_s
         if ips is None and speed:
-            best = max(speed["results"], key=lambda r: r["e2e_img_per_s"])
+            best = max((r for r in speed["results"] if not r.get("speed_only")), key=lambda r: r["e2e_img_per_s"])
             ips = best["e2e_img_per_s"]
             src["student_img_per_s"] = f"speed.json: {best['backend']} on {best['device']} e2e ({speed['img_size']}px)"
         if ips is None:

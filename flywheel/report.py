@@ -198,10 +198,11 @@ def throughput_lines(P, R):
     if speed:
         m = speed["machine"]
         L += [f"speed.json ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
-              f"{speed['img_size']}px):", "", "| backend | device | model img/s | e2e img/s | p50 ms b1 | p95 ms b1 |",
-              "|---|---|---|---|---|---|"]
+              f"{speed['img_size']}px):", "", "| student | backend | device | model img/s | e2e img/s | p50 ms b1 | p95 ms b1 |",
+              "|---|---|---|---|---|---|---|"]
         for r in speed["results"]:
-            L.append(f"| {r['backend']} | {r['device']} | {r['model_img_per_s']:.1f} | {r['e2e_img_per_s']:.1f} | "
+            who = r.get("student", "") + (" (random weights: speed only)" if r.get("speed_only") else "")
+            L.append(f"| {who} | {r['backend']} | {r['device']} | {r['model_img_per_s']:.1f} | {r['e2e_img_per_s']:.1f} | "
                      f"{r['p50_ms_b1']:.2f} | {r['p95_ms_b1']:.2f} |")
         L.append("")
     else:

@@ -133,3 +133,14 @@ def test_scripts_agree_on_the_promoted_turn(exported_run, tmp_path, capsys):
     out = plot_confusion.main(["--root", str(run)])
     assert "drawing turn 1" in capsys.readouterr().out
     assert out["confusion_matrix"].parent == art / "turn_1"
+
+
+def test_speed_test_times_the_other_student_beside_it_as_speed_only(exported_run, tmp_path):
+    out = tmp_path / "speed.json"
+    res = simple_speed_test.main(["--root", str(exported_run), "--max_images", "8", "--batch_size", "4", "--repeats", "1",
+                                  "--other_student", "--json", str(out)])
+    mine = {r["backend"] for r in res if r["student"] == "mobilenet_v3_small" and not r.get("speed_only")}
+    other = {r["backend"] for r in res if r["student"] == "efficientnet_lite0"}
+    assert mine == {"original", "torch", "onnxruntime"} and other == {"torch", "onnxruntime"}
+    assert all(r["speed_only"] and r["model_img_per_s"] > 0 for r in res if r["student"] == "efficientnet_lite0")
+    assert [r["student"] for r in read_json(out)["results"]] == [r["student"] for r in res]
