@@ -137,10 +137,9 @@ OPTION_GROUPS = {
     "train": {
         "student": (str, ARCH, "the student: mobilenet_v3_small (torchvision) | efficientnet_lite0 (timm; its ImageNet "
                                "weights install with the package, so --weights imagenet needs no download)"),
-        "recipe": (str, RECIPES[0], "training recipe: auto (lpft from --weights imagenet, augment otherwise) | augment "
-                                    "(augmentation, label smoothing, BatchNorm statistics recomputed each epoch) | lpft "
-                                    "(a linear probe on the frozen backbone, then augment with the backbone at a tenth of "
-                                    "--lr) | plain (the control: flips only)"),
+        "recipe": (str, RECIPES[0], "training recipe: augment (augmentation, label smoothing, BatchNorm statistics "
+                                    "recomputed each epoch) | lpft (a linear probe on the frozen backbone, then augment "
+                                    "with the backbone at a tenth of --lr; measured worse) | plain (the control: flips only)"),
         "weights": (str, "imagenet", "student init: imagenet (mobilenet_v3_small: torchvision's IMAGENET1K_V1, from torch's "
                                      "cache or downloaded; efficientnet_lite0: installed) | none | path to a checkpoint"),
         "device": (str, "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | mps"),

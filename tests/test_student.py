@@ -142,3 +142,23 @@ def test_train_eval_pipeline_no_leak_and_consistent_metrics(tmp_path):
     ck = S.load_checkpoint(out / "artifacts" / "best.pt")
     assert ck["temperature"] == e["temperature"] and not set(ck["val_paths"]) & test
     assert isinstance(torch.load(out / "artifacts" / "mobilenet.pt"), dict)
+
+
+def test_linear_probe_fits_the_head_alone():
+    """lpft's first stage: the head fits the frozen features of the training images; nothing else moves."""
+    x, y = colour_set(6)
+    m = S.build_model(len(CLASSES), "imagenet", "efficientnet_lite0")  # installed: no network
+    before = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("classifier")}
+    S.linear_probe(m, x, y, torch.device("cpu"), 16, 0)
+    after = m.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    with torch.no_grad():
+        acc = float((m.eval()(S.normalize(x)).argmax(1).numpy() == y).mean())
+    assert acc >= 0.9, acc
+
+
+@pytest.mark.parametrize("recipe", ["lpft", "plain"])
+def test_every_recipe_trains_and_records_itself(tmp_path, recipe):
+    x, y = colour_set(4)
+    best = S.train_student(x, y, x, y, CLASSES, {**CFG, "epochs": 1, "recipe": recipe}, tmp_path, "none", torch.device("cpu"))
+    assert best["config"]["recipe"] == recipe and len(best["history"]) == 1
