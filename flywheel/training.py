@@ -15,7 +15,7 @@ from flywheel.inference import load_split
 from flywheel.io import read_csv, read_json, write_csv
 from flywheel.ledger import training_labels
 from flywheel.run import Turn, better_key, record_promotion, split_of, validation_score
-from flywheel.student import (calibrate_checkpoint, dist_world, hash_split, load_checkpoint, load_student,
+from flywheel.student import (ARCH, calibrate_checkpoint, dist_world, hash_split, load_checkpoint, load_student,
                               model_from_checkpoint, predict_logits, save_torch, train_student)
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,12 @@ def retrain(cfg, P, manifest, prev: Turn, T: Turn, k, device):
     """Train turn k's student into T: continued from the previous student, from turn 0's init, or both
     with the better one on validation kept (the same validation split, never test). -> what was done."""
     how = "scratch" if cfg["from_scratch"] else cfg["retrain"]
-    turn0 = load_student(P.turn0.best)["config"]["weights"]  # scratch = the init turn 0 started from
+    first = load_student(P.turn0.best)
+    turn0 = first["config"]["weights"]  # scratch = the init turn 0 started from
+    arch = first["model_args"].get("arch", ARCH)  # every turn grows turn 0's architecture
+    if arch != cfg["student"]:
+        log.info("flywheel turn %d: training %s, turn 0's student (not --student %s)", k, arch, cfg["student"])
+    cfg = {**cfg, "student": arch}
     inits = {"continue": str(prev.best), "scratch": turn0}
     if how != "best":
         train_turn(cfg, P, manifest, T, k, inits[how], False, device)

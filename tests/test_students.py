@@ -72,7 +72,8 @@ def test_mobilenet_imagenet_offline_and_uncached_fails_fast_naming_the_way_out(t
 
 
 def test_lite0_student_end_to_end(tmp_path):
-    """train, eval, cascade, export (checked against torch) and serve, with the pretrained Lite0 student."""
+    """train, eval, cascade, export (checked against torch), serve and a flywheel turn, with the pretrained Lite0
+    student."""
     make_cifar_folder(tmp_path / "data", n_train=24, n_test=6, mix=0.55)
     common = ["--out_dir", tmp_path / "run", "--data_root", tmp_path / "data", "--teacher", "oracle", "--simulate_human"]
     run_cli("--step", "prep", *common, "--img_size", 32)
@@ -94,6 +95,9 @@ def test_lite0_student_end_to_end(tmp_path):
             assert r.json()["route"] in ("student", "llm", "human") and set(r.json()["probs"]) == set(read_json(run / "classes.json"))
         finally:
             server.stop()
+    # a flywheel turn grows turn 0's architecture, whatever --student says now
+    run_cli("--step", "flywheel", *common, "--relabel_n", 10, "--epochs", 1, "--batch_size", 16, "--retrain", "continue")
+    assert S.load_student(run / "artifacts" / "turn_1" / "best.pt")["model_args"]["arch"] == "efficientnet_lite0"
 
 
 def _png():
