@@ -30,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from common import mean_std, quiet_offline_workdir  # noqa: E402
 from fakes import run_cli  # noqa: E402
+from flywheel import quality  # noqa: E402
 from flywheel.io import read_csv, read_json  # noqa: E402
 from loopback import LoopbackTeacher  # noqa: E402
 from real_images import ClassifierTeacher, digits, fashion, sample, write_folder  # noqa: E402
@@ -71,11 +72,22 @@ def one_seed(tmp, a, seed):
     out = {"teacher_acc": teacher_acc}
     for n in a.labels:
         lab = d / f"labels{n}"
-        shutil.copytree(base, lab)
-        with LoopbackTeacher(by_sha, sorted({v[0] for v in answers.values()})) as srv:
-            run_cli("--step", "label", "--out_dir", lab, "--data_root", d / "data", "--llm_base_url", srv.url + "/v1",
-                    "--llm_model", "sim/classifier", "--max_label", n, "--seed", seed, "--log_level", "WARNING")
-        ls = read_json(lab / "label_summary.json")
+        for reps in ([("pixels",)] if a.qc_control else []) + [None]:  # None: the default (every representation)
+            shutil.rmtree(lab, ignore_errors=True)
+            shutil.copytree(base, lab)
+            quality.REPRESENTATIONS, default = (reps or quality.REPRESENTATIONS), quality.REPRESENTATIONS
+            try:
+                with LoopbackTeacher(by_sha, sorted({v[0] for v in answers.values()})) as srv:
+                    run_cli("--step", "label", "--out_dir", lab, "--data_root", d / "data", "--llm_base_url",
+                            srv.url + "/v1", "--llm_model", "sim/classifier", "--max_label", n, "--gold_n", a.gold_n,
+                            "--seed", seed, "--log_level", "WARNING")
+            finally:
+                quality.REPRESENTATIONS = default
+            ls = read_json(lab / "label_summary.json")
+            cl = (ls.get("qc_rule") or {}).get("student") or {}
+            out[(n, "qc", reps and reps[0])] = {"auroc": cl.get("auroc_by_representation", {}), "rep": cl.get("representation"),
+                                               "acc": ls["teacher_accuracy"], "raw": ls["pass1_accuracy"],
+                                               "yield": ls["yield"], "calls": ls["calls_per_image"]}
         for arm in a.arms:
             init, recipe = arm.split("/")
             run = d / f"{n}_{init}_{recipe}"
@@ -102,6 +114,10 @@ def main(argv=None):
     p.add_argument("--arms", default="scratch/augment,scratch/plain,pretrained/augment,pretrained/lpft,pretrained/plain",
                    help="init/recipe pairs; augment is the pipeline's default (default: scratch/augment,scratch/plain,"
                         "pretrained/augment,pretrained/lpft,pretrained/plain)")
+    p.add_argument("--gold_n", type=int, default=0,
+                   help="gold pins for the label step (0: the project's default, no gold) (default: 0)")
+    p.add_argument("--qc_control", action="store_true",
+                   help="also label with the held-out model on 12x12 pixels only, the control for embeddings (default: off)")
     p.add_argument("--img_size", type=int, default=96, help="prep's image side in px (default: 96)")
     p.add_argument("--epochs", type=int, default=10, help="epochs from scratch (default: 10)")
     p.add_argument("--pretrained_epochs", type=int, default=4, help="epochs for the pretrained student (default: 4)")
@@ -112,7 +128,7 @@ def main(argv=None):
                    help="held-out images per class the stand-in teacher is fitted on (default: 12)")
     a = p.parse_args(argv)
     a.labels = [int(v) for v in a.labels.split(",")]
-    a.arms = a.arms.split(",")
+    a.arms = [arm for arm in a.arms.split(",") if arm]
     bad = [arm for arm in a.arms if arm.count("/") != 1 or arm.split("/")[0] not in INITS or arm.split("/")[1] not in RECIPES]
     if bad:
         raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe with init in {list(INITS)} and recipe in {list(RECIPES)}")
@@ -128,7 +144,13 @@ def main(argv=None):
           f"{a.seeds} seed(s), mean ± std; {time.time() - t0:.0f}s")
     print(f"{'labels':>6}  {'arm':<20} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
           f"{'noise cost':>11} {'train s':>9}")
-    for n in a.labels:
+    for n, reps in ((n, r) for n in a.labels for r in ((["pixels"] if a.qc_control else []) + [None])):
+        q = [s[(n, "qc", reps and reps[0])] for s in seeds]
+        print(f"{n:>6}  label step (--gold_n {a.gold_n}{', held-out model on pixels only: the control' if reps else ''}): accepted accuracy {mean_std([x['acc'] for x in q], 100)}% vs raw "
+              f"first answers {mean_std([x['raw'] for x in q], 100)}%, yield {mean_std([x['yield'] for x in q], 100)}%, "
+              f"{mean_std([x['calls'] for x in q], nd=2)} calls/image; held-out model AUROC on gold: "
+              + ", ".join(f"{rep} {mean_std([x['auroc'].get(rep) for x in q], nd=3)}" for rep in ("pixels", "embeddings"))
+              + f"; chosen: {[x['rep'] for x in q]}")
         for arm in a.arms:
             r = [s[(n, arm)] for s in seeds]
             print(f"{n:>6}  {arm:<20} {mean_std([x['accepted'] for x in r], nd=0):>9} "

@@ -346,7 +346,7 @@ class Judged(NamedTuple):
     auroc: dict           # {representation: AUROC on gold of p_label for "first answer right"} for each tried
 
 
-def held_out_scores(classes, seed, items, teacher, ledger, qc, gold=None, representations=REPRESENTATIONS):
+def held_out_scores(classes, seed, items, teacher, ledger, qc, gold=None, representations=None):
     """The student's out-of-sample disagreement: a logistic regression, trained in folds on the teacher's
     first answers, judges each label without having seen it. It reads each image as 12x12 pixels and, when
     the pretrained backbone is installed, as its ImageNet embeddings; gold ({path: label}) picks the one
@@ -359,7 +359,7 @@ def held_out_scores(classes, seed, items, teacher, ledger, qc, gold=None, repres
         log.info("held-out model skipped: %d first answers (needs >= %d in 2+ classes)", len(got), CL_MIN_ITEMS)
         return None
     tried, aurocs = {}, {}
-    for rep in representations:
+    for rep in representations or REPRESENTATIONS:
         t0 = time.time()
         x = represent(rep, [it["file"] for it, _ in got])
         if x is None:
