@@ -144,7 +144,7 @@ def main(argv=None):
           f"{a.seeds} seed(s), mean ± std; {time.time() - t0:.0f}s")
     print(f"{'labels':>6}  {'arm':<20} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
           f"{'noise cost':>11} {'train s':>9}")
-    for n, reps in ((n, r) for n in a.labels for r in ((["pixels"] if a.qc_control else []) + [None])):
+    for n, reps in ((n, r) for n in a.labels for r in (([("pixels",)] if a.qc_control else []) + [None])):
         q = [s[(n, "qc", reps and reps[0])] for s in seeds]
         print(f"{n:>6}  label step (--gold_n {a.gold_n}{', held-out model on pixels only: the control' if reps else ''}): accepted accuracy {mean_std([x['acc'] for x in q], 100)}% vs raw "
               f"first answers {mean_std([x['raw'] for x in q], 100)}%, yield {mean_std([x['yield'] for x in q], 100)}%, "
