@@ -15,6 +15,18 @@ def quiet_offline_workdir(prefix) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
+def over_seeds(prefix, one_seed, n):
+    """one_seed(workdir, seed) for seeds 0..n-1 in a fresh quiet offline folder (quiet_offline_workdir),
+    removed afterwards. -> ([result per seed], seconds)"""
+    import shutil
+    import time
+    tmp, t0 = quiet_offline_workdir(prefix), time.time()
+    try:
+        return [one_seed(tmp, s) for s in range(n)], time.time() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def mean_std(xs, scale=1.0, nd=1) -> str:
     """'mean ± std' of the non-None values (std 0 for one value); 'n/a' when there are none.
 

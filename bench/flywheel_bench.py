@@ -16,13 +16,12 @@ measures the machinery, not CIFAR-100.
 import argparse
 import shutil
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import mean_std, quiet_offline_workdir  # noqa: E402
+from common import mean_std, over_seeds  # noqa: E402
 from fakes import make_cifar_folder, run_cli  # noqa: E402
 from flywheel.io import read_csv, read_json  # noqa: E402
 from loopback import LoopbackTeacher, TeacherProfile  # noqa: E402
@@ -86,17 +85,12 @@ def main():
     p.add_argument("--paid_answers", choices=["on", "off"], default="on",
                    help="every arm: train on pool answers the cascade already paid for (default: on)")
     a = p.parse_args()
-    tmp = quiet_offline_workdir("flywheel_bench_")
-    t0 = time.time()
-    try:
-        runs = [one_seed(tmp, s, a) for s in range(a.seeds)]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    runs, secs = over_seeds("flywheel_bench_", lambda tmp, s: one_seed(tmp, s, a), a.seeds)
     print(f"SIMULATED teacher (raw accuracy {a.accuracy}) and synthetic 32px images ({5 * a.per_class} training, "
           f"{5 * a.test_per_class} test); {a.max_label} labeled, then one "
           f"turn of {a.relabel_n} relabels per arm; {a.epochs} epochs for turn 0 and every arm (--retrain best: continued "
           f"and from scratch, the better on validation kept); "
-          f"--paid_answers {a.paid_answers}; no simulated human; {a.seeds} seeds, mean ± std; {time.time() - t0:.0f}s")
+          f"--paid_answers {a.paid_answers}; no simulated human; {a.seeds} seeds, mean ± std; {secs:.0f}s")
     print(f"{'arm':<16}{'test acc %':>14}{'vs turn 0 (pts)':>17}{'escalation %':>15}{'LLM calls/1k':>15}"
           f"{'labels added':>14}{'labels per $':>14}{'promoted turn 1':>17}")
     t0s = [r["targeted"][0] for r in runs]

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import mean_std, quiet_offline_workdir  # noqa: E402
+from common import mean_std, over_seeds  # noqa: E402
 from fakes import run_cli  # noqa: E402
 from flywheel import quality  # noqa: E402
 from flywheel.io import read_csv, read_json  # noqa: E402
@@ -132,16 +132,11 @@ def main(argv=None):
     bad = [arm for arm in a.arms if arm.count("/") != 1 or arm.split("/")[0] not in INITS or arm.split("/")[1] not in RECIPES]
     if bad:
         raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe with init in {list(INITS)} and recipe in {list(RECIPES)}")
-    tmp = quiet_offline_workdir("student_bench_")
-    t0 = time.time()
-    try:
-        seeds = [one_seed(tmp, a, s) for s in range(a.seeds)]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    seeds, secs = over_seeds("student_bench_", lambda tmp, s: one_seed(tmp, a, s), a.seeds)
     print(f"{a.dataset} ({'5 allowed Fashion-MNIST classes' if a.dataset == 'fashion' else 'digits'}), {a.img_size}px, "
           f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher: logistic "
           f"regression on {a.teacher_fit} held-out images/class, raw accuracy {mean_std([s['teacher_acc'] for s in seeds], 100)}%; "
-          f"{a.seeds} seed(s), mean ± std; {time.time() - t0:.0f}s")
+          f"{a.seeds} seed(s), mean ± std; {secs:.0f}s")
     print(f"{'labels':>6}  {'arm':<20} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
           f"{'noise cost':>11} {'train s':>9}")
     for n, reps in ((n, r) for n in a.labels for r in (([("pixels",)] if a.qc_control else []) + [None])):
