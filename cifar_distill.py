@@ -210,7 +210,6 @@ NON_NEGATIVE = ["max_per_class", "max_label", "max_retries", "max_invalid", "max
                 "usd_per_mtok_in", "usd_per_mtok_out", "gold_n", "weight_decay", "second_temp", "num_threads"]
 
 
-
 def build_parser():
     return cli.build_parser(OPTION_GROUPS, START_HERE, CHOICES, __doc__.split("\n\n")[0])
 
