@@ -71,7 +71,7 @@ from flywheel.service import Service, build_app, student_warnings
 from flywheel.student import ARCH, RECIPES, STUDENTS, load_student, pick_device, start_distributed
 from flywheel.teacher import FatalTeacherError, LLMTeacher, OracleTeacher, oracle_model_name
 from flywheel.training import count_by, retrain, train_turn, warn_if_turn0_retrained
-from flywheel.turns import add_turn, earlier_labels, load_turns, turn_entry, write_turn_labels
+from flywheel.turns import add_turn, load_turns, other_turns_labels, turn_entry, write_turn_labels
 
 log = logging.getLogger("cifar_distill")
 
@@ -533,7 +533,8 @@ def relabel_turn(cfg, P, manifest, prev, k) -> dict:
     # answers the cascade already paid for train at no new cost; the picks go to items without one
     paid = paid_labels(ev.pool, ev.escalations, ev.classes, ev.teacher_acc, doubt_below) \
         if cfg["paid_answers"] == "on" else {}
-    people = [p for p, a in human_answers(P).items() if a.source != "simulated_human"]
+    humans = human_answers(P)
+    people = [p for p, a in humans.items() if a.source != "simulated_human"]
     picked, why = pick_relabels([r for r in ev.pool if r["path"] not in paid], ev.escalations, cfg["relabel_n"],
                                 cfg["relabel_strategy"], people, cfg["seed"] + k, ev.classes, ev.teacher_acc,
                                 doubt_below=doubt_below)
@@ -544,10 +545,11 @@ def relabel_turn(cfg, P, manifest, prev, k) -> dict:
                                "flywheel", cfg["max_workers"], f"flywheel turn {k} relabel")
         # what the picked items' answers cost, whether this turn or the cascade before it paid for them
         picked_usd = ledger.cost_of({manifest[p]["sha256"] for p in [*picked, *paid]})
-    new = turn_labels(k, cfg["classes"], picked, verdicts, paid, ev, human_answers(P), cfg["pseudo_labels"] == "on",
+    new = turn_labels(k, cfg["classes"], picked, verdicts, paid, ev, humans, cfg["pseudo_labels"] == "on",
                       str(P.human_review))
-    served = production_labels(P, manifest, cfg["classes"], k, earlier_labels(P, k) | {r.path for r in new.all()})
-    write_turn_labels(P, k, new.all() + served)
+    old = other_turns_labels(P, k)
+    served = production_labels(P, manifest, cfg["classes"], k, {r["path"] for r in old} | {r.path for r in new.all()})
+    write_turn_labels(P, old, new.all() + served)
     n_new, relabel_usd = len(new.all()) + len(served), budget.spent - spent0
     log.info("flywheel turn %d: %d pool answer(s) the cascade already paid for; picked %d pool items %s; "
              "%d label(s) in all (%s); relabeling cost $%.4f; budget stop: %s", k, len(paid), len(picked), why, n_new,

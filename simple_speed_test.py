@@ -95,13 +95,13 @@ def other_student_runners(best, arch, device, threads, sharpen):
     from flywheel.export import export_onnx, serving_graph
     size = best["model_args"]["img_size"]
     graph = serving_graph(build_model(len(best["classes"]), "none", arch), 1.0, size, sharpen)
+    if device == "cpu":  # exported before the graph moves to another device
+        path = Path(tempfile.mkdtemp(prefix="speed_")) / f"{arch}.onnx"
+        export_onnx(graph, path, size, {"note": "speed only"})
     dev = torch.device(device)
     m = graph.to(dev)
     out = {"torch": torch.no_grad()(lambda x: m(torch.from_numpy(x).to(dev)).float().cpu().numpy())}
     if device == "cpu":
-        path = Path(tempfile.mkdtemp(prefix="speed_")) / f"{arch}.onnx"
-        export_onnx(serving_graph(build_model(len(best["classes"]), "none", arch), 1.0, size, sharpen), path, size,
-                    {"note": "speed only"})
         sess = ort_session(path, threads, device)
         out["onnxruntime"] = lambda x: sess.run(None, {"image": x})[0]
     return out

@@ -121,15 +121,14 @@ def resolve_inputs(a):
     """Flags first, then the run's artifacts -> (inputs dict, sources dict). Fails naming the flag.
     `a` has the attributes of BREAKEVEN_DEFAULTS (cost_breakeven.py's flags)."""
     from flywheel.run import Paths, promoted
-    P = Paths(a.root) if a.root else None
-    turn = promoted(P).turn if P else None  # the cascade of the student that ships
-    src = {} if turn is None else {"turn": f"turn {turn}, the promoted student ({P.turn(turn).dir})"}
-
-    def run_json(path):
-        return read_json(path) if P and path.exists() else None
-
-    T = P.turn(turn) if P else None
-    ls, cas, speed = (run_json(P.label_summary), run_json(T.cascade), run_json(T.speed)) if P else (None, None, None)
+    ls = cas = speed = None
+    src = {}
+    if a.root:  # the cascade and speed of the student that ships
+        P = Paths(a.root)
+        turn = promoted(P).turn
+        T = P.turn(turn)
+        src["turn"] = f"turn {turn}, the promoted student ({T.dir})"
+        ls, cas, speed = (read_json(f) if f.exists() else None for f in (P.label_summary, T.cascade, T.speed))
     per_call = (ls or {}).get("mean_cost_per_call_usd")
     if a.llm_cost is not None:
         llm_cost, src["llm_cost_per_item"] = a.llm_cost, "--llm_cost"

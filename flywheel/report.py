@@ -11,7 +11,7 @@ import numpy as np
 from flywheel.costs import breakeven_report, usd
 from flywheel.io import atomic_write_bytes, read_json
 from flywheel.plots import plot_run
-from flywheel.run import promoted_artifacts
+from flywheel.run import promoted
 from flywheel.student import load_student
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,9 @@ class RunFigures(NamedTuple):
 def load_figures(P) -> RunFigures:
     def optional(path):
         return read_json(path) if Path(path).exists() else None
-    art, turn = promoted_artifacts(P.out)  # every student figure is of the promoted student
+    turn = promoted(P).turn  # every student figure is of the promoted student
     T = P.turn(turn)
-    return RunFigures(read_json(P.need(P.label_summary, "label")), art, turn, read_json(P.need(T.eval, "eval")),
+    return RunFigures(read_json(P.need(P.label_summary, "label")), T.dir, turn, read_json(P.need(T.eval, "eval")),
                       read_json(P.need(P.prep_json, "prep")), optional(T.cascade), optional(P.flywheel),
                       optional(T.speed), optional(P.export), load_student(T.best))
 

@@ -33,15 +33,14 @@ def turn_entry(P, T: Turn, turn) -> dict:
             "label_sources": e["label_sources"], "simulated": c["teacher"]["simulated"] or c["simulated_human"]}
 
 
-def write_turn_labels(P, k, rows):
-    """flywheel_labels.csv with turn k's rows ([FlywheelLabel]) in place of any a crashed turn k left."""
-    old = [r for r in (read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []) if int(r["turn"]) != k]
+def other_turns_labels(P, k) -> list:
+    """flywheel_labels.csv's rows from turns other than k (a crashed turn k is redone whole)."""
+    return [r for r in (read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []) if int(r["turn"]) != k]
+
+
+def write_turn_labels(P, old, rows):
+    """flywheel_labels.csv: the other turns' rows (other_turns_labels) and this turn's ([FlywheelLabel])."""
     write_csv(P.flywheel_labels, FLYWHEEL_LABEL_FIELDS, old + [r._asdict() for r in rows])
-
-
-def earlier_labels(P, k) -> set:
-    """Paths flywheel_labels.csv holds from turns other than k."""
-    return {r["path"] for r in (read_csv(P.flywheel_labels) if P.flywheel_labels.exists() else []) if int(r["turn"]) != k}
 
 
 def add_turn(P, fly, entry):
