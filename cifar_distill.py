@@ -56,6 +56,7 @@ from flywheel.export import check_export, export_student, serving_session
 from flywheel.io import RunLock, SigtermAsInterrupt, read_csv, read_json, write_csv, write_json
 from flywheel.labeling import (QC, QC_DEFAULTS, Budget, BudgetStop, GoldGateError, label_all, label_items,
                                label_sample, shard_of)
+from flywheel.labelmodel import LabelModel
 from flywheel.ledger import Ledger, merge_ledger_file
 from flywheel.ood import OODModel, fit_ood
 from flywheel.prep import (CIFAR5, class_counts, drop_cross_split_duplicates, listing, make_images, prep_jobs,
@@ -108,12 +109,12 @@ OPTION_GROUPS = {
         "llm_model": (str, "google/gemini-2.5-flash", "teacher model name sent to the API"),
         "max_label": (int, 1500, "training images the teacher labels (random sample drawn with --seed), gold items included"),
         "conf_thresh": (float, QC_DEFAULTS["conf_thresh"], "always/adaptive QC: accept when both passes agree and their mean confidence is at least this"),
-        "second_pass": (str, QC_DEFAULTS["second_pass"], "fitted (second call only below the confidence threshold fitted on gold pins, plus "
-                                       "--audit_frac; every image without gold) | always | adaptive (below --adaptive_thresh)"),
-        "target_label_precision": (float, 0.85, "fitted QC: the labels it accepts must reach this accuracy on gold pins at the lower 95%% bound"),
-        "confident_learning": (str, "on", "fitted QC with gold: a held-out model trained on the first answers in folds "
-                                          "sends the labels it confidently contradicts to review, when gold shows its flags are "
-                                          "mostly right (on | off)"),
+        "second_pass": (str, QC_DEFAULTS["second_pass"], "model (a label model fitted on gold from every signal: accept, ask once more where it can change the decision, or review) | "
+                                       "fitted (the previous rule: a stated-confidence threshold) | always | adaptive (below --adaptive_thresh)"),
+        "target_label_precision": (float, 0.85, "model/fitted QC: the labels it accepts must reach this accuracy on gold pins at the lower 95%% bound"),
+        "min_yield": (float, 0.75, "model QC: when no rule reaches --target_label_precision, the best accepted accuracy at least this share accepted"),
+        "logprobs": (str, "auto", "ask for the label token's log-probability, a label-model signal (auto: dropped for the run on a 400 | off)"),
+        "confident_learning": (str, "on", "model/fitted QC: a held-out model trained on the first answers in folds judges each label (on | off)"),
         "second_model": (str, None, "model that answers the second pass, through the same endpoint (unset: --llm_model again)"),
         "adaptive_thresh": (float, QC_DEFAULTS["adaptive_thresh"], "adaptive mode: first-pass confidence below which the second pass is made"),
         "audit_frac": (float, QC_DEFAULTS["audit_frac"], "adaptive mode: random fraction of confident items that still get a second pass"),
@@ -143,8 +144,7 @@ OPTION_GROUPS = {
         "weights": (str, "imagenet", "student init: imagenet (mobilenet_v3_small: torchvision's IMAGENET1K_V1, from torch's "
                                      "cache or downloaded; efficientnet_lite0: installed) | none | path to a checkpoint"),
         "device": (str, "auto", "auto (cuda, then mps, then cpu) | cpu | cuda | mps"),
-        "epochs": (int, 30, "training epochs"),
-        "batch_size": (int, 128, "training and inference batch size"),
+        "epochs": (int, 30, "training epochs"), "batch_size": (int, 128, "training and inference batch size"),
         "lr": (float, 2e-3, "AdamW peak learning rate (cosine schedule to 0)"),
         "weight_decay": (float, 0.05, "AdamW weight decay"),
         "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) for model selection and calibration"),
@@ -186,14 +186,14 @@ OPTIONS = {name: spec for group in OPTION_GROUPS.values() for name, spec in grou
 START_HERE = ["step", "demo", "out_dir", "dataset", "data_root", "classes", "teacher", "llm_model", "max_label",
               "max_usd", "dry_run", "epochs", "weights", "force"]
 CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
-           "second_pass": ["fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "relabel_strategy": ["targeted", "random", "margin"],
+           "second_pass": ["model", "fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "logprobs": ["auto", "off"], "relabel_strategy": ["targeted", "random", "margin"],
            "paid_answers": ["on", "off"], "pseudo_labels": ["on", "off"],
            "retrain": ["best", "continue", "scratch"], "student": list(STUDENTS), "recipe": list(RECIPES), "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 # the flags that shape each step's outputs (the others change only speed, logging or where things go): a rerun
 # with the same ones and the same files does nothing (flywheel.run stamps)
 _ASK = ["classes", "seed", "teacher", "oracle_noise", "llm_base_url", "llm_model", "second_model", "second_pass",
-        "conf_thresh", "target_label_precision", "confident_learning", "adaptive_thresh", "audit_frac", "second_temp",
+        "conf_thresh", "target_label_precision", "min_yield", "confident_learning", "adaptive_thresh", "audit_frac", "second_temp",
         "max_invalid", "max_usd"]
 _FIT = ["classes", "seed", "student", "recipe", "weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "measure_noise_cost"]
 _ROUTE = ["tau", "target_precision", "escalation_budget", "contest_below", "simulate_human"]
@@ -204,7 +204,7 @@ SHAPED_BY = {"prep": ["dataset", "classes", "max_per_class", "img_size", "no_sha
                                                  "turns", "flywheel_epochs", "retrain", "from_scratch"],
              "export": ["no_sharpen"], "report": []}
 UNIT_INTERVAL = ["contest_below", "oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
-                 "target_precision", "target_label_precision"]
+                 "target_precision", "target_label_precision", "min_yield"]
 POSITIVE = ["img_size", "max_workers", "epochs", "batch_size", "lr", "timeout", "relabel_n", "turns"]
 NON_NEGATIVE = ["max_per_class", "max_label", "max_retries", "max_invalid", "max_usd", "usd_per_call",
                 "usd_per_mtok_in", "usd_per_mtok_out", "gold_n", "weight_decay", "second_temp", "num_threads"]
@@ -317,18 +317,19 @@ def make_teacher(cfg, manifest):
         return OracleTeacher(truth, cfg["classes"], cfg["oracle_noise"], cfg["usd_per_call"], cfg["seed"])
     return LLMTeacher(cfg["llm_base_url"], cfg["llm_model"], api_key(), cfg["classes"], timeout=cfg["timeout"],
                       max_retries=cfg["max_retries"], usd_per_mtok_in=cfg["usd_per_mtok_in"],
-                      usd_per_mtok_out=cfg["usd_per_mtok_out"])
+                      usd_per_mtok_out=cfg["usd_per_mtok_out"], logprobs=cfg["logprobs"] == "auto")
 
 
 def make_qc(cfg, P=None):
-    """The QC policy; with P, the threshold the label step fitted on gold (label_summary.json) too, so
-    cascade and flywheel judge answers the way the label step did."""
+    """The QC policy; with P, the rule the label step fitted on gold too, so cascade and flywheel judge answers alike."""
     qc = QC(cfg["classes"], **{k: cfg[k] for k in QC_DEFAULTS}, seed=cfg["seed"], second_model=cfg["second_model"])
     if P is not None and P.label_summary.exists():
         t = (read_json(P.label_summary).get("qc_rule") or {}).get("threshold")
         qc.threshold = float("inf") if t is None else float(t)
     if P is not None and P.label_flags.exists() and cfg["second_pass"] == "fitted":
         qc.flagged = {r["sha256"] for r in read_csv(P.label_flags)}
+    if P is not None and P.label_model.exists() and cfg["second_pass"] == "model":
+        qc.label_model = LabelModel.from_json(read_json(P.label_model))
     return qc
 
 

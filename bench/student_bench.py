@@ -84,7 +84,8 @@ def one_seed(tmp, a, seed):
             finally:
                 quality.REPRESENTATIONS = default
             ls = read_json(lab / "label_summary.json")
-            cl = (ls.get("qc_rule") or {}).get("student") or {}
+            rule = ls.get("qc_rule") or {}
+            cl = rule.get("student") or (rule.get("report") or {}).get("held_out") or {}  # previous rule | label model
             out[(n, "qc", reps and reps[0])] = {"auroc": cl.get("auroc_by_representation", {}), "rep": cl.get("representation"),
                                                "acc": ls["teacher_accuracy"], "raw": ls["pass1_accuracy"],
                                                "yield": ls["yield"], "calls": ls["calls_per_image"]}

@@ -52,7 +52,7 @@ DEFAULT_TEACHER_ACC = 0.85  # prior accuracy of accepted teacher labels when no 
 NONE_OF_THESE = "none_of_these"  # a person's answer for an image of no listed class: it never trains
 
 def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau, route, llm_status, llm_label,
-                      answers, human_label=None, human_source=None, llm_posterior=None):
+                      answers, human_label=None, human_source=None, llm_posterior=None, llm_p_right=None):
     """One escalations.jsonl record (the cascade's and the server's): the student's view, the route, and
     the LLM's answers (ledger records) with what they cost.
 
@@ -71,7 +71,9 @@ def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau
                              "source": r.get("source")} for r in answers],
             "llm_cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in answers), 6),
             "human_label": human_label, "human_source": human_source,
-            "llm_posterior": None if llm_posterior is None else round(float(llm_posterior), 6)}
+            "llm_posterior": None if llm_posterior is None else round(float(llm_posterior), 6),
+            # the label model's probability that the LLM's label is right (model QC), weighed against the student's
+            "llm_p_right": None if llm_p_right is None else round(float(llm_p_right), 6)}
 
 
 def review_row(rec, turn, label_final="", source=""):

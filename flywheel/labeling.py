@@ -22,7 +22,8 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from flywheel import FlywheelError
-from flywheel.io import read_csv, stable_unit
+from flywheel.io import read_csv, stable_unit, write_json
+from flywheel.labelmodel import evidence_of, fit_label_model, prior_model
 from flywheel.ledger import call_key
 from flywheel.quality import fit_rule, flag_cuts, gold_check, gold_pins, held_out_scores, score, write_flags
 from flywheel.teacher import PROMPT_VERSION, FatalTeacherError, pass_class_order, question_hash
@@ -101,16 +102,18 @@ class Call(NamedTuple):
 
 
 # the QC settings' defaults, in one place: the command line's table (cifar_distill.OPTIONS) reads them here
-QC_DEFAULTS = {"conf_thresh": 0.7, "second_pass": "fitted", "adaptive_thresh": 0.9, "audit_frac": 0.1,
+QC_DEFAULTS = {"conf_thresh": 0.7, "second_pass": "model", "adaptive_thresh": 0.9, "audit_frac": 0.1,
                "second_temp": 0.7, "max_invalid": 2}
 
 
 class QC:
     """Acceptance policy shared by label, cascade and flywheel.
 
-    second_pass: always | adaptive (second call below adaptive_thresh) | fitted (second call below the
-    threshold fitted on gold pins, see flywheel.quality; accepted pairs need only agree). Gold items
-    always get both answers. second_model, when set, answers pass 2 (its errors overlap less).
+    second_pass: model (the label model fitted on gold pins from every signal decides accept / ask once more /
+    review, see flywheel.labelmodel) | fitted (the previous default: second call below a stated-confidence
+    threshold fitted on gold pins, see flywheel.quality; accepted pairs need only agree) | always | adaptive
+    (second call below adaptive_thresh). Gold items always get both answers. second_model, when set, answers
+    pass 2 (its errors overlap less than a second sample of the same model).
     """
 
     def __init__(self, classes, conf_thresh=QC_DEFAULTS["conf_thresh"], second_pass=QC_DEFAULTS["second_pass"],
@@ -123,6 +126,8 @@ class QC:
         self.threshold = float("inf")  # fitted mode: set by fit_rule on gold; inf = every image gets pass 2
         self.always_second = set()     # gold shas: both answers, so the rule can be fitted and audited
         self.flagged = set()           # shas whose first answer the held-out model contradicts: to review, no pass 2
+        self.label_model = prior_model(self.classes)  # model mode: replaced by the label step's fit
+        self.held_out = {}             # model mode: {sha: the held-out model's probability of the first answer}
 
     def call(self, sha, pass_no, model) -> Call:
         """The question pass `pass_no` asks about image `sha`, keyed by what is actually sent."""
@@ -132,9 +137,13 @@ class QC:
         q = question_hash(order, temp)
         return Call(call_key(sha, pass_no, model, q), pass_no, order, temp, q, model)
 
-    def second_needed(self, sha, p1_conf) -> bool:
+    def second_needed(self, sha, p1) -> bool:
+        """p1: the first answer's ledger record (or its stated confidence, for the confidence rules)."""
         if self.second_pass == "always" or sha in self.always_second:
             return True
+        if self.second_pass == "model":
+            return self.label_model.second_helps(evidence_of(p1, self.held_out.get(sha)))
+        p1_conf = float(p1["confidence"]) if isinstance(p1, dict) else float(p1)
         if sha in self.flagged:
             return False  # a second answer cannot clear a flag (T=0 errors repeat): a person decides
         audited = stable_unit(self.seed, "audit", sha) < self.audit_frac
@@ -153,7 +162,7 @@ class QC:
                 sure = (self.second_pass == "always" or it["sha256"] in self.always_second
                         or (self.second_pass == "fitted" and not self.always_second))
                 lo, hi = lo + 1 + sure, hi + 2
-            elif p2 is None and self.second_needed(it["sha256"], float(p1["confidence"])):
+            elif p2 is None and self.second_needed(it["sha256"], p1):
                 lo, hi = lo + 1, hi + 1
         return lo, hi
 
@@ -193,12 +202,37 @@ def image_verdict(p1, p2, second_needed: bool, conf_thresh: float, p1_invalid=0,
     return ("accepted" if conf >= pair_thresh else "low_confidence"), p1["label"], conf
 
 
+def model_verdict(lm, p1, p2, need2, held_out=None, p1_invalid=0, p2_invalid=0):
+    """The label model's verdict on one image: (status, label, P(label right)). An agreeing pair or a single
+    answer is accepted when the model's probability reaches its threshold; a disagreeing pair never is.
+
+    >>> from flywheel.labelmodel import prior_model
+    >>> lm = prior_model(["a", "b"])                      # stated priors, threshold 0.7
+    >>> model_verdict(lm, {"label": "a", "confidence": 0.95}, None, False)
+    ('accepted', 'a', 0.887065)
+    >>> model_verdict(lm, {"label": "a", "confidence": 0.6}, {"label": "b", "confidence": 0.9}, True)[0]
+    'disagreed'
+    """
+    if p1 is None:
+        return ("invalid" if p1_invalid else "failed"), "", None
+    if need2 and p2 is None:
+        return ("invalid" if p2_invalid else "failed"), p1["label"], p1["confidence"]
+    p = lm.p_final(evidence_of(p1, held_out, p2))
+    if p2 is not None and p2["label"] != p1["label"]:
+        return "disagreed", (p1 if p1["confidence"] >= p2["confidence"] else p2)["label"], round(p, 6)
+    return ("accepted" if p >= lm.threshold else "low_confidence"), p1["label"], round(p, 6)
+
+
 def ledger_verdict(item, teacher, ledger, qc) -> Verdict:
     """QC's verdict on one image from the ledger alone."""
     keys = [qc.call(item["sha256"], p, teacher.model).key for p in (1, 2)]
     got = ledger.answers(keys)
     (p1, invalid1), (p2, invalid2) = got[keys[0]], got[keys[1]]
-    need2 = p1 is not None and qc.second_needed(item["sha256"], float(p1["confidence"]))
+    need2 = p1 is not None and qc.second_needed(item["sha256"], p1)
+    if qc.second_pass == "model":
+        st, lab, conf = model_verdict(qc.label_model, p1, p2 if need2 else None, need2, qc.held_out.get(item["sha256"]),
+                                      invalid1, invalid2)
+        return Verdict(st, lab, conf, [r for r in (p1, p2 if need2 else None) if r is not None])
     single_at, pair_at = qc.thresholds()
     st, lab, conf = image_verdict(p1, p2, need2, single_at, invalid1, invalid2, pair_thresh=pair_at)
     if p1 is not None and item["sha256"] in qc.flagged and item["sha256"] not in qc.always_second:
@@ -234,7 +268,7 @@ def _ask(item, pass_no, teacher, ledger, qc, budget, purpose, stop):
             "question": call.question, "source": teacher.source, "purpose": purpose, "status": a.status,
             "label": a.label, "confidence": a.confidence, "why": a.why, "raw": a.raw, "error": a.error,
             "http_status": a.http_status, "prompt_tokens": a.prompt_tokens,
-            "completion_tokens": a.completion_tokens, "cost_usd": a.cost_usd,
+            "completion_tokens": a.completion_tokens, "label_logprob": a.label_logprob, "cost_usd": a.cost_usd,
             "cost_estimated": a.cost_estimated, "latency_s": round(a.latency_s, 4),
             "temperature": call.temperature, "class_order": call.class_order})
         if a.status == "ok":
@@ -248,7 +282,7 @@ def ask_item(it, teacher, ledger, qc, budget, purpose, stop, first_only=False):
     """Both passes QC needs for one image ({path, file, sha256}), each answered from the ledger when it
     can be; the serving endpoint calls this once per escalated request."""
     p1 = _ask(it, 1, teacher, ledger, qc, budget, purpose, stop)
-    if p1 is not None and not first_only and qc.second_needed(it["sha256"], float(p1["confidence"])):
+    if p1 is not None and not first_only and qc.second_needed(it["sha256"], p1):
         _ask(it, 2, teacher, ledger, qc, budget, purpose, stop)
 
 
@@ -440,6 +474,8 @@ def label_all(cfg, P, items, gold, teacher, ledger, qc, budget, outputs):
                                     + ". Check the prompt, the model and the class names.")
             if qc.second_pass == "fitted":
                 state["rule"] = fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget)
+        if qc.second_pass == "model":  # with or without gold (then the stated priors)
+            state["rule"] = fit_label_rule(cfg, P, items, rest, gold, teacher, ledger, qc, budget)
         label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label")
         return outputs(**state, budget_stopped=budget.stopped)  # before the ledger closes: the outputs read it
     except FatalTeacherError:
@@ -470,3 +506,32 @@ def fit_qc_rule(cfg, P, items, rest, gitems, gold, teacher, ledger, qc, budget):
                              rule.flag_below)
     log.info("QC rule: %s", rule.why)
     return rule
+
+
+def fit_label_rule(cfg, P, items, rest, gold, teacher, ledger, qc, budget):
+    """The label model: every first answer is asked first, the held-out model (--confident_learning on)
+    judges each, then the model is fitted on the gold pins (stated priors without them) and set on qc, so
+    the rest of the step asks a second answer only where it can change the decision. -> LabelModel."""
+    label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label (first answers)",
+                first_only=True)
+    judged = None
+    if cfg["confident_learning"] == "on":  # without gold nothing can choose embeddings over pixels: the cheaper
+        judged = held_out_scores(cfg["classes"], cfg["seed"], items, teacher, ledger, qc, gold,
+                                 None if gold else ("pixels",))
+    qc.held_out = {sha: h.p_label for sha, h in judged.scores.items()} if judged else {}
+    pins, everyone = [], []
+    for it in items:
+        p1 = ledger.ok(qc.call(it["sha256"], 1, teacher.model).key)
+        if p1 is None:
+            continue
+        everyone.append(evidence_of(p1, qc.held_out.get(it["sha256"])))
+        if it["path"] in gold:
+            p2 = ledger.ok(qc.call(it["sha256"], 2, teacher.model).key)
+            pins.append((evidence_of(p1, qc.held_out.get(it["sha256"]), p2), p1["label"] == gold[it["path"]]))
+    lm = fit_label_model(pins, everyone, cfg["classes"], cfg["target_label_precision"], cfg["min_yield"])
+    if judged:
+        lm.report["held_out"] = {"representation": judged.representation, "auroc_by_representation": judged.auroc}
+    qc.label_model = lm
+    write_json(P.label_model, lm.to_json())
+    log.info("QC rule: %s", lm.why)
+    return lm

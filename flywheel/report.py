@@ -261,8 +261,8 @@ def write_datacard(P, ls, ev, prep, best, cas):
          f"{ls['prompt_version']}, {ls['calls']} paid calls, {usd(ls['cost_usd'])}{' (estimated)' if ls['cost_estimated'] else ''}.",
          "", "**Acceptance rules.** Each image gets two teacher passes: the classes in the given order at temperature 0, then "
          "in another order at a temperature above 0" + (" (adaptive: the second pass only below the confidence threshold, plus an audit fraction)" if ls["second_pass"] == "adaptive" else "")
-         + (f". Rule in force (--second_pass fitted): {ls['qc_rule']['why']}; a first answer below the threshold is accepted "
-            f"only when a second answer{' from ' + ls['second_model'] if ls.get('second_model') else ''} agrees"
+         + (f". Rule in force (--second_pass {ls['second_pass']}): {ls['qc_rule']['why']}; a second answer comes "
+            f"from {ls.get('second_model') or 'the same model'}" + label_model_text(ls['qc_rule'])
             if ls.get("qc_rule") else f". A label is accepted when the passes agree and their mean confidence is >= {ls['conf_thresh']}")
          + (f". Estimated accepted-label accuracy from gold pins: {ls['estimated_accuracy']['accuracy']} (95% CI "
             f"{ls['estimated_accuracy']['ci95'][0]}-{ls['estimated_accuracy']['ci95'][1]})" if ls.get("estimated_accuracy") else "")

@@ -123,7 +123,7 @@ def label_summary(vs, recs, teacher, qc, truth, gold_report, rule) -> dict:
     two = [v for v in vs.values() if len(v.records) == 2]
     acc = [p for p, v in vs.items() if v.status == "accepted"]
     p1 = [(p, v.records[0]["label"]) for p, v in vs.items() if v.records]
-    fitted = rule is not None and qc.second_pass == "fitted"
+    fitted = rule is not None and qc.second_pass in ("fitted", "model")
     estimated = any(r.get("cost_estimated") for r in paid)
     oracle = teacher.source == "oracle"
     return {

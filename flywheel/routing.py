@@ -76,8 +76,10 @@ class CascadeContext(NamedTuple):
     truth: dict           # {path: label} for --simulate_human (SIMULATED answers), else {}
 
     def decide(self, probs, e=None):
-        return decide(probs, self.classes, self.tau, e and e["llm_status"], e and e["llm_label"], self.teacher_acc,
-                      self.contest_below)
+        """The rule for one item; an LLM label the label model judged (llm_p_right) is weighed at that
+        probability, else at the teacher's accuracy on gold."""
+        acc = (e.get("llm_p_right") if e else None) or self.teacher_acc
+        return decide(probs, self.classes, self.tau, e and e["llm_status"], e and e["llm_label"], acc, self.contest_below)
 
     def person(self, path):
         """A person's answer so far: (label, source) or (None, None)."""
@@ -101,17 +103,20 @@ class EscalationLogger:
     appended before the next one finishes (a killed cascade resumes without re-asking). Items with no LLM
     answer (budget stop, errors) are not settled: kept in .unsettled, never logged, asked again next run."""
 
-    def __init__(self, ctx, esc, split, rows, probs):
+    def __init__(self, ctx, esc, split, rows, probs, p_right=False):
         self.ctx, self.esc, self.split, self.probs = ctx, esc, split, probs
+        self.p_right = p_right  # model QC: a verdict's confidence is the label model's P(label right)
         self.index = {r["path"]: i for i, r in enumerate(rows)}
         self.unsettled = {}
 
     def __call__(self, it, verdict):
         ctx, probs = self.ctx, self.probs[self.index[it["path"]]]
-        d = ctx.decide(probs, {"llm_status": verdict.status, "llm_label": verdict.label})
+        p_right = verdict.confidence if self.p_right and verdict.status == "accepted" else None
+        d = ctx.decide(probs, {"llm_status": verdict.status, "llm_label": verdict.label, "llm_p_right": p_right})
         h_lab, h_src = ctx.person(it["path"]) if d.route == "human" else (None, None)
         rec = escalation_record(ctx.sid, ctx.turn, self.split, it["path"], it["sha256"], probs, ctx.classes, ctx.tau,
-                                d.route, verdict.status, verdict.label, verdict.records, h_lab, h_src, d.llm_posterior)
+                                d.route, verdict.status, verdict.label, verdict.records, h_lab, h_src, d.llm_posterior,
+                                p_right)
         if verdict.status == "failed":
             self.unsettled[it["path"]] = rec
         else:
@@ -194,7 +199,7 @@ def cascade_split(P, T, best, ctx, io, manifest, split, rows, inputs, max_worker
     conf, pred = pr.probs.max(1), pr.probs.argmax(1)
     todo = [item(P, manifest, r["path"]) for i, r in enumerate(rows)
             if conf[i] < ctx.tau and io.esc.get(ctx.sid, split, r["path"]) is None]
-    logger = EscalationLogger(ctx, io.esc, split, rows, pr.probs)
+    logger = EscalationLogger(ctx, io.esc, split, rows, pr.probs, p_right=io.qc.second_pass == "model")
     label_items(todo, io.teacher, io.ledger, io.qc, io.budget, "cascade", max_workers, f"cascade {split} LLM",
                 on_done=logger)
     records = {r["path"]: io.esc.get(ctx.sid, split, r["path"]) or logger.unsettled[r["path"]]

@@ -34,6 +34,7 @@ class Paths:
         self.classes = o / "classes.json"
         self.ledger, self.review, self.labels_llm = o / "labels.jsonl", o / "review_labels.csv", o / "labels_llm.csv"
         self.label_summary, self.label_flags = o / "label_summary.json", o / "label_flags.csv"
+        self.label_model = o / "label_model.json"
         self.escalations, self.human_review = o / "escalations.jsonl", o / "human_review.csv"
         self.flywheel_labels = o / "flywheel_labels.csv"
         self.label_merge = o / "labels_merge.json"
@@ -255,7 +256,7 @@ def step_files(P, step, data_root=None, gold_csv=None) -> list:
     if step == "prep":
         return [P.manifest, P.prep_json, P.classes] + ([Path(data_root)] if data_root else [])
     if step == "label":
-        return [P.manifest, P.ledger, P.review, P.labels_llm, P.label_summary, P.label_flags] + ([Path(gold_csv)] if gold_csv else [])
+        return [P.manifest, P.ledger, P.review, P.labels_llm, P.label_summary, P.label_flags, P.label_model] + ([Path(gold_csv)] if gold_csv else [])
     t0 = P.turn0
     labels = [P.manifest, P.review, P.label_summary]
     served = [P.label_flags, P.flywheel_labels, P.human_review, P.escalations, P.ledger]

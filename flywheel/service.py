@@ -123,11 +123,12 @@ class Service:
             status, label, llm_conf, answers, error = NOT_ASKED, None, None, [], unlike
         else:
             status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
-        d = decide(probs, self.classes, self.tau, status, label, self.teacher_acc, self.contest_below)
+        p_right = llm_conf if self.qc.second_pass == "model" and status == "accepted" else None  # the label model's
+        d = decide(probs, self.classes, self.tau, status, label, p_right or self.teacher_acc, self.contest_below)
         if unlike is not None:
             d = d._replace(route="human")  # however confident the student is: it has never seen anything like it
         rec = {**escalation_record(self.student_id, self.turn, "production", rel, sha, probs, self.classes, self.tau,
-                                   d.route, status, label, answers, llm_posterior=d.llm_posterior),
+                                   d.route, status, label, answers, llm_posterior=d.llm_posterior, llm_p_right=p_right),
                "request_id": rid, "upload_sha256": upload_sha, "error": error}
         self.esc.append(rec)  # flushed before the answer leaves: kill -9 loses no logged escalation
         if d.route == "human":

@@ -81,6 +81,7 @@ class Answer:
     cost_estimated: bool = False
     latency_s: float = 0.0
     http_status: int = None
+    label_logprob: float = None  # log-probability of the label's first token, when the endpoint returned logprobs
     extra: dict = field(default_factory=dict)
 
 
@@ -88,6 +89,57 @@ class Answer:
 
 def build_prompt(class_order) -> str:
     return USER_PROMPT.format(class_list="\n".join(f"- {c}" for c in class_order))
+
+
+TOP_LOGPROBS = 5
+# what a body asks for beyond the plain chat call, dropped one at a time (and remembered for the run) when the
+# endpoint answers 400: structured outputs fall back to JSON mode, then to the prompt alone
+RESPONSE_FORMATS = ("json_schema", "json_object", None)
+
+
+def response_format(kind, class_order):
+    """The response_format body for kind (json_schema: the label is an enum of the classes), or None.
+
+    >>> response_format("json_schema", ["a", "b"])["json_schema"]["schema"]["properties"]["label"]
+    {'type': 'string', 'enum': ['a', 'b']}
+    >>> response_format("json_object", ["a"]), response_format(None, ["a"])
+    ({'type': 'json_object'}, None)
+    """
+    if kind == "json_schema":
+        schema = {"type": "object", "additionalProperties": False, "required": ["label", "confidence", "why"],
+                  "properties": {"label": {"type": "string", "enum": list(class_order)},
+                                 "confidence": {"type": "number"}, "why": {"type": "string"}}}
+        return {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": schema}}
+    return {"type": kind} if kind else None
+
+
+def label_logprob(logprobs):
+    """The log-probability of the first token of the reply's label value, from OpenAI's chat logprobs
+    ({"content": [{"token", "logprob", "top_logprobs"}]}); None when the reply has none or no label.
+    A label split over tokens is read at its first token, where the model chose it:
+
+    >>> toks = [('{"', 0.0), ('label', 0.0), ('":', 0.0), (' "', 0.0), ('sweet', -0.2), ('_pe', -0.01), ('pper', 0.0),
+    ...         ('",', 0.0)]
+    >>> label_logprob({"content": [{"token": t, "logprob": lp} for t, lp in toks]})
+    -0.2
+    >>> label_logprob(None), label_logprob({"content": [{"token": "hi", "logprob": -1.0}]})
+    (None, None)
+    """
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not content:
+        return None
+    text, spans = "", []
+    for t in content:
+        tok = str(t.get("token") or "")
+        spans.append((len(text), len(text) + len(tok), t.get("logprob")))
+        text += tok
+    m = re.search(r'"label"\s*:\s*"', text)
+    if not m:
+        return None
+    for start, end, lp in spans:
+        if start <= m.end() < end and lp is not None:
+            return float(lp)
+    return None
 
 
 def question_hash(class_order, temperature, max_tokens=MAX_TOKENS) -> str:
@@ -326,12 +378,14 @@ class LLMTeacher(Closing):
     source = "llm"
 
     def __init__(self, base_url, model, api_key, classes, timeout=DEFAULT_TIMEOUT_S, max_retries=5,
-                 usd_per_mtok_in=0.30, usd_per_mtok_out=2.50, sleep=None, stop=None):
+                 usd_per_mtok_in=0.30, usd_per_mtok_out=2.50, sleep=None, stop=None, logprobs=True):
         self.base_url = base_url.rstrip("/")
         self.host = urlparse(self.base_url).netloc
         self.model, self.classes, self.max_retries = model, list(classes), max_retries
         self.prices = (usd_per_mtok_in, usd_per_mtok_out)
-        self.use_response_format = True  # flipped off for the run when a provider rejects it
+        self.use_response_format = True  # flipped off for the run when a provider rejects every kind
+        self.response_format = RESPONSE_FORMATS[0]  # downgraded for the run when a provider rejects it (400)
+        self.use_logprobs = bool(logprobs)         # turned off for the run when a provider rejects it (400)
         self.stop = stop or threading.Event()  # set on Ctrl-C: retry waits end, no new attempt starts
         self.breaker = CircuitBreaker()
         self._key = api_key
@@ -356,9 +410,32 @@ class LLMTeacher(Closing):
                              {"role": "user", "content": [{"type": "text", "text": build_prompt(class_order)},
                                                           {"type": "image_url", "image_url": {"url": url}}]}],
                 "usage": {"include": True}}  # OpenRouter: report usage.cost in the response
-        if self.use_response_format:
-            body["response_format"] = {"type": "json_object"}
+        if self.use_response_format and (rf := response_format(self.response_format, class_order)) is not None:
+            body["response_format"] = rf
+        if self.use_logprobs:
+            body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         return body
+
+    def _drop_extra(self, body, text) -> bool:
+        """After a 400: stop asking for what the endpoint rejected, for the rest of the run (the error text
+        names it, or logprobs go first); the same question is then asked again, under the same ledger key.
+        -> False when the body asked for nothing extra (the 400 is the answer)."""
+        names_rf = "response_format" in text or "json_schema" in text
+        with self._lock:
+            if "logprobs" in body and self.use_logprobs and ("logprob" in text or not names_rf
+                                                               or "response_format" not in body):
+                self.use_logprobs = False
+                log.info("%s rejected logprobs (400: %s); asking without them for this run", self.host, _short(text))
+                return True
+            if "response_format" in body:
+                kind = body["response_format"]["type"]
+                if self.response_format == kind:  # another thread may have moved on already
+                    self.response_format = RESPONSE_FORMATS[RESPONSE_FORMATS.index(kind) + 1]
+                    self.use_response_format = self.response_format is not None
+                log.info("%s rejected response_format %s (400: %s); asking with %s for this run", self.host, kind,
+                         _short(text), self.response_format or "the prompt alone")
+                return True
+        return False
 
     def ask(self, path, image_file, key, pass_no, class_order, temperature, model=None) -> Answer:
         """One call for one image (to `model`, default this teacher's); `path` and `key` are unused here
@@ -374,7 +451,7 @@ class LLMTeacher(Closing):
 
     def classify(self, image_jpeg: bytes, class_order, temperature: float, model=None) -> Answer:
         t0 = time.monotonic()
-        attempt, n429, waited429, rf_retried = 0, 0, 0.0, False
+        attempt, n429, waited429, dropped = 0, 0, 0.0, 0
         last_error = ""
         while True:
             if self.stop.is_set():  # Ctrl-C: a retry is a new paid call, so none starts
@@ -404,14 +481,8 @@ class LLMTeacher(Closing):
                     raise self._fatal(f"{FATAL_STATUS[status]} from {self.host} for model {self.model}: "
                                       f"{_short(text)}. Nothing more will be requested; fix it and rerun "
                                       f"(answers already paid for are kept in the ledger).")
-                if status == 400 and "response_format" in body and not rf_retried:
-                    # providers that do not accept response_format answer 400; ask once without, and
-                    # remember for the rest of the run
-                    log.info("%s rejected response_format (400: %s); retrying without it for this run",
-                             self.host, _short(text))
-                    with self._lock:
-                        self.use_response_format = False
-                    rf_retried = True
+                if status == 400 and dropped < len(RESPONSE_FORMATS) + 1 and self._drop_extra(body, text):
+                    dropped += 1  # a provider that rejects logprobs or structured outputs: ask without them
                     continue
                 if status == 200:
                     try:
@@ -469,7 +540,8 @@ class LLMTeacher(Closing):
         if cost is None:
             cost, estimated = price_usage(pt, ct, *self.prices), True
         a = Answer("ok", raw=redact(text, self._key), prompt_tokens=pt, completion_tokens=ct, cost_usd=float(cost),
-                   cost_estimated=estimated, latency_s=latency, http_status=200)
+                   cost_estimated=estimated, latency_s=latency, http_status=200,
+                   label_logprob=label_logprob(data["choices"][0].get("logprobs")))
         try:
             a.label, a.confidence, a.why = parse_reply(text, self.classes)
         except InvalidReply as e:

@@ -144,3 +144,19 @@ def ledger_records(run, name="labels.jsonl") -> list:
     (tests poll it while a child appends)."""
     from flywheel.io import read_jsonl
     return read_jsonl(Path(run) / name)[0]
+
+
+def solid_jpeg_items(root, n, offset=0, classes=("apple", "pear")):
+    """n distinct solid-colour JPEGs under root -> ([{path, file, sha256}], {sha256: label}) for label_items."""
+    import hashlib
+    from PIL import Image
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    items, truth = [], {}
+    for i in range(offset, offset + n):
+        f = root / f"{i}.jpg"
+        Image.new("RGB", (8, 8), (i * 37 % 256, i * 91 % 256, 90)).save(f, format="JPEG")
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        items.append({"path": f"images/train/x/{i}.jpg", "file": str(f), "sha256": sha})
+        truth[sha] = classes[i % len(classes)]
+    return items, truth

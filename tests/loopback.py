@@ -43,12 +43,24 @@ class TeacherProfile:
     """
 
     def __init__(self, classes, accuracy=0.83, conf_mode="informative", overlap=0.5, temp_jitter=0.12,
-                 second_accuracy=None, fault_rate=0.05, seed=0, ambiguity=None, coupling=0.5):
+                 second_accuracy=None, fault_rate=0.05, seed=0, ambiguity=None, coupling=0.5, logprobs=False):
         self.classes, self.accuracy, self.conf_mode = list(classes), accuracy, conf_mode
         self.ambiguity, self.coupling = dict(ambiguity or {}), float(coupling)
         self.overlap, self.temp_jitter, self.fault_rate, self.seed = overlap, temp_jitter, fault_rate, seed
         self.second_accuracy = accuracy if second_accuracy is None else second_accuracy
+        self.logprobs = logprobs  # the endpoint returns the label token's log-probability when asked
         self.primary = None  # the first model name seen is the primary
+
+    def logprob(self, sha, model, temperature, n_call):
+        """The label token's log-probability (None: this endpoint returns none): the model's margin over its
+        own decision boundary (accuracy - difficulty) plus noise, so it separates right from wrong well but
+        not perfectly (AUROC ~0.9, like token probabilities in the calibration literature)."""
+        import math
+        if not self.logprobs:
+            return None
+        acc = self.accuracy if model == self.primary else self.second_accuracy
+        z = 8.0 * (acc - self.difficulty(sha, model)) + 1.5 + 1.0 * self._normal("lp", sha, model, temperature, n_call)
+        return round(-math.log1p(math.exp(-z)), 4)
 
     def _u(self, *parts):
         h = hashlib.sha256("|".join(map(str, (self.seed,) + parts)).encode()).digest()
@@ -122,12 +134,14 @@ def sum_uniform_cdf(x, a, b):
 class LoopbackTeacher:
     def __init__(self, truth=None, classes=None, latency_s=0.0, max_concurrency=None, wrong_rate=0.0,
                  style="plain", confidence=0.93, wrong_confidence=None, cost=0.0001, report_cost=True, reject_response_format=False,
-                 seed=0, profile=None):
+                 seed=0, profile=None, reject_logprobs=False, logprob=None):
         self.truth, self.classes = dict(truth or {}), list(classes or [])
         self.latency_s, self.max_concurrency, self.wrong_rate = latency_s, max_concurrency, wrong_rate
         self.style, self.confidence, self.cost, self.report_cost = style, confidence, cost, report_cost
         self.wrong_confidence = confidence if wrong_confidence is None else wrong_confidence
         self.reject_response_format = reject_response_format
+        self.reject_logprobs = reject_logprobs  # answer 400 to a body that asks for logprobs
+        self.logprob = logprob           # the label token's log-probability when asked (None: the request is ignored)
         self.script = []                 # actions consumed one per request
         self.requests = Counter()        # (sha256, pass) -> requests received
         self.completed = Counter()       # (sha256, pass) -> 200 answers sent
@@ -217,6 +231,8 @@ class LoopbackTeacher:
                 return self._send(h, 200, raw=action["raw"].encode())
             if self.reject_response_format and "response_format" in body:
                 return self._send(h, 400, {"error": {"message": "response_format is not supported"}})
+            if self.reject_logprobs and "logprobs" in body:
+                return self._send(h, 400, {"error": {"message": "logprobs is not supported for this model"}})
             if self.latency_s:
                 time.sleep(self.latency_s)
             label = self.truth.get(sha, self.classes[0] if self.classes else "apple")
@@ -245,9 +261,7 @@ class LoopbackTeacher:
             with self._lock:
                 self.completed[(sha, pass_no)] += 1
             self._send(h, 200, {"id": "x", "object": "chat.completion", "model": body.get("model"),
-                                "choices": [{"index": 0, "finish_reason": "stop",
-                                             "message": {"role": "assistant", "content": text}}],
-                                "usage": usage})
+                                "choices": [self.choice(text, label, body, self.logprob)], "usage": usage})
         finally:
             with self._lock:
                 self._inflight -= 1
@@ -258,6 +272,7 @@ class LoopbackTeacher:
             n_call = self.completed[(sha, model, temp)]
             self.completed[(sha, model, temp)] += 1
         label, conf, fault = self.profile.answer(sha, truth, model, temp, n_call)
+        lp = self.profile.logprob(sha, model, temp, n_call)
         if fault == "429":
             return self._send(h, 429, {"error": {"message": "rate limited", "code": 429}}, {"Retry-After": "0.01"})
         if fault == "500":
@@ -270,9 +285,22 @@ class LoopbackTeacher:
         style = {"prose": "prose", "fenced": "fenced", "variant": "variant"}.get(fault, "plain")
         usage = {"prompt_tokens": 400, "completion_tokens": 20, "total_tokens": 420, "cost": self.cost}
         self._send(h, 200, {"id": "x", "object": "chat.completion", "model": model,
-                            "choices": [{"index": 0, "finish_reason": "stop",
-                                         "message": {"role": "assistant", "content": self.render(label, style, conf)}}],
-                            "usage": usage})
+                            "choices": [self.choice(self.render(label, style, conf), label, body, lp)], "usage": usage})
+
+    @staticmethod
+    def choice(text, label, body, lp):
+        """One choice; with logprobs asked for and lp set, OpenAI's logprobs.content for the text, the label's
+        first token (its first half: a label split over two tokens) carrying lp, every other token 0.0."""
+        out = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+        if not body.get("logprobs") or lp is None:
+            return out
+        at = text.find(f'"{label}"')
+        if at < 0:  # a reply that does not spell the label as listed: no token to read
+            return out
+        at, half = at + 1, max(1, len(label) // 2)
+        toks = [(text[:at], 0.0), (label[:half], float(lp)), (label[half:], -0.001), (text[at + len(label):], 0.0)]
+        out["logprobs"] = {"content": [{"token": t, "logprob": v, "top_logprobs": []} for t, v in toks if t]}
+        return out
 
     def _unit(self, *parts):
         h = hashlib.sha256("|".join(map(str, (self.seed,) + parts)).encode()).digest()

@@ -23,7 +23,12 @@ truth = truth_by_sha
 
 def label(run, srv, *extra):
     return run_cli("--step", "label", "--out_dir", run, "--data_root", run.parent / "data", "--llm_base_url", srv.url,
-                   "--llm_model", "test/model", "--max_workers", 4, *extra)
+                   "--llm_model", "test/model", "--max_workers", 4, *ALWAYS, *extra)
+
+
+# these tests are about the ledger's mechanics over two passes (resume, kill -9, budget, disagreement): pinned to
+# the rule that always asks both; the label model's own choices are tested in test_labelmodel.py
+ALWAYS = ["--second_pass", "always"]
 
 
 ledger = ledger_records

@@ -25,13 +25,17 @@ truth = truth_by_sha
 
 def label(run, url, *extra):
     return run_cli("--step", "label", "--out_dir", run, "--data_root", run.parent / "data", "--llm_base_url", url,
-                   "--llm_model", "test/model", "--max_workers", 4, *extra)
+                   "--llm_model", "test/model", "--max_workers", 4, *ALWAYS, *extra)
+
+
+# the money tests count both passes of every image: pinned to the rule that always asks both
+ALWAYS = ["--second_pass", "always"]
 
 
 def label_cmd(run, url, *extra):
     return [sys.executable, str(ROOT / "cifar_distill.py"), "--step", "label", "--out_dir", str(run),
             "--data_root", str(run.parent / "data"), "--llm_base_url", url, "--llm_model", "test/model",
-            *map(str, extra)]
+            *ALWAYS, *map(str, extra)]
 
 
 ledger = ledger_records

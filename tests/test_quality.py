@@ -186,7 +186,7 @@ def test_label_step_flags_what_the_held_out_model_contradicts(tmp_path, monkeypa
     profile = TeacherProfile(CLASSES, conf_mode="flat", accuracy=0.8, fault_rate=0.0, seed=3)
     with LoopbackTeacher(truth, CLASSES, profile=profile) as srv:
         run_cli("--step", "label", "--out_dir", run, "--data_root", tmp_path / "data", "--llm_base_url", srv.url,
-                "--max_label", 300, "--gold_n", 80, "--min_gold_acc", 0, "--max_workers", 4)
+                "--max_label", 300, "--gold_n", 80, "--min_gold_acc", 0, "--max_workers", 4, "--second_pass", "fitted")
     s = read_json(run / "label_summary.json")
     student = s["qc_rule"]["student"]
     assert student["auroc"] > 0.6 and student["trusted"]

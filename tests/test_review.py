@@ -32,7 +32,7 @@ def labeled(tmp_path_factory):
 
 def label(d, srv, *extra):
     run_cli("--step", "label", "--out_dir", d / "run", "--data_root", d / "data", "--llm_base_url", srv.url,
-            "--max_label", 20, "--max_workers", 4, *extra)
+            "--max_label", 20, "--max_workers", 4, "--second_pass", "always", *extra)  # disagreements need both passes
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ def test_routes_under_concurrency_errors_and_kill9(served):
     concurrent = [(u, c) for u, c in zip(uploads, confs) if u not in (disagree, unauthorised)]
     with LoopbackTeacher(classes=CLASSES, cost=0.001) as teacher:
         # --contest_below 0: an accepted LLM label stands, so the LLM route is the teacher's answer
-        srv = Server(run, teacher.url, "--tau", tau, "--contest_below", 0)
+        srv = Server(run, teacher.url, "--tau", tau, "--contest_below", 0, "--second_pass", "always")  # both passes
         try:
             h = httpx.get(srv.url + "/health").json()
             assert h["status"] == "ok" and h["student"] == "turn_0" and h["tau"] == tau

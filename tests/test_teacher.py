@@ -46,7 +46,10 @@ def test_happy_path_request_shape(srv):
     a = client(srv).classify(JPEG, CLASSES, 0.0)
     assert a.status == "ok"
     assert srv.auth_headers == ["Bearer sk-test-SECRET"]
-    assert srv.bodies[0]["response_format"] == {"type": "json_object"}
+    rf = srv.bodies[0]["response_format"]  # structured outputs: the label is an enum of the classes
+    assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["properties"]["label"]["enum"] == CLASSES
+    assert srv.bodies[0]["logprobs"] is True and srv.bodies[0]["top_logprobs"] == T.TOP_LOGPROBS
+    assert a.label_logprob is None  # this endpoint ignores the request: nothing to read, and that is fine
     assert srv.requests[(SHA, 1)] == 1
 
 
@@ -103,8 +106,31 @@ def test_response_format_rejected_once_then_remembered(srv):
     assert c.classify(JPEG, CLASSES, 0.0).status == "ok"
     assert c.use_response_format is False
     assert c.classify(JPEG, CLASSES, 0.0).status == "ok"
-    # 1 rejected + 1 without, then 1 without: the rejection is not paid for again
-    assert ["response_format" in b for b in srv.bodies] == [True, False, False]
+    # structured outputs rejected, then JSON mode rejected, then the prompt alone; the next call goes straight
+    # there: the rejections are not asked again, and logprobs (not named by the error) are still asked for
+    assert [(b.get("response_format") or {}).get("type") for b in srv.bodies] == ["json_schema", "json_object", None, None]
+    assert all(b.get("logprobs") for b in srv.bodies)
+
+
+def test_logprobs_rejected_once_then_remembered(srv):
+    srv.reject_logprobs = True
+    c = client(srv)
+    a = c.classify(JPEG, CLASSES, 0.0)
+    assert a.status == "ok" and a.label == "sweet_pepper" and c.use_logprobs is False
+    assert c.classify(JPEG, CLASSES, 0.0).status == "ok"
+    assert ["logprobs" in b for b in srv.bodies] == [True, False, False]
+    assert all(b["response_format"]["type"] == "json_schema" for b in srv.bodies)  # not named: kept
+
+
+def test_logprobs_off_asks_for_none(srv):
+    client(srv, logprobs=False).classify(JPEG, CLASSES, 0.0)
+    assert "logprobs" not in srv.bodies[0]
+
+
+def test_label_logprob_read_from_the_first_token_of_a_split_label(srv):
+    srv.logprob = -0.3567  # sweet_pepper is sent as two tokens, "sweet_" (this) and "pepper"
+    a = client(srv).classify(JPEG, CLASSES, 0.0)
+    assert a.label == "sweet_pepper" and a.label_logprob == pytest.approx(-0.3567)
 
 
 def test_connection_refused_is_an_error_not_a_crash():
@@ -264,5 +290,5 @@ def test_httpx_request_lines_stay_off_the_console(tmp_path, caplog, monkeypatch)
     with LoopbackTeacher(truth, CLASSES) as s:
         run_cli("--step", "label", "--out_dir", tmp_path / "run", "--data_root", tmp_path / "data", "--llm_base_url",
                 s.url, "--max_label", 4)
-        assert sum(s.requests.values()) == 8
+        assert sum(s.requests.values()) >= 4  # every image asked at least once
     assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
