@@ -149,14 +149,14 @@ OPTION_GROUPS = {
         "weight_decay": (float, 0.05, "AdamW weight decay"),
         "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) for model selection and calibration"),
         "resume": (bool, False, "continue an interrupted training run from artifacts/last.pt"),
+        "label_weights": (str, "model", "model (a teacher label weighs its label-model probability of being right) | none (hard labels)"),
         "measure_noise_cost": (bool, False, "also train on the manifest's ground-truth labels of the same images, to report in "
                                             "eval.json what label noise costs the student (measuring only; doubles training)"),
         "num_threads": (int, 0, "torch CPU threads, 0 = torch's default"),
     },
     "serve": {
         "host": (str, "127.0.0.1", "serve: address to listen on (0.0.0.0 exposes it to the network)"),
-        "port": (int, 8000, "serve: TCP port"),
-        "max_upload_mb": (float, 10.0, "serve: larger uploads get HTTP 413"),
+        "port": (int, 8000, "serve: TCP port"), "max_upload_mb": (float, 10.0, "serve: larger uploads get HTTP 413"),
     },
     "cascade and flywheel": {
         "tau": (float, None, "cascade and serve: the student's confidence threshold, fixed by hand in (0, 1] (unset: "
@@ -188,14 +188,14 @@ START_HERE = ["step", "demo", "out_dir", "dataset", "data_root", "classes", "tea
 CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
            "second_pass": ["model", "fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "logprobs": ["auto", "off"], "relabel_strategy": ["targeted", "random", "margin"],
            "paid_answers": ["on", "off"], "pseudo_labels": ["on", "off"],
-           "retrain": ["best", "continue", "scratch"], "student": list(STUDENTS), "recipe": list(RECIPES), "device": ["auto", "cpu", "cuda", "mps"],
+           "retrain": ["best", "continue", "scratch"], "student": list(STUDENTS), "label_weights": ["model", "none"], "recipe": list(RECIPES), "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 # the flags that shape each step's outputs (the others change only speed, logging or where things go): a rerun
 # with the same ones and the same files does nothing (flywheel.run stamps)
 _ASK = ["classes", "seed", "teacher", "oracle_noise", "llm_base_url", "llm_model", "second_model", "second_pass",
         "conf_thresh", "target_label_precision", "min_yield", "confident_learning", "adaptive_thresh", "audit_frac", "second_temp",
         "max_invalid", "max_usd"]
-_FIT = ["classes", "seed", "student", "recipe", "weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "measure_noise_cost"]
+_FIT = ["classes", "seed", "student", "recipe", "weights", "label_weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "measure_noise_cost"]
 _ROUTE = ["tau", "target_precision", "escalation_budget", "contest_below", "simulate_human"]
 SHAPED_BY = {"prep": ["dataset", "classes", "max_per_class", "img_size", "no_sharpen"],
              "label": _ASK + ["max_label", "gold_csv", "gold_n", "min_gold_acc"],

@@ -24,8 +24,11 @@ over seeds. Rules:
             at the lower 95% bound, else every image twice; held-out flags
   default   the default (--second_pass model) with 100 gold pins: the label model on every signal, decisions
             by value, --min_yield 0.75 when the target cannot be met
-In each cell the default should be within 1 point of the best rule whose yield is >= 75%, and never below the
-raw teacher; the last columns say whether it is.
+  top-75%   a simple baseline computed from the default run's first answers: the 75% with the highest stated
+            confidence, one call an image, no gold
+In each cell the default should be within 1 point of the best rule whose yield is at least 75% and at least the
+default's own (less 2 points: a rule that buys accuracy by accepting fewer labels is not better), and never below
+the raw teacher; the last column says whether it is.
 """
 import argparse
 import itertools
@@ -41,7 +44,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from common import mean_std, memoise_embeddings, quiet_offline_workdir  # noqa: E402
 from fakes import COLOURS, make_cifar_folder, mean_rgb, run_cli  # noqa: E402
-from flywheel.io import read_csv, read_json  # noqa: E402
+from flywheel.io import read_csv, read_json, read_jsonl  # noqa: E402
 from loopback import LOOKALIKES, LoopbackTeacher, TeacherProfile  # noqa: E402
 
 CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
@@ -76,9 +79,26 @@ def label_run(prepped, run, server, rule, n_images, seed, second, data_root):
                 "--llm_model", "sim/primary-model", "--max_label", n_images, "--max_workers", 10, "--seed", seed,
                 "--log_level", "ERROR", *RULES[rule], *(["--second_model", "sim/second-model"] if second else []))
     s = read_json(run / "label_summary.json")
+    out = {"raw": s["pass1_accuracy"], "acc": s["teacher_accuracy"], "yield": s["accepted"] / s["requested_images"],
+           "calls": s["calls"] / s["requested_images"], "mode": (s.get("qc_rule") or {}).get("mode")}
+    if rule == "default":
+        out["top75"] = top_share_by_confidence(run, out["raw"])
     shutil.rmtree(run)
-    return {"raw": s["pass1_accuracy"], "acc": s["teacher_accuracy"], "yield": s["accepted"] / s["requested_images"],
-            "calls": s["calls"] / s["requested_images"], "mode": (s.get("qc_rule") or {}).get("mode")}
+    return out
+
+
+def top_share_by_confidence(run, raw, share=MIN_YIELD):
+    """The simple baseline, computed from the run's own first answers: keep the `share` with the highest stated
+    confidence (ties in image order), one call an image, no gold."""
+    truth = {r["path"]: r["label"] for r in read_csv(run / "manifest.csv")}
+    requested = {r["path"] for r in read_csv(run / "review_labels.csv")}
+    first = {}
+    for r in read_jsonl(run / "labels.jsonl")[0]:
+        if r.get("pass") == 1 and r.get("status") == "ok" and r["path"] in requested and r["model"] == "sim/primary-model":
+            first.setdefault(r["path"], r)
+    ranked = sorted(first.values(), key=lambda r: (-float(r["confidence"]), r["sha256"]))[:round(share * len(requested))]
+    return {"raw": raw, "acc": float(np.mean([r["label"] == truth[r["path"]] for r in ranked])),
+            "yield": len(ranked) / len(requested), "calls": 1.0, "mode": None}
 
 
 def synthetic_cells(tmp, a):
@@ -100,21 +120,24 @@ def real_cells(tmp, a):
     from real_images import ClassifierTeacher, digits, fashion, sample, write_folder
     for name in ("fashion", "digits"):
         x, y = fashion("train") if name == "fashion" else digits()
-        rng = np.random.default_rng(0)
-        fit = sample(x, y, a.teacher_fit, rng)
         per = -(-a.images // len(set(y)))
-        tr = sample(x, y, per, rng, exclude=fit)
-        write_folder(tmp / name, {"train": (x[tr], y[tr], tr), "test": (x[fit[:5]], y[fit[:5]], fit[:5])})
+        tr = sample(x, y, per, np.random.default_rng(0))
+        write_folder(tmp / name, {"train": (x[tr], y[tr], tr), "test": (x[tr[:5]], y[tr[:5]], tr[:5])})
         run_cli("--step", "prep", "--dataset", "folder", "--data_root", tmp / name, "--out_dir", tmp / f"{name}-prepped",
                 "--img_size", 28, "--log_level", "ERROR")
-        answers = dict(zip((f"{i:06d}.png" for i in tr), ClassifierTeacher(x[fit], y[fit]).answer(x[tr])))
         rows = [r for r in read_csv(tmp / f"{name}-prepped" / "manifest.csv") if r["split"] == "train"]
-        classes = sorted(set(y))
+        answers = {}  # seed -> {file: (label, probability)}: each seed's teacher is fitted on other held-out images
+        for seed in range(a.seeds):
+            fit = sample(x, y, a.teacher_fit, np.random.default_rng(1000 + seed), exclude=tr)
+            answers[seed] = dict(zip((f"{i:06d}.png" for i in tr), ClassifierTeacher(x[fit], y[fit], seed).answer(x[tr])))
         for conf in ("informative", "flat"):
-            by_sha = {r["sha256"]: (answers[r["source_index"]][0], answers[r["source_index"]][1] if conf == "informative"
-                                    else 0.95) for r in rows}
+            def server(seed, conf=conf, classes=sorted(set(y))):
+                by_sha = {r["sha256"]: (answers[seed][r["source_index"]][0],
+                                        answers[seed][r["source_index"]][1] if conf == "informative" else 0.95)
+                          for r in rows}
+                return LoopbackTeacher(by_sha, classes, cost=0.0002)
             yield f"real {name} conf={conf} (logistic-regression teacher)", tmp / f"{name}-prepped", tmp / name, \
-                (lambda seed, by_sha=by_sha, classes=classes: LoopbackTeacher(by_sha, classes, cost=0.0002)), False
+                server, False
 
 
 def main():
@@ -122,7 +145,7 @@ def main():
     p.add_argument("--images", type=int, default=1500, help="images requested per label run (default: 1500)")
     p.add_argument("--seeds", type=int, default=2, help="seeds (stand-in draws, gold sample, QC) (default: 2)")
     p.add_argument("--accuracy", type=float, default=0.83, help="synthetic teacher's raw accuracy at T=0 (default: 0.83)")
-    p.add_argument("--teacher_fit", type=int, default=12,
+    p.add_argument("--teacher_fit", type=int, default=6,
                    help="real cells: held-out images per class the stand-in classifier is fitted on (default: 12)")
     p.add_argument("--cells", choices=["all", "synthetic", "real"], default="all", help="which cells (default: all)")
     a = p.parse_args()
@@ -138,20 +161,23 @@ def main():
         for name, prepped, data_root, server, second in itertools.chain(*gens):
             res = {rule: [label_run(prepped, tmp / f"run-{rule}-{s}", server(s), rule, a.images, s, second, data_root)
                           for s in range(a.seeds)] for rule in RULES}
+            res["top-75%"] = [x["top75"] for x in res["default"]]
             gain = {r: float(np.mean([100 * (x["acc"] - x["raw"]) for x in v])) for r, v in res.items()}
             yld = {r: float(np.mean([x["yield"] for x in v])) for r, v in res.items()}
-            best = max((g for r, g in gain.items() if yld[r] >= MIN_YIELD), default=gain["default"])
+            # a rule is only "better" if it does not buy its accuracy by accepting fewer labels than the default
+            floor = max(MIN_YIELD, yld["default"] - 0.02)
+            best = max((g for r, g in gain.items() if yld[r] >= floor), default=gain["default"])
             ok = gain["default"] >= best - 1.0 and gain["default"] >= 0.0
             held, within = held + 1, within + ok
             for rule, v in res.items():
-                verdict = (f"{'holds' if ok else 'FAILS'} (best at yield >= 75%: {best:+.1f}; modes "
+                verdict = (f"{'holds' if ok else 'FAILS'} (best at its yield or more: {best:+.1f}; modes "
                            f"{sorted({str(x['mode']) for x in v})})") if rule == "default" else ""
                 print(f"{name if rule == 'original' else '':<66}{rule:<10}{mean_std([x['raw'] for x in v], 100):>12}"
                       f"{mean_std([100 * (x['acc'] - x['raw']) for x in v]):>14}{mean_std([x['yield'] for x in v], 100):>13}"
                       f"{mean_std([x['calls'] for x in v], 1, 2):>12}  {verdict}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"the default is within 1 point of the best rule at yield >= 75% and never below raw in {within} of {held} "
+    print(f"the default is within 1 point of the best rule at yield >= max(75%, its own - 2 pts) and never below raw in {within} of {held} "
           f"cells; {time.time() - t0:.0f}s")
 
 

@@ -13,6 +13,8 @@ image with its prediction, stating its probability as confidence (bench/real_ima
     uv run python bench/student_bench.py                                  # fashion, 300 and 1,500 labels, 3 seeds
     uv run python bench/student_bench.py --dataset digits --labels 300 --seeds 3
     uv run python bench/student_bench.py --labels 300 --seeds 1 --arms scratch/augment,pretrained/augment
+    uv run python bench/student_bench.py --labels 1500 --gold_n 100 --cascade --arms pretrained/augment,pretrained/augment/hard
+                                            # label-model weights vs hard labels, and the cascade's calls and accuracy
 
 Prints test accuracy on teacher labels and on ground truth (mean ± std over seeds), the noise cost and the
 training time per arm.
@@ -59,17 +61,19 @@ def make_data(d, a, seed):
     teacher = ClassifierTeacher(x[fit], y[fit], seed)
     answers = dict(zip((f"{i:06d}.png" for i in tr), teacher.answer(x[tr])))
     acc = float(np.mean([answers[f"{i:06d}.png"][0] == c for i, c in zip(tr, y[tr])]))
-    return answers, acc
+    on_test = teacher.answer(test[0])  # the cascade asks about test images too
+    answers.update(zip((f"{i:06d}.png" for i in test[2]), on_test))
+    return answers, acc, float(np.mean([t[0] == c for t, c in zip(on_test, test[1])]))
 
 
 def one_seed(tmp, a, seed):
     d = tmp / f"seed{seed}"
-    answers, teacher_acc = make_data(d, a, seed)
+    answers, teacher_acc, test_acc = make_data(d, a, seed)
     base = d / "base"
     run_cli("--step", "prep", "--dataset", "folder", "--data_root", d / "data", "--out_dir", base, "--img_size", a.img_size,
             "--seed", seed, "--log_level", "WARNING")
-    by_sha = {r["sha256"]: answers[r["source_index"]] for r in read_csv(base / "manifest.csv") if r["split"] == "train"}
-    out = {"teacher_acc": teacher_acc}
+    by_sha = {r["sha256"]: answers[r["source_index"]] for r in read_csv(base / "manifest.csv")}
+    out = {"teacher_acc": teacher_acc, "teacher_test_acc": test_acc}
     for n in a.labels:
         lab = d / f"labels{n}"
         for reps in ([("pixels",)] if a.qc_control else []) + [None]:  # None: the default (every representation)
@@ -90,21 +94,37 @@ def one_seed(tmp, a, seed):
                                                "acc": ls["teacher_accuracy"], "raw": ls["pass1_accuracy"],
                                                "yield": ls["yield"], "calls": ls["calls_per_image"]}
         for arm in a.arms:
-            init, recipe = arm.split("/")
-            run = d / f"{n}_{init}_{recipe}"
+            init, recipe, *hard = arm.split("/")  # init/recipe/hard: the control, hard labels (--label_weights none)
+            run = d / f"{n}_{arm.replace('/', '_')}"
             shutil.copytree(lab, run)
             t0 = time.time()
-            run_cli("--step", "train", "--out_dir", run, *INITS[init], "--recipe", recipe, "--epochs",
+            run_cli("--step", "train", "--out_dir", run, *INITS[init], "--recipe", recipe,
+                    *(["--label_weights", "none"] if hard else []), "--epochs",
                     a.epochs if init == "scratch" else a.pretrained_epochs, "--batch_size", a.batch_size,
                     "--measure_noise_cost", "--seed", seed, "--log_level", "WARNING")
             secs = (time.time() - t0) / 2  # the run trains twice: on teacher labels and on the ground truth
             run_cli("--step", "eval", "--out_dir", run, "--log_level", "WARNING")
             ev = read_json(run / "artifacts" / "eval.json")
+            if a.cascade and arm == a.arms[0]:
+                out[(n, "cascade")] = cascade(run, d, by_sha, seed)
             out[(n, arm)] = {"acc": ev["accuracy"], "gt": ev["noise_cost"]["ground_truth_twin_accuracy"],
                              "cost": ev["noise_cost"]["noise_cost_pts"], "secs": secs,
                              "label_acc": ls["teacher_accuracy"], "accepted": ls["accepted"]}
             shutil.rmtree(run / "cache", ignore_errors=True)
     return out
+
+
+def cascade(run, d, by_sha, seed):
+    """The cascade step on the trained run (test split): LLM calls per escalated item, total calls against calling
+    the LLM on every item, and the accuracy of the answers it returns without a person."""
+    with LoopbackTeacher(by_sha, sorted({v[0] for v in by_sha.values()})) as srv:
+        run_cli("--step", "cascade", "--out_dir", run, "--data_root", d / "data", "--llm_base_url", srv.url + "/v1",
+                "--llm_model", "sim/classifier", "--seed", seed, "--log_level", "WARNING")
+    t = read_json(run / "artifacts" / "cascade.json")["test"]
+    esc = round(t["n"] * t["escalation_rate"])
+    return {"calls_per_escalated": t["llm_calls"] / esc if esc else 0.0, "calls": t["llm_calls"],
+            "llm_only": t["llm_only_calls"], "accuracy": t["accuracy"], "to_person": t["routes"].get("human", 0.0),
+            "escalated": t["escalation_rate"]}
 
 
 def main(argv=None):
@@ -119,6 +139,8 @@ def main(argv=None):
                    help="gold pins for the label step (0: the project's default, no gold) (default: 0)")
     p.add_argument("--qc_control", action="store_true",
                    help="also label with the held-out model on 12x12 pixels only, the control for embeddings (default: off)")
+    p.add_argument("--cascade", action="store_true",
+                   help="also run the cascade step on the first arm's student and print its calls and accuracy (default: off)")
     p.add_argument("--img_size", type=int, default=96, help="prep's image side in px (default: 96)")
     p.add_argument("--epochs", type=int, default=10, help="epochs from scratch (default: 10)")
     p.add_argument("--pretrained_epochs", type=int, default=4, help="epochs for the pretrained student (default: 4)")
@@ -130,9 +152,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     a.labels = [int(v) for v in a.labels.split(",")]
     a.arms = [arm for arm in a.arms.split(",") if arm]
-    bad = [arm for arm in a.arms if arm.count("/") != 1 or arm.split("/")[0] not in INITS or arm.split("/")[1] not in RECIPES]
+    bad = [arm for arm in a.arms if arm.count("/") not in (1, 2) or arm.split("/")[0] not in INITS
+           or arm.split("/")[1] not in RECIPES or arm.split("/")[2:] not in ([], ["hard"])]
     if bad:
-        raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe with init in {list(INITS)} and recipe in {list(RECIPES)}")
+        raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe[/hard] with init in {list(INITS)} and recipe in "
+                         f"{list(RECIPES)} (/hard: train on hard labels, --label_weights none)")
     seeds, secs = over_seeds("student_bench_", lambda tmp, s: one_seed(tmp, a, s), a.seeds)
     print(f"{a.dataset} ({'5 allowed Fashion-MNIST classes' if a.dataset == 'fashion' else 'digits'}), {a.img_size}px, "
           f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher: logistic "
@@ -147,6 +171,14 @@ def main(argv=None):
               f"{mean_std([x['calls'] for x in q], nd=2)} calls/image; held-out model AUROC on gold: "
               + ", ".join(f"{rep} {mean_std([x['auroc'].get(rep) for x in q], nd=3)}" for rep in ("pixels", "embeddings"))
               + f"; chosen: {[x['rep'] for x in q]}")
+        if a.cascade:
+            c = [s[(n, "cascade")] for s in seeds]
+            print(f"{n:>6}  cascade ({a.arms[0]}, test split): escalated {mean_std([x['escalated'] for x in c], 100)}%, "
+                  f"{mean_std([x['calls_per_escalated'] for x in c], nd=2)} LLM calls per escalated item, "
+                  f"{mean_std([x['calls'] for x in c], nd=0)} calls vs LLM-only {mean_std([x['llm_only'] for x in c], nd=0)}; "
+                  f"accuracy without a person {mean_std([x['accuracy'] for x in c], 100)}% vs the raw teacher on the same "
+                  f"items {mean_std([s['teacher_test_acc'] for s in seeds], 100)}%; to a person "
+                  f"{mean_std([x['to_person'] for x in c], 100)}%")
         for arm in a.arms:
             r = [s[(n, arm)] for s in seeds]
             print(f"{n:>6}  {arm:<20} {mean_std([x['accepted'] for x in r], nd=0):>9} "

@@ -41,6 +41,7 @@ PRIOR_MEAN = {"bias": 0.0, "confidence": 0.7, "logprob": 0.7, "held_out": 0.3, "
 # class offsets (few pins each) are shrunk hardest toward 0
 PRIOR_PRECISION = {"bias": 0.01, "confidence": 1.0, "logprob": 1.0, "held_out": 1.0, "agree": 1.0, "class": 4.0}
 PRIOR_THRESHOLD = 0.7  # t before any label step fitted one (a cascade on a run without label_model.json)
+PRIOR_ASK_ABOVE = 0.6  # and the narrow band below it where a second answer is asked
 CV_FOLDS = 5
 
 
@@ -222,7 +223,8 @@ class LabelModel:
 def prior_model(classes, signals=("confidence", "logprob", "held_out")):
     """The stated priors, before any gold: used until a label step fits one."""
     return LabelModel(fit_model([], [], classes, list(signals)), fit_model([], [], classes, [*signals, "agree"]),
-                      PRIOR_THRESHOLD, "prior", f"stated priors, no gold pins; accept at >= {PRIOR_THRESHOLD}", 0)
+                      PRIOR_THRESHOLD, "prior", f"stated priors, no gold pins; accept at >= {PRIOR_THRESHOLD}, a second "
+                      f"answer from {PRIOR_ASK_ABOVE} where an agreeing one would lift it over", 0, PRIOR_ASK_ABOVE)
 
 
 def decision(p1, p_plus, t, ask_above=0.0):

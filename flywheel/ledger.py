@@ -32,7 +32,7 @@ from flywheel.io import Closing, JsonlAppender, iter_jsonl
 log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 2
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 HEAD_BYTES = 4096  # the index remembers a hash of the JSONL's first bytes: a replaced file is reindexed
 REVIEW_FIELDS = ["path", "llm_label", "confidence", "label_final", "status"]
 REVIEW_REQUIRED = ["path", "llm_label", "label_final", "status"]
@@ -40,7 +40,7 @@ STATUSES = ["accepted", "disagreed", "low_confidence", "flagged", "invalid", "fa
 APPROVED, GOLD = "approved", "gold"  # statuses a person sets (approve a row as it is) or --gold_csv sets
 # the small fields the index keeps per call: what QC, costs and summaries read (never raw or why)
 INDEX_FIELDS = ["key", "status", "pass", "model", "purpose", "source", "path", "sha256", "label", "confidence",
-                "cost_usd", "cost_estimated", "latency_s", "prompt_tokens", "completion_tokens", "http_status", "ts"]
+                "label_logprob", "cost_usd", "cost_estimated", "latency_s", "prompt_tokens", "completion_tokens", "http_status", "ts"]
 
 
 def call_key(sha256, pass_no, model, question) -> str:

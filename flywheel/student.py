@@ -513,10 +513,11 @@ def model_from_checkpoint(ck, device=None):
 
 
 def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, device, resume=False,
-                  _on_batch=None):
+                  _on_batch=None, w_tr=None):
     """Train, checkpoint each epoch to art_dir/last.pt, keep the best-validation model in best.pt.
 
-    x_* uint8 [N, 3, H, W] (a tensor, or an Images view read one batch at a time); y_* int64 [N]. cfg needs
+    x_* uint8 [N, 3, H, W] (a tensor, or an Images view read one batch at a time); y_* int64 [N]; w_tr float [N]
+    per-image loss weights (None: all 1), normalised by their mean so the learning rate means the same. cfg needs
     epochs, batch_size, lr, weight_decay, seed. Returns the best checkpoint dict (without calibration; see
     calibrate_checkpoint).
 
@@ -561,7 +562,9 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
     steps_per_epoch = max(1, len(x_tr) // bs)  # drop the ragged last batch: BN needs >1 sample
     total = cfg["epochs"] * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    crit = nn.CrossEntropyLoss(label_smoothing=0.0 if recipe == "plain" else LABEL_SMOOTHING)
+    crit = nn.CrossEntropyLoss(label_smoothing=0.0 if recipe == "plain" else LABEL_SMOOTHING, reduction="none")
+    w_tr_t = torch.ones(len(x_tr)) if w_tr is None else torch.as_tensor(np.asarray(w_tr, np.float32))
+    w_tr_t = w_tr_t / w_tr_t.mean().clamp_min(1e-12)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     model_args = {"arch": arch, "num_classes": len(classes), "img_size": int(x_tr.shape[-1])}
@@ -602,7 +605,7 @@ def train_student(x_tr, y_tr, x_va, y_va, classes, cfg, art_dir, init_weights, d
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with amp_context(device):
                 out = model(xb)
-                loss = crit(out.float(), yb)
+                loss = (crit(out.float(), yb) * w_tr_t[idx].to(device)).mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

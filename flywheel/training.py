@@ -20,8 +20,9 @@ from flywheel.student import (ARCH, calibrate_checkpoint, dist_world, hash_split
 
 log = logging.getLogger(__name__)
 
-TRAIN_ROW_FIELDS = ["path", "label", "source", "split", "turn"]
-TRAIN_SETTINGS = ("student", "recipe", "epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights", "img_size", "device")
+TRAIN_ROW_FIELDS = ["path", "label", "source", "split", "turn", "weight"]
+TRAIN_SETTINGS = ("student", "recipe", "epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights", "img_size", "device",
+                  "label_weights")
 
 
 class LabelsError(FlywheelError):
@@ -37,8 +38,24 @@ def count_by(rows, key) -> dict:
     return dict(Counter(r[key] for r in rows))
 
 
-def training_rows(P, manifest, classes, val_frac, seed, upto_turn=0):
-    """-> (train rows, val rows), each {path, label, source, split, turn}.
+def label_weights(review, summary, how):
+    """{path: training weight} for the teacher's accepted rows: the label model's probability that the label is
+    right (review_labels.csv's confidence under --second_pass model), so a doubtful label pulls less; every
+    other row (a person's, gold, flywheel) weighs 1. how: model | none (every row 1, hard labels only).
+
+    >>> rows = [{"path": "a", "status": "accepted", "llm_label": "x", "label_final": "x", "confidence": "0.8"},
+    ...         {"path": "b", "status": "accepted", "llm_label": "x", "label_final": "y", "confidence": "0.6"}]
+    >>> label_weights(rows, {"second_pass": "model"}, "model"), label_weights(rows, {"second_pass": "fitted"}, "model")
+    ({'a': 0.8}, {})
+    """
+    if how != "model" or summary.get("second_pass") != "model":
+        return {}  # other rules' confidences are stated numbers, not probabilities of being right
+    return {r["path"]: float(r["confidence"]) for r in review if (r.get("status") or "").strip() == "accepted"
+            and r.get("label_final") == r.get("llm_label") and r.get("confidence")}
+
+
+def training_rows(P, manifest, classes, val_frac, seed, upto_turn=0, weights="model"):
+    """-> (train rows, val rows), each {path, label, source, split, turn, weight} (weight: label_weights).
 
     The label step's accepted rows and a person's rows are split into train/val by a hash of (seed, image
     sha256), so the val split stays the same across flywheel turns and label edits. Flywheel labels
@@ -62,13 +79,14 @@ def training_rows(P, manifest, classes, val_frac, seed, upto_turn=0):
     # validation by a hash of (seed, image sha256): an edited label or a new image moves nothing else
     tr, va = hash_split([manifest[b.path]["sha256"] for b in base], [classes.index(b.label) for b in base],
                         val_frac, seed)
-    train = [{**base[i]._asdict(), "split": "train", "turn": 0} for i in tr]
-    val = [{**base[i]._asdict(), "split": "val", "turn": 0} for i in va]
+    w = label_weights(review, summary, weights)
+    train = [{**base[i]._asdict(), "split": "train", "turn": 0, "weight": w.get(base[i].path, 1.0)} for i in tr]
+    val = [{**base[i]._asdict(), "split": "val", "turn": 0, "weight": 1.0} for i in va]
     if P.flywheel_labels.exists() and upto_turn > 0:
         seen = {r["path"] for r in train + val}
         for r in read_csv(P.flywheel_labels):
             if int(r["turn"]) <= upto_turn and r["path"] not in seen and (r["source"] != "pseudo" or int(r["turn"]) == upto_turn):
-                train.append({**r, "split": "train"})
+                train.append({**r, "split": "train", "weight": 1.0})
                 seen.add(r["path"])
     leaked = [r["path"] for r in train + val if split_of(manifest, r["path"]) not in ("train", "production")]
     assert not leaked, f"test images in the training data: {leaked[:5]}"
@@ -81,16 +99,18 @@ def train_turn(cfg, P, manifest, T: Turn, turn, init, resume, device):
     with --measure_noise_cost). Returns the calibrated checkpoint."""
     classes = cfg["classes"]
     T.dir.mkdir(parents=True, exist_ok=True)
-    train, val = training_rows(P, manifest, classes, cfg["val_frac"], cfg["seed"], upto_turn=turn)
+    train, val = training_rows(P, manifest, classes, cfg["val_frac"], cfg["seed"], upto_turn=turn,
+                               weights=cfg["label_weights"])
     x_tr, y_tr = load_split(P, train, classes, "decode train")
     x_va, y_va = load_split(P, val, classes, "decode val")
     tcfg = {k: cfg[k] for k in TRAIN_SETTINGS}
     tcfg.update(epochs=(cfg["flywheel_epochs"] or cfg["epochs"]) if turn else cfg["epochs"], turn=turn,
                 out_dir=str(P.out), img_size=int(x_tr.shape[-1]),  # as prepped, not the flag
-                rows={r["path"]: [r["label"], r["split"]] for r in train + val})  # --resume refuses if these change
+                rows={r["path"]: [r["label"], r["split"], float(r["weight"])] for r in train + val})  # --resume refuses if these change
     log.info("train: %d train / %d val images, %s, device %s, init %s", len(train), len(val),
              json.dumps(count_by(train + val, "source")), device, init)
-    best = train_student(x_tr, y_tr, x_va, y_va, classes, tcfg, T.dir, init, device, resume=resume)
+    w_tr = np.array([float(r["weight"]) for r in train], dtype=np.float32)
+    best = train_student(x_tr, y_tr, x_va, y_va, classes, tcfg, T.dir, init, device, resume=resume, w_tr=w_tr)
     if dist_world()[0] != 0:
         return best  # under torchrun, rank 0 calibrates and writes; the others are done
     best["val_paths"] = [r["path"] for r in val]

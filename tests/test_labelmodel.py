@@ -105,3 +105,24 @@ def test_one_call_per_image_by_default(tmp_path):
         srv.truth.update(truth2)
         out = label_items(items2, t, led, qc, Budget(1.0, 0.0, 0.001), "cascade", max_workers=2)
         assert sum(srv.requests.values()) == 6 + 2 * 3 and {v.status for v in out.values()} == {"accepted"}
+
+
+def test_the_cascade_asks_once_unless_a_second_answer_can_change_the_decision(tiny_run, tmp_path):
+    """Every item escalates (--tau 1); each gets a second call exactly when the label model says one can change
+    the decision, so the cascade never asks everything twice."""
+    import shutil
+
+    from fakes import run_cli
+    from flywheel.io import read_jsonl
+    from flywheel.labelmodel import evidence_of, prior_model
+    run = tmp_path / "t"
+    shutil.copytree(tiny_run, run)
+    run_cli("--step", "cascade", "--out_dir", run, "--data_root", tiny_run.parent / "data", "--teacher", "oracle",
+            "--tau", 1.0)
+    recs = [r for r in read_jsonl(run / "escalations.jsonl")[0] if r["tau"] == 1.0]
+    lm = prior_model(sorted({r["student_pred"] for r in recs} | {a["label"] for r in recs for a in r["llm_answers"]}))
+    assert len(recs) > 20
+    for r in recs:
+        first = next(a for a in r["llm_answers"] if a["pass"] == 1)
+        assert len(r["llm_answers"]) == 1 + lm.second_helps(evidence_of(first)), r
+    assert sum(len(r["llm_answers"]) for r in recs) < 2 * len(recs)
