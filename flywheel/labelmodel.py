@@ -40,6 +40,9 @@ PRIOR_MEAN = {"bias": 0.0, "confidence": 0.7, "logprob": 0.7, "held_out": 0.3, "
 # precision of each weight's prior (1 / variance): the bias is nearly free, signals move with ~30 pins,
 # class offsets (few pins each) are shrunk hardest toward 0
 PRIOR_PRECISION = {"bias": 0.01, "confidence": 1.0, "logprob": 1.0, "held_out": 1.0, "agree": 1.0, "class": 4.0}
+# accepting a label pays when it is right more than VALUE_P of the time: below, the wrong labels it lets in (which
+# the student learns as confidently as right ones) outweigh the yield. The target and --min_yield bound t around it.
+VALUE_P = 0.75
 PRIOR_THRESHOLD = 0.7  # t before any label step fitted one (a cascade on a run without label_model.json)
 PRIOR_ASK_ABOVE = 0.6  # and the narrow band below it where a second answer is asked
 CV_FOLDS = 5
@@ -293,10 +296,11 @@ def est_yield(p1, p_plus, t, agree_rate, ask_above=0.0):
 
 def choose_threshold(pins, p1_all, plus_all, target, min_yield, share):
     """(t, ask_above, mode) from gold pins' rows (see simulate) and every image's p1 and p_plus, with at most
-    `share` of the images asked twice. mode target: the lowest t whose accepted pins reach target at the lower
-    95% bound with estimated yield >= min_yield; min_yield: none does, so the highest t that keeps the yield
-    (the best accepted accuracy there); prior: no pins, so the model's own mean probability over what it would
-    accept stands in for them.
+    `share` of the images asked twice. Among thresholds keeping the estimated yield >= min_yield: mode target,
+    those whose accepted pins reach target at the lower 95% bound, the lowest at or above VALUE_P (where
+    accepting stops paying), else the highest of them; min_yield: none reaches it, so the highest t that keeps
+    the yield (the best accepted accuracy there); prior: no pins, so the model's own mean probability over what
+    it would accept stands in for them.
 
     >>> pins = [{"p1": p, "p_plus": p, "p2": p, "right1": r, "agree": True} for p, r in [(0.9, 1)] * 8 + [(0.5, 0)] * 2]
     >>> choose_threshold(pins, [0.9] * 8 + [0.5] * 2, [0.9] * 8 + [0.5] * 2, 0.6, 0.5, 0.0)[::2]
@@ -314,7 +318,8 @@ def choose_threshold(pins, p1_all, plus_all, target, min_yield, share):
             cands.append((t, floor))
     if not cands:
         return 0.0, 0.0, "min_yield" if pins else "prior"
-    for t, floor in cands:  # ascending: the first that reaches the target keeps the most
+    met = []
+    for t, floor in cands:  # ascending
         if pins:
             acc, right, _ = simulate(pins, t, floor)
             ok = acc > 0 and wilson_interval(right, acc)[0] >= target
@@ -322,7 +327,10 @@ def choose_threshold(pins, p1_all, plus_all, target, min_yield, share):
             kept = np.concatenate([p1[p1 >= t], plus[(p1 < t) & (plus >= t) & (p1 >= floor)]])
             ok = len(kept) > 0 and float(kept.mean()) >= target
         if ok:
-            return t, floor, "target" if pins else "prior"
+            met.append((t, floor))
+    if met:
+        t, floor = next((c for c in met if c[0] >= VALUE_P), met[-1])
+        return t, floor, "target" if pins else "prior"
     return cands[-1][0], cands[-1][1], "min_yield" if pins else "prior"
 
 
@@ -403,7 +411,8 @@ def fit_label_model(pins, everyone, classes, target, min_yield, share=MAX_ASK_SH
 
 def why(lm, target, min_yield, ask_above):
     """The rule in force, in one sentence for people."""
-    head = {"target": f"the accepted gold labels reach {target} at the lower 95% bound on {lm.n_gold} gold pins",
+    head = {"target": f"the accepted gold labels reach {target} at the lower 95% bound on {lm.n_gold} gold pins, at a "
+                      f"threshold of at least {VALUE_P} where the yield allows (below it a label is wrong too often to pay)",
             "min_yield": f"no threshold reaches {target} at the lower 95% bound on {lm.n_gold} gold pins with a yield "
                          f">= {min_yield}, so the rule keeps the best accepted accuracy at that yield",
             "prior": f"no gold pins: the label model is the stated priors (pass --gold_n or --gold_csv to fit it); "

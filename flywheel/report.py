@@ -246,6 +246,27 @@ def rule_comparison_lines(rc):
     return L + ["", f"{rc['contested']} LLM label(s) contested; the LLM was wrong on {rc['contested_llm_wrong']} of them.", ""]
 
 
+def label_model_text(rule):
+    """The label model's signals, how each separated right first answers from wrong ones on gold, and its
+    cross-validated calibration, as a clause of the datacard (empty for the older rules).
+
+    >>> label_model_text({"report": {"signals": ["confidence"], "auroc_on_gold": {"confidence": 0.8},
+    ...                              "calibration_cv": {"first": {"brier": 0.1, "ece": 0.05, "mean_p": 0.8, "rate": 0.82}}}})
+    '. Label model signals: confidence; AUROC on gold for a right first answer: confidence 0.8; cross-validated on gold: Brier 0.1, ECE 0.05, mean probability 0.8 vs 0.82 right'
+    """
+    r = (rule or {}).get("report")
+    if not r:
+        return ""
+    held = r.get("held_out") or {}
+    cal = (r.get("calibration_cv") or {}).get("first") or {}
+    return (f". Label model signals: {', '.join(r['signals'])}"
+            + (f" (held-out model on {held['representation']})" if held else "")
+            + ("; AUROC on gold for a right first answer: " + ", ".join(f"{k} {v}" for k, v in r["auroc_on_gold"].items())
+               if r.get("auroc_on_gold") else "; no gold pins: stated priors")
+            + (f"; cross-validated on gold: Brier {cal['brier']}, ECE {cal['ece']}, mean probability {cal['mean_p']} vs "
+               f"{cal['rate']} right" if cal else ""))
+
+
 def write_datacard(P, ls, ev, prep, best, cas):
     cm = np.array(ev["confusion_matrix"])
     off = [(cm[i, j], ev["classes"][i], ev["classes"][j]) for i in range(len(cm)) for j in range(len(cm)) if i != j and cm[i, j]]

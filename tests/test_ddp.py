@@ -24,7 +24,7 @@ def labeled(tmp_path_factory):
     make_cifar_folder(d / "data", n_train=40, n_test=4, mix=0.55)
     common = ["--out_dir", d / "run", "--data_root", d / "data", "--teacher", "oracle"]
     run_cli("--step", "prep", *common, "--img_size", 32)
-    run_cli("--step", "label", *common, "--max_label", 200)
+    run_cli("--step", "label", *common, "--max_label", 200, "--second_pass", "fitted")  # the labels it was built on
     return d / "run"
 
 

@@ -100,7 +100,7 @@ def test_one_call_per_image_by_default(tmp_path):
         out = label_items(items, t, led, qc, Budget(1.0, 0.0, 0.001), "cascade", max_workers=2)
         assert sum(srv.requests.values()) == 6  # P(right) at 0.93 stated is 0.86 >= 0.7: accepted on one call
         assert {v.status for v in out.values()} == {"accepted"}
-        srv.confidence = 0.6  # now P(right) 0.57 < 0.7 <= 0.78 were a second answer to agree: one more each
+        srv.confidence = 0.7  # now P(right) 0.64, in [0.6, 0.7), and 0.83 were a second answer to agree: one more each
         items2, truth2 = solid_jpeg_items(tmp_path / "b", 3, offset=50)
         srv.truth.update(truth2)
         out = label_items(items2, t, led, qc, Budget(1.0, 0.0, 0.001), "cascade", max_workers=2)
@@ -115,9 +115,9 @@ def test_the_cascade_asks_once_unless_a_second_answer_can_change_the_decision(ti
     from fakes import run_cli
     from flywheel.io import read_jsonl
     from flywheel.labelmodel import evidence_of, prior_model
-    run = tmp_path / "t"
-    shutil.copytree(tiny_run, run)
-    run_cli("--step", "cascade", "--out_dir", run, "--data_root", tiny_run.parent / "data", "--teacher", "oracle",
+    shutil.copytree(tiny_run, tmp_path / "t")
+    run = tmp_path / "t" / "run"
+    run_cli("--step", "cascade", "--out_dir", run, "--data_root", tmp_path / "t" / "data", "--teacher", "oracle",
             "--tau", 1.0)
     recs = [r for r in read_jsonl(run / "escalations.jsonl")[0] if r["tau"] == 1.0]
     lm = prior_model(sorted({r["student_pred"] for r in recs} | {a["label"] for r in recs for a in r["llm_answers"]}))
