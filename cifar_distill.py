@@ -52,13 +52,13 @@ from flywheel import FlywheelError, cli
 from flywheel.cascade import EscalationLog
 from flywheel.data import write_digits_folder
 from flywheel.evaluate import evaluate
-from flywheel.export import check_export, export_student, serving_session
+from flywheel.export import check_export, export_student, ort_session, serving_session
 from flywheel.io import RunLock, SigtermAsInterrupt, read_csv, read_json, write_csv, write_json
 from flywheel.labeling import (QC, QC_DEFAULTS, Budget, BudgetStop, GoldGateError, label_all, label_items,
                                label_sample, shard_of)
 from flywheel.labelmodel import LabelModel
 from flywheel.ledger import Ledger, merge_ledger_file
-from flywheel.ood import OODModel, fit_ood
+from flywheel.ood import OODModel, fit_ood_both
 from flywheel.prep import (CIFAR5, class_counts, drop_cross_split_duplicates, listing, make_images, prep_jobs,
                            resolve_classes, JPEG_QUALITY, MANIFEST_FIELDS)
 from flywheel.relabel import (doubt_threshold, paid_labels, pick_relabels, production_labels, turn_evidence,
@@ -288,8 +288,8 @@ def validate_processes(cfg):
 
 def run_classes(cfg) -> list:
     """The classes from --classes or the data; later steps follow what prep made unless --classes is given."""
-    classes = resolve_classes(cfg["classes"], cfg["dataset"], cfg["data_root"], Path(cfg["out_dir"]) / "classes.json")
     made = Path(cfg["out_dir"]) / "classes.json"
+    classes = resolve_classes(cfg["classes"], cfg["dataset"], cfg["data_root"], made)
     if cfg["step"] not in ("prep", "all") and made.exists():
         prepped = read_json(made)
         if cfg["classes"] is None:
@@ -572,10 +572,10 @@ def step_export(cfg, P):
     T = P.turn(turn)
     result = export_student(P, T, turn, load_manifest(P), prep_sharpens(P, not cfg["no_sharpen"]))
     trained = read_csv(T.train_rows)
-    ood = fit_ood([P.out / r["path"] for r in trained if r["split"] == "train"],
-                  [P.out / r["path"] for r in trained if r["split"] == "val"], cfg["seed"])
+    files = {s: [P.out / r["path"] for r in trained if r["split"] == s] for s in ("train", "val")}
+    ood = fit_ood_both(ort_session(P.onnx), files["train"], files["val"], cfg["seed"])  # student features, then pixels
     ood.save(P.ood)
-    result["ood"] = {"path": str(P.ood), "bank": len(ood.bank), "threshold": ood.threshold, "quantile": ood.val_quantile}
+    result["ood"] = {"path": str(P.ood), "bank": len(ood.bank), "threshold": ood.threshold, "quantile": ood.val_quantile, "kind": ood.kind}
     write_json(P.export, result)
     check_export(result, P.export)
     return result

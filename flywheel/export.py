@@ -173,10 +173,23 @@ def export_onnx(graph, path, img_size, metadata: dict):
         raise ExportError(f"this torch ({torch.__version__}) has no TorchScript-based ONNX exporter, which the export "
                           f"needs ({type(e).__name__}: {e}); use the torch version pinned in uv.lock") from None
     m = onnx.load(str(path))
+    expose_features(m)
     for k, v in metadata.items():
         p = m.metadata_props.add()
         p.key, p.value = k, v if isinstance(v, str) else json.dumps(v)
     onnx.save(m, str(path))
+
+
+def expose_features(m):
+    """Add the student's features (the input of its last linear layer, features() in flywheel.student) to an
+    ONNX model as a second output, "features" [B, D]: what the OOD check compares uploads by, at no extra
+    compute. Consumers that read output 0 see the logits as before."""
+    import onnx
+    heads = [n for n in m.graph.node if n.op_type in ("Gemm", "MatMul")]
+    if not heads:
+        return
+    m.graph.node.append(onnx.helper.make_node("Identity", [heads[-1].input[0]], ["features"], name="features"))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["batch", "dim"]))
 
 
 def load_torchscript(path):
@@ -271,7 +284,9 @@ def export_student(P, T, turn, manifest, sharpen) -> dict:
             "input": "image: uint8 [B,H,W,3] RGB, any H and W. At img_size x img_size it is taken as prep wrote it; "
                      "any other size is resized (antialiased bicubic) and sharpened as prep did. Then (x/255 - mean)/std "
                      "(the graph subtracts 255*mean; the first convolution's weights carry 1/(255*std))",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "output": "calibrated logits (logits / temperature)",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "output": "logits: calibrated logits (logits / temperature); features: the student's features before its last "
+                      "layer (the OOD check's)",
             "source": "cifar_distill " + str(T.best), "turn": turn}
     export_onnx(graph, P.onnx, size, meta)
     export_torchscript(graph, P.ts)

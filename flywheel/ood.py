@@ -1,12 +1,14 @@
 """Inputs unlike the training images, which a student still answers, often with full confidence: a
-degenerate size, or pixel features (flywheel.quality's 12x12 thumbnail) far from every training image.
-Export fits it from the promoted student's training and validation images (artifacts/ood.npz); serving
-sends such an upload to a person, with the reason, and never to the LLM.
+degenerate size, or an image far from every training image. Export fits it from the promoted student's
+training and validation images (artifacts/ood.npz); serving sends such an upload to a person, with the
+reason, and never to the LLM.
 
-Shortcut: the distance is over raw thumbnails, so it catches gross mismatches (a blank, a screenshot, a
-scene of another kind, other colours), not a photo of an unseen class that looks like a seen one. The
-threshold is a quantile of held-out validation images' distances, so about 1 - OOD_QUANTILE of genuine
-images go to a person too.
+"Far" is measured twice, and either is enough: on the student's own features (the exported graph's second
+output, the input of its last layer, unit-normalised: what the student reads, at no extra compute per upload),
+which catch another kind of image in the same look (digits for a clothing student); and on raw 12x12
+thumbnails (flywheel.quality), which catch gross mismatches the features map onto a class (colour blocks,
+noise, a blank). bench/ood_bench.py measured each alone and both. Each threshold is a quantile of held-out
+validation images' distances (UNION_QUANTILE each, so at most about 1% of genuine images go to a person).
 """
 import logging
 from typing import NamedTuple
@@ -17,7 +19,8 @@ log = logging.getLogger(__name__)
 
 MIN_SIDE = 8          # px: a smaller upload carries too little for the student to read
 MAX_ASPECT = 6.0      # longer side / shorter side: a banner or a strip, not a photo of one object
-OOD_QUANTILE = 0.99   # of validation images' distances to the training bank: the threshold
+OOD_QUANTILE = 0.99   # of validation images' distances to the training bank: the threshold of one check
+UNION_QUANTILE = 0.995  # each of the two checks' when both run: their union sends <= ~1% of genuine images away
 MAX_BANK = 5000       # training thumbnails kept (432 bytes each); distance is one pass over them per upload
 
 
@@ -50,33 +53,90 @@ def nearest_distance(x, bank):
 
 
 class OODModel(NamedTuple):
-    bank: np.ndarray       # uint8 [m, D] training thumbnails
-    threshold: float       # grey levels: a distance above it is out of distribution
+    bank: np.ndarray       # uint8 [m, D] training thumbnails (pixels), or float16 [m, D] unit features
+    threshold: float       # a distance above it is out of distribution (grey levels, or RMS of unit features)
     val_quantile: float    # the quantile of validation distances the threshold is
+    kind: str = "pixels"   # pixels | features
+    also: object = None    # a second OODModel asked when this one finds nothing (features, then pixels)
 
-    def reason(self, img):
-        """Why a PIL image is unlike training (degenerate size, or far from every training image), or None."""
+    def distance(self, img, features=None):
+        """The distance of one upload (a PIL image; its student features [D] for kind features) to the bank."""
+        if self.kind == "features":
+            return 0.0 if features is None else float(nearest_distance(unit(features)[None], self.bank)[0])
         from flywheel.quality import thumbnail
+        return float(nearest_distance(thumbnail(img)[None], self.bank)[0])
+
+    def reason(self, img, features=None):
+        """Why a PIL image is unlike training (degenerate size, or far from every training image), or None."""
         why = size_problem(*img.size)
         if why:
             return why
-        d = float(nearest_distance(thumbnail(img)[None], self.bank)[0])
+        d = self.distance(img, features)
         if d > self.threshold:
-            return (f"unlike every training image: pixel distance {d:.1f} grey levels to the nearest one, over "
-                    f"{self.threshold:.1f} (the {100 * self.val_quantile:g}th percentile of validation images)")
-        return None
+            what = "feature distance" if self.kind == "features" else "pixel distance"
+            return (f"unlike every training image: {what} {d:.3g} to the nearest one, over {self.threshold:.3g} "
+                    f"(the {100 * self.val_quantile:g}th percentile of validation images)")
+        return self.also.reason(img, features) if self.also is not None else None
 
     def save(self, path):
         from flywheel.io import atomic_write_bytes
         import io
         buf = io.BytesIO()
-        np.savez_compressed(buf, bank=self.bank, threshold=self.threshold, val_quantile=self.val_quantile)
+        arrays, m, pre = {}, self, ""
+        while m is not None:  # the chain, one key prefix per link
+            arrays.update({pre + "bank": m.bank, pre + "threshold": m.threshold, pre + "val_quantile": m.val_quantile,
+                           pre + "kind": m.kind})
+            m, pre = m.also, pre + "also_"
+        np.savez_compressed(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path):
-        z = np.load(path)
-        return cls(z["bank"], float(z["threshold"]), float(z["val_quantile"]))
+    def load(cls, path, _z=None, pre=""):
+        z = np.load(path) if _z is None else _z
+        if pre + "bank" not in z:
+            return None
+        kind = str(z[pre + "kind"]) if pre + "kind" in z else "pixels"  # an export from before the features check
+        bank = z[pre + "bank"].astype(np.float32) if kind == "features" else z[pre + "bank"]  # widened once
+        return cls(bank, float(z[pre + "threshold"]), float(z[pre + "val_quantile"]), kind,
+                   cls.load(path, z, pre + "also_"))
+
+
+def unit(x):
+    """Rows scaled to unit length (a zero row stays zero).
+
+    >>> [[round(float(v), 3) for v in row] for row in unit(np.array([[3.0, 4.0], [0.0, 0.0]]))]
+    [[0.6, 0.8], [0.0, 0.0]]
+    """
+    x = np.asarray(x, np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def session_features(session, files, batch=64):
+    """float32 [n, D]: the exported graph's features output for image files (prep's, all one size)."""
+    from flywheel.export import load_images
+    out = [session.run(["features"], {"image": load_images(files[i:i + batch])})[0] for i in range(0, len(files), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def fit_ood_both(session, train_files, val_files, seed=0) -> OODModel:
+    """The serving check: the student's features, then pixels, each at UNION_QUANTILE of validation."""
+    return fit_ood_features(session, train_files, val_files, seed, UNION_QUANTILE)._replace(
+        also=fit_ood(train_files, val_files, seed, UNION_QUANTILE))
+
+
+def fit_ood_features(session, train_files, val_files, seed=0, q=OOD_QUANTILE) -> OODModel:
+    """As fit_ood, on the student's unit-normalised features (the session's "features" output)."""
+    rng = np.random.default_rng(seed)
+    keep = sorted(rng.permutation(len(train_files))[:MAX_BANK].tolist())
+    bank = unit(session_features(session, [train_files[i] for i in keep])).astype(np.float16)
+    val = unit(session_features(session, val_files))
+    d = nearest_distance(val, bank) if len(val) else np.zeros(1)
+    m = OODModel(bank, float(np.quantile(d, q)), q, "features")
+    log.info("ood: serving sends an upload to a person when it is under %d px, or further than %.3g (RMS of unit "
+             "student features) from all %d training images (the %gth percentile of validation)", MIN_SIDE,
+             m.threshold, len(m.bank), 100 * m.val_quantile)
+    return m
 
 
 def fit_ood(train_files, val_files, seed=0, q=OOD_QUANTILE) -> OODModel:

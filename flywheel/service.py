@@ -99,22 +99,23 @@ class Service:
         return rel, sha
 
     def student(self, img):
-        """Calibrated class probabilities [C]. The exported graph takes the raw pixels, uint8 [1, H, W, 3], and
-        does the resize, sharpening and normalisation itself; it divides by T."""
+        """(calibrated class probabilities [C], the student's features [D] or None for an older export). The
+        exported graph takes the raw pixels, uint8 [1, H, W, 3], and does the resize, sharpening and
+        normalisation itself; it divides by T."""
         from flywheel.calibrate import softmax
-        logits = self.session.run(None, {"image": np.asarray(img)[None]})[0]
-        return softmax(logits)[0]
+        out = self.session.run(None, {"image": np.asarray(img)[None]})
+        return softmax(out[0])[0], (out[1][0] if len(out) > 1 else None)
 
     def classify(self, data: bytes) -> dict:
         from flywheel.cascade import decide, escalation_record
         rid = uuid.uuid4().hex[:16]
         img = self.prepare(data)
-        probs = self.student(img)
+        probs, feats = self.student(img)
         d = decide(probs, self.classes, self.tau)
         out = {"label": d.label, "confidence": round(float(probs.max()), 6), "route": "student",
                "probs": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}, "needs_review": False,
                "request_id": rid}
-        unlike = self.ood.reason(img) if self.ood is not None else None
+        unlike = self.ood.reason(img, feats) if self.ood is not None else None
         if d.route == "student" and unlike is None:
             return out
         rel, sha = self.store(self.prepped_jpeg(img))

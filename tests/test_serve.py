@@ -198,18 +198,26 @@ def _chromium():
 
 
 def test_unlike_training_goes_to_a_person_and_warnings_show(served_with_ood):
-    """A degenerate size and an image far from every training thumbnail go to a person, unasked, with the
-    reason; a training image does not. The threshold is set on purpose between the two distances."""
-    from flywheel.ood import OODModel, nearest_distance
-    from flywheel.quality import thumbnail
+    """A degenerate size and an image far from every training image (in the student's features) go to a person,
+    unasked, with the reason; a training image does not. The threshold is set on purpose between the two
+    distances."""
+    from flywheel.export import ort_session
+    from flywheel.ood import OODModel
     run = served_with_ood
+    sess = ort_session(run / "artifacts" / "mobilenet.onnx")
+
+    def distance(data):  # as the server measures it: the exported graph's features output
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        return ood.distance(img, sess.run(["features"], {"image": np.asarray(img)[None]})[0][0])
+
     train_jpg = next(r["path"] for r in read_csv(run / "artifacts" / "train_rows.csv") if r["split"] == "train")
     seen = (run / train_jpg).read_bytes()
     far = np.indices((48, 48)).sum(0) % 2 * 255  # a one-pixel black and white checkerboard
     buf = io.BytesIO()
     Image.fromarray(np.stack([far] * 3, -1).astype(np.uint8)).save(buf, format="PNG")
     ood = OODModel.load(run / "artifacts" / "ood.npz")
-    d = [float(nearest_distance(thumbnail(Image.open(io.BytesIO(b)))[None], ood.bank)[0]) for b in (seen, buf.getvalue())]
+    assert ood.kind == "features"
+    d = [distance(b) for b in (seen, buf.getvalue())]
     assert d[0] < d[1], d
     ood._replace(threshold=(d[0] + d[1]) / 2).save(run / "artifacts" / "ood.npz")
     with LoopbackTeacher(classes=CLASSES) as teacher:
