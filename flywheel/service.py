@@ -124,7 +124,7 @@ class Service:
             status, label, llm_conf, answers, error = NOT_ASKED, None, None, [], unlike
         else:
             status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
-        p_right = llm_conf if self.qc.second_pass == "model" and status == "accepted" else None  # the label model's
+        p_right = llm_conf if self.qc.second_pass == "model" and status == "accepted" else None  # label model P(right)
         d = decide(probs, self.classes, self.tau, status, label, p_right or self.teacher_acc, self.contest_below)
         if unlike is not None:
             d = d._replace(route="human")  # however confident the student is: it has never seen anything like it
