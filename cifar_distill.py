@@ -52,24 +52,24 @@ from flywheel import FlywheelError, cli
 from flywheel.cascade import EscalationLog
 from flywheel.data import write_digits_folder
 from flywheel.evaluate import evaluate
-from flywheel.export import check_export, export_student, ort_session, serving_session
+from flywheel.export import check_export, export_student, ort_session
 from flywheel.io import RunLock, SigtermAsInterrupt, read_csv, read_json, write_csv, write_json
 from flywheel.labeling import (QC, QC_DEFAULTS, Budget, BudgetStop, GoldGateError, label_all, label_items,
                                label_sample, shard_of)
 from flywheel.labelmodel import LabelModel
 from flywheel.ledger import Ledger, merge_ledger_file
-from flywheel.ood import OODModel, fit_ood_both
+from flywheel.ood import fit_ood_both
 from flywheel.prep import (CIFAR5, class_counts, drop_cross_split_duplicates, listing, make_images, prep_jobs,
                            resolve_classes, JPEG_QUALITY, MANIFEST_FIELDS)
 from flywheel.relabel import (doubt_threshold, paid_labels, pick_relabels, production_labels, turn_evidence,
                               turn_labels)
 from flywheel.report import print_cascade, print_eval_table, print_flywheel, write_report
 from flywheel.review import HUMAN_FIELDS, check_review_file, human_answers, write_label_outputs
-from flywheel.routing import CascadeIO, fit_tau, open_human_rows, route_turn, student_id_of, teacher_accuracy
+from flywheel.routing import CascadeIO, open_human_rows, route_turn, teacher_accuracy
 from flywheel.run import (Paths, fingerprint, item, load_manifest, pool_rows, prep_sharpens,
                           promoted, record_promotion, split_of, step_files, unchanged, write_stamp)
-from flywheel.service import Service, build_app, student_warnings
-from flywheel.student import ARCH, RECIPES, STUDENTS, load_student, pick_device, start_distributed
+from flywheel.service import SWAP_CHECK_S, Service, build_app, load_served
+from flywheel.student import ARCH, RECIPES, STUDENTS, pick_device, start_distributed
 from flywheel.teacher import FatalTeacherError, LLMTeacher, OracleTeacher, oracle_model_name
 from flywheel.training import count_by, retrain, train_turn, warn_if_turn0_retrained
 from flywheel.turns import add_turn, load_turns, other_turns_labels, turn_entry, write_turn_labels
@@ -157,6 +157,8 @@ OPTION_GROUPS = {
     "serve": {
         "host": (str, "127.0.0.1", "serve: address to listen on (0.0.0.0 exposes it to the network)"),
         "port": (int, 8000, "serve: TCP port"), "max_upload_mb": (float, 10.0, "serve: larger uploads get HTTP 413"),
+        "max_escalations": (int, 16, "serve: escalations in flight at once; beyond it an upload gets the student's guess "
+                                     "with needs_review true at once"),
     },
     "cascade and flywheel": {
         "tau": (float, None, "cascade and serve: the student's confidence threshold, fixed by hand in (0, 1] (unset: "
@@ -205,7 +207,7 @@ SHAPED_BY = {"prep": ["dataset", "classes", "max_per_class", "img_size", "no_sha
              "export": ["no_sharpen"], "report": []}
 UNIT_INTERVAL = ["contest_below", "oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
                  "target_precision", "target_label_precision", "min_yield"]
-POSITIVE = ["img_size", "max_workers", "epochs", "batch_size", "lr", "timeout", "relabel_n", "turns"]
+POSITIVE = ["img_size", "max_escalations", "max_workers", "epochs", "batch_size", "lr", "timeout", "relabel_n", "turns"]
 NON_NEGATIVE = ["max_per_class", "max_label", "max_retries", "max_invalid", "max_usd", "usd_per_call",
                 "usd_per_mtok_in", "usd_per_mtok_out", "gold_n", "weight_decay", "second_temp", "num_threads"]
 
@@ -590,27 +592,21 @@ def step_report(cfg, P):
 
 def step_serve(cfg, P):
     """The promoted student in ONNX Runtime behind HTTP (flywheel/service.py): student, then the LLM through
-    the label step's ledger, QC and budget, then a person at /review. Blocks until Ctrl-C.
+    the label step's ledger, QC and budget, then a person at /review; /metrics and drift in /health. A newly
+    exported student is swapped in live. Blocks until Ctrl-C.
     -> production/, escalations.jsonl (split production), human_review.csv"""
-    turn = promoted(P).turn
-    best = load_student(P.need(P.turn(turn).best, "train"))
-    session = serving_session(P, turn, cfg["num_threads"])
-    th = fit_tau(best, cfg["tau"], cfg["escalation_budget"], cfg["target_precision"])
-    manifest = load_manifest(P)
-    ood = OODModel.load(P.ood) if P.ood.exists() else None
-    if ood is None:
-        log.warning("serve: no %s (exported before it existed): only degenerate sizes are caught as unlike training; "
-                    "rerun --step export", P.ood)
-    warns = student_warnings(best.get("calibration_warning"), len(best["val_labels"]), th.tau)
-    for w in warns:
-        log.warning("serve: this student comes with a warning (also in /health): %s", w)
-    with Ledger(P.ledger) as ledger, EscalationLog(P.escalations) as esc, make_teacher(cfg, manifest) as teacher:
-        svc = Service(P.out, session, best["classes"], th.tau, best["model_args"]["img_size"],
-                      prep_sharpens(P, not cfg["no_sharpen"]), teacher, ledger, make_qc(cfg, P), make_budget(cfg, ledger),
-                      esc, student_id_of(best), turn, HUMAN_FIELDS, int(cfg["max_upload_mb"] * 2**20),
-                      teacher_accuracy(P), cfg["contest_below"], ood, warns)
-        log.info("serve: turn %d's student (tau %.4f, %s) on http://%s:%d  (/v1/classify, /health, /review); "
-                 "escalations -> %s", turn, th.tau, th.rule, cfg["host"], cfg["port"], P.escalations)
+    def load():
+        return load_served(P, cfg["num_threads"], cfg["tau"], cfg["escalation_budget"], cfg["target_precision"],
+                           prep_sharpens(P, not cfg["no_sharpen"]))
+    served = load()
+    with Ledger(P.ledger) as ledger, EscalationLog(P.escalations) as esc, make_teacher(cfg, load_manifest(P)) as teacher:
+        svc = Service(P.out, served, teacher, ledger, make_qc(cfg, P), make_budget(cfg, ledger), esc, HUMAN_FIELDS,
+                      int(cfg["max_upload_mb"] * 2**20), teacher_accuracy(P), cfg["contest_below"],
+                      cfg["max_escalations"], reload=load)
+        svc.watch(SWAP_CHECK_S)
+        log.info("serve: turn %d's student on http://%s:%d  (/v1/classify, /health, /metrics, /review); at most %d "
+                 "escalations in flight; escalations -> %s", served.turn, cfg["host"], cfg["port"],
+                 cfg["max_escalations"], P.escalations)
         uvicorn.run(build_app(svc), host=cfg["host"], port=cfg["port"], log_level="warning", access_log=False)
 
 

@@ -11,6 +11,7 @@ escalations.jsonl with split "production" before its answer is returned, so kill
 record; a human-routed one also gets a row in human_review.csv (written whole to a temp name, then
 renamed), which is the review queue.
 """
+import asyncio
 import hashlib
 import io
 import json
@@ -18,7 +19,9 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,11 +32,23 @@ log = logging.getLogger(__name__)
 
 SHA_LOCKS = 64  # lock stripes for escalations in flight (more than the threadpool's 40 workers)
 MIN_VAL_IMAGES = 50  # fewer validation images fit the temperature and tau on too little to trust
+SWAP_CHECK_S = 2.0  # how often serving looks for a newly exported student (seconds)
 NOT_ASKED = "not_asked"  # llm_status of an upload the LLM was never asked (unlike everything, or no teacher for it)
 
 
 class BadImage(ValueError):
     pass
+
+
+class Look(NamedTuple):
+    """The student's look at one upload; done: it answers alone (out is the response)."""
+    served: "Served"  # the student that looked: the rest of the request uses it too
+    data: bytes
+    img: object  # PIL.Image, RGB
+    probs: np.ndarray  # [C] calibrated
+    out: dict
+    unlike: str | None  # why it is unlike training (flywheel.ood), or None
+    done: bool
 
 
 def student_warnings(calibration_warning, n_val, tau):
@@ -52,23 +67,110 @@ def student_warnings(calibration_warning, n_val, tau):
     return out
 
 
-class Service:
-    """What one request needs, shared by every request (ORT sessions and the ledger are thread-safe)."""
+class Served(NamedTuple):
+    """One student as served. The Service holds exactly one and replaces it whole (one reference assignment),
+    so a request that took it finishes on it, whatever a live swap does meanwhile."""
+    session: object       # onnxruntime.InferenceSession on the exported graph (raw uint8 pixels in)
+    classes: list
+    tau: float
+    turn: int
+    student_id: str
+    img_size: int
+    sharpen: bool
+    ood: object           # flywheel.ood.OODModel, or None (an export from before it existed)
+    warnings: list        # student_warnings
+    reference: object     # flywheel.monitor.Reference: validation, for drift
+    stamp: object         # export.json's fingerprint when loaded: a new one means a new export to load
 
-    def __init__(self, out, session, classes, tau, img_size, sharpen, teacher, ledger, qc, budget, esc,
-                 student_id, turn, human_fields, max_upload_bytes, teacher_acc, contest_below, ood=None, warnings=()):
-        self.out, self.session, self.classes, self.tau = Path(out), session, list(classes), float(tau)
-        self.img_size, self.sharpen, self.teacher, self.ledger, self.qc = img_size, sharpen, teacher, ledger, qc
-        self.budget, self.esc, self.student_id, self.turn = budget, esc, student_id, turn
+
+def load_served(P, threads, tau=None, escalation_budget=None, target_precision=0.95, sharpen=True) -> Served:
+    """The promoted turn's exported student, its tau (fitted on its validation split as the cascade step
+    fits it), OOD model and drift reference."""
+    from flywheel.calibrate import softmax
+    from flywheel.export import serving_session
+    from flywheel.monitor import reference_of
+    from flywheel.ood import OODModel
+    from flywheel.routing import fit_tau, student_id_of
+    from flywheel.run import file_fingerprint, promoted
+    from flywheel.student import load_student
+    stamp = file_fingerprint(P.need(P.export, "export"))
+    turn = promoted(P).turn
+    best = load_student(P.need(P.turn(turn).best, "train"))
+    session = serving_session(P, turn, threads)
+    th = fit_tau(best, tau, escalation_budget, target_precision)
+    ood = OODModel.load(P.ood) if P.ood.exists() else None
+    if ood is None:
+        log.warning("serve: no %s (exported before it existed): only degenerate sizes are caught as unlike training; "
+                    "rerun --step export", P.ood)
+    warns = student_warnings(best.get("calibration_warning"), len(best["val_labels"]), th.tau)
+    for w in warns:
+        log.warning("serve: turn %d's student comes with a warning (also in /health): %s", turn, w)
+    ref = reference_of(softmax(best["val_logits"], best["temperature"]), 1.0 - ood.val_quantile if ood else 0.0)
+    log.info("serve: turn %d's student, tau %.4f (%s)", turn, th.tau, th.rule)
+    return Served(session, list(best["classes"]), float(th.tau), turn, student_id_of(best),
+                  best["model_args"]["img_size"], sharpen, ood, warns, ref, stamp)
+
+
+class Service:
+    """What one request needs, shared by every request (ORT sessions and the ledger are thread-safe).
+
+    Two kinds of work, kept apart so escalations never slow the student (issue 26): the student's look
+    (decode, ONNX, OOD) runs in the web server's request threads; an escalation (JPEG, ledger, QC, LLM calls)
+    runs in a pool of its own, max_escalations threads, and when every one is busy the upload is answered at
+    once with the student's guess for a person to check, never queued out of sight."""
+
+    def __init__(self, out, served: Served, teacher, ledger, qc, budget, esc, human_fields, max_upload_bytes,
+                 teacher_acc, contest_below, max_escalations=16, reload=None):
+        from flywheel.monitor import Monitor
+        self.out, self.served = Path(out), served
+        self.teacher, self.ledger, self.qc, self.budget, self.esc = teacher, ledger, qc, budget, esc
         self.human_fields, self.max_upload_bytes = human_fields, max_upload_bytes
         self.teacher_acc, self.contest_below = float(teacher_acc), float(contest_below)  # the cascade step's rule
         self.human_path = self.out / "human_review.csv"
-        self.ood, self.warnings = ood, list(warnings)  # flywheel.ood.OODModel (None: not fitted), student_warnings
         self.stop = getattr(teacher, "stop", None) or threading.Event()
         self._human_lock = threading.Lock()
         # one escalation per image at a time (nothing paid twice), from a fixed set of locks picked by sha256,
         # so a server that sees a million distinct uploads does not keep a million locks
         self._sha_locks = [threading.Lock() for _ in range(SHA_LOCKS)]
+        self.esc_slots = int(max_escalations)
+        self._slots = threading.BoundedSemaphore(self.esc_slots)
+        self.esc_pool = ThreadPoolExecutor(self.esc_slots, thread_name_prefix="escalate")
+        self.monitor = Monitor(served.classes, served.reference, served.turn)
+        self.monitor.watch_budget(budget)
+        self.reload = reload  # () -> Served: the promoted, exported student now (live swap), or None
+        self.reload_error = None
+
+    @property
+    def classes(self):
+        return self.served.classes
+
+    def maybe_swap(self) -> bool:
+        """Load the newly exported student if export.json changed since ours; requests in flight finish on the
+        old one (they hold it). A failed load keeps the old student and says why in /health."""
+        from flywheel.run import file_fingerprint
+        if self.reload is None:
+            return False
+        try:
+            if file_fingerprint(self.out / "artifacts" / "export.json") == self.served.stamp:
+                return False
+            new = self.reload()
+        except Exception as e:  # noqa: BLE001 - a half-finished export, a bad file: keep serving the old student
+            self.reload_error = f"{type(e).__name__}: {e}"
+            log.warning("serve: kept turn %d's student; the new export did not load: %s", self.served.turn, e)
+            return False
+        if new.stamp == self.served.stamp:
+            return False
+        old, self.served, self.reload_error = self.served, new, None  # the swap: one reference
+        self.monitor.swap(new.classes, new.reference, new.turn)
+        log.info("serve: now serving turn %d's student (was turn %d), without a restart", new.turn, old.turn)
+        return True
+
+    def watch(self, every_s):
+        """A daemon thread that checks for a new export every every_s seconds."""
+        def loop():
+            while not self.stop.wait(every_s):
+                self.maybe_swap()
+        threading.Thread(target=loop, daemon=True, name="student-swap").start()
 
     # ------------------------------------------------------------------ one request
     def prepare(self, data: bytes):
@@ -84,10 +186,11 @@ class Service:
             raise BadImage(f"the upload is not an image this server can read ({why}); send a PNG, JPEG, WebP, BMP, "
                            f"GIF or TIFF file in the multipart field 'file'") from None
 
-    def prepped_jpeg(self, img) -> bytes:
+    @staticmethod
+    def prepped_jpeg(img, m: Served) -> bytes:
         """The image as prep writes training images (upscale, sharpen, JPEG): what the LLM and a person see."""
         from flywheel.data import jpeg_bytes, upscale
-        return jpeg_bytes(upscale(img, self.img_size, self.sharpen))
+        return jpeg_bytes(upscale(img, m.img_size, m.sharpen))
 
     def store(self, jpg: bytes):
         """An escalated upload -> (path relative to the run, sha256), written once."""
@@ -98,42 +201,70 @@ class Service:
             atomic_write_bytes(self.out / rel, jpg)
         return rel, sha
 
-    def student(self, img):
+    @staticmethod
+    def student(img, m: Served):
         """(calibrated class probabilities [C], the student's features [D] or None for an older export). The
         exported graph takes the raw pixels, uint8 [1, H, W, 3], and does the resize, sharpening and
         normalisation itself; it divides by T."""
         from flywheel.calibrate import softmax
-        out = self.session.run(None, {"image": np.asarray(img)[None]})
+        out = m.session.run(None, {"image": np.asarray(img)[None]})
         return softmax(out[0])[0], (out[1][0] if len(out) > 1 else None)
 
-    def classify(self, data: bytes) -> dict:
-        from flywheel.cascade import decide, escalation_record
+    def first_look(self, data: bytes) -> "Look":
+        """The student's part of a request (decode, ONNX, the OOD check): cheap, in the request threads."""
+        from flywheel.cascade import decide
+        m = self.served  # this request's student, start to finish, whatever a live swap does meanwhile
         rid = uuid.uuid4().hex[:16]
         img = self.prepare(data)
-        probs, feats = self.student(img)
-        d = decide(probs, self.classes, self.tau)
+        probs, feats = self.student(img, m)
+        d = decide(probs, m.classes, m.tau)
         out = {"label": d.label, "confidence": round(float(probs.max()), 6), "route": "student",
-               "probs": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}, "needs_review": False,
-               "request_id": rid}
-        unlike = self.ood.reason(img, feats) if self.ood is not None else None
-        if d.route == "student" and unlike is None:
-            return out
-        rel, sha = self.store(self.prepped_jpeg(img))
-        upload_sha = hashlib.sha256(data).hexdigest()  # lets the flywheel refuse a test image sent as-is
-        if unlike is not None:  # the student's confidence means nothing here, and the LLM's answer would be one of ours
-            status, label, llm_conf, answers, error = NOT_ASKED, None, None, [], unlike
+               "probs": {c: round(float(p), 6) for c, p in zip(m.classes, probs)}, "needs_review": False,
+               "request_id": rid, "turn": m.turn}
+        unlike = m.ood.reason(img, feats) if m.ood is not None else None
+        self.monitor.observe_student(probs, d.label, unlike is not None)
+        return Look(m, data, img, probs, out, unlike, done=d.route == "student" and unlike is None)
+
+    def classify(self, data: bytes) -> dict:
+        """One upload, start to finish, in the calling thread (the app splits it: first_look, then settle)."""
+        look = self.first_look(data)
+        return look.out if look.done else self.settle(look)
+
+    def try_reserve(self) -> bool:
+        """A place among the --max_escalations in flight, or False at once (never a silent queue)."""
+        return self._slots.acquire(blocking=False)
+
+    def settle_reserved(self, look):
+        try:
+            return self.settle(look)
+        finally:
+            self._slots.release()
+
+    def settle(self, look, at_capacity=False) -> dict:
+        """An upload the student does not answer alone: the LLM through the label step's QC (unless it is unlike
+        training, or every escalation slot is taken), then a person. Runs in the escalation pool."""
+        from flywheel.cascade import decide, escalation_record
+        m, img, probs, out, unlike = look.served, look.img, look.probs, look.out, look.unlike
+        rel, sha = self.store(self.prepped_jpeg(img, m))
+        upload_sha = hashlib.sha256(look.data).hexdigest()  # lets the flywheel refuse a test image sent as-is
+        if unlike is not None or at_capacity:  # unlike: the student's confidence means nothing here, and the
+            # LLM's answer would be one of ours; at capacity: a person, rather than a queue the client cannot see
+            status, label, llm_conf, answers = NOT_ASKED, None, None, []
+            error = unlike or (f"{self.esc_slots} escalations already in flight (--max_escalations): the "
+                               f"student's guess, for a person to check")
         else:
             status, label, llm_conf, answers, error = self.escalate({"path": rel, "file": str(self.out / rel), "sha256": sha})
         p_right = llm_conf if self.qc.second_pass == "model" and status == "accepted" else None  # label model P(right)
-        d = decide(probs, self.classes, self.tau, status, label, p_right or self.teacher_acc, self.contest_below)
-        if unlike is not None:
-            d = d._replace(route="human")  # however confident the student is: it has never seen anything like it
-        rec = {**escalation_record(self.student_id, self.turn, "production", rel, sha, probs, self.classes, self.tau,
+        d = decide(probs, m.classes, m.tau, status, label, p_right or self.teacher_acc, self.contest_below)
+        if unlike is not None or at_capacity:
+            d = d._replace(route="human")  # however confident the student is
+        rec = {**escalation_record(m.student_id, m.turn, "production", rel, sha, probs, m.classes, m.tau,
                                    d.route, status, label, answers, llm_posterior=d.llm_posterior, llm_p_right=p_right),
-               "request_id": rid, "upload_sha256": upload_sha, "error": error}
+               "request_id": out["request_id"], "upload_sha256": upload_sha, "error": error,
+               "image_wh": list(img.size)}
         self.esc.append(rec)  # flushed before the answer leaves: kill -9 loses no logged escalation
         if d.route == "human":
-            self.enqueue_for_review(rec)
+            self.enqueue_for_review(rec, m.turn)
         # for a person: the best guess so far (a contested LLM label: the top class of the combined evidence)
         return {**out, "label": d.label, "confidence": round(float(llm_conf if d.route == "llm" else probs.max()), 6),
                 "route": d.route, "needs_review": d.route == "human",
@@ -163,14 +294,14 @@ class Service:
         from flywheel.io import read_csv
         return read_csv(self.human_path) if self.human_path.exists() else []
 
-    def enqueue_for_review(self, rec):
+    def enqueue_for_review(self, rec, turn):
         from flywheel.cascade import review_row
         from flywheel.io import write_csv
         with self._human_lock:
             rows = self._rows()
             if any(r["path"] == rec["path"] for r in rows):
                 return
-            rows.append(review_row(rec, self.turn))
+            rows.append(review_row(rec, turn))
             write_csv(self.human_path, self.human_fields, rows)
 
     def pending(self):
@@ -203,16 +334,22 @@ def build_app(svc: Service):
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
-    from starlette.responses import FileResponse, HTMLResponse, JSONResponse
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
     def error(status, message):
         return JSONResponse({"error": message}, status_code=status)
 
     async def health(request):
-        return JSONResponse({"status": "ok", "student": f"turn_{svc.turn}", "student_id": svc.student_id,
-                             "tau": svc.tau, "classes": svc.classes, "warnings": svc.warnings,
-                             "ood_threshold": None if svc.ood is None else svc.ood.threshold})
+        m = svc.served
+        return JSONResponse({"status": "ok", "turn": m.turn, "student": f"turn_{m.turn}", "student_id": m.student_id,
+                             "tau": m.tau, "classes": m.classes, "warnings": m.warnings,
+                             "ood_threshold": None if m.ood is None else m.ood.threshold,
+                             "escalations_in_flight": svc.esc_slots - svc._slots._value, "max_escalations": svc.esc_slots,
+                             "reload_error": svc.reload_error, "drift": svc.monitor.drift()})
+
+    async def metrics(request):
+        return Response(svc.monitor.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def classify(request: Request):
         too_big = f"upload over --max_upload_mb ({svc.max_upload_bytes / 2**20:g} MB)"
@@ -236,10 +373,18 @@ def build_app(svc: Service):
             return error(413, too_big)
         t0 = time.perf_counter()
         try:
-            out = await run_in_threadpool(svc.classify, data)
+            look = await run_in_threadpool(svc.first_look, data)
         except BadImage as e:
             return error(400, str(e))
-        out["latency_ms"] = round(1000 * (time.perf_counter() - t0), 3)
+        if look.done:
+            out = look.out
+        elif svc.try_reserve():  # the escalation pool's own threads: student requests never wait behind it
+            out = await asyncio.get_running_loop().run_in_executor(svc.esc_pool, svc.settle_reserved, look)
+        else:  # every escalation slot busy: the student's guess now, for a person, rather than a hidden queue
+            out = await run_in_threadpool(svc.settle, look, True)
+        seconds = time.perf_counter() - t0
+        svc.monitor.observe_request(out["route"], seconds)
+        out["latency_ms"] = round(1000 * seconds, 3)
         return JSONResponse(out)
 
     async def review_page(request):
@@ -267,7 +412,7 @@ def build_app(svc: Service):
         return JSONResponse({"ok": True, "pending": left})
 
     return Starlette(routes=[
-        Route("/health", health), Route("/v1/classify", classify, methods=["POST"]),
+        Route("/health", health), Route("/metrics", metrics), Route("/v1/classify", classify, methods=["POST"]),
         Route("/review", review_page), Route("/review/items", review_items), Route("/review/image", review_image),
         Route("/review/answer", review_answer, methods=["POST"])])
 

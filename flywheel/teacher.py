@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 import httpx
 
+from flywheel import quickack
 from flywheel.io import Closing, stable_unit
 
 log = logging.getLogger(__name__)
@@ -395,7 +396,7 @@ class LLMTeacher(Closing):
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             headers={"Authorization": f"Bearer {api_key}",
                      "HTTP-Referer": "https://github.com/cifar-distill", "X-Title": "cifar_distill"},
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+            transport=quickack.transport(httpx.Limits(max_connections=64, max_keepalive_connections=64)))
 
     def can_answer(self, path) -> bool:
         return True

@@ -7,6 +7,7 @@ actions consumed one per request, e.g. {"status": 429, "headers": {"Retry-After"
 import base64
 import hashlib
 import json
+import random
 import socket
 import threading
 import time
@@ -131,10 +132,28 @@ def sum_uniform_cdf(x, a, b):
     return 1.0
 
 
+class Faults:
+    """What a busy provider does now and then (SIMULATED): a 429 with Retry-After, a 503, a request that hangs
+    for hang_s before it answers. draw() -> None, (429 or 503, retry-after seconds) or ("hang", seconds)."""
+
+    def __init__(self, rate_429=0.05, rate_503=0.02, rate_hang=0.005, retry_after_s=1, hang_s=5.0, seed=0):
+        self.rates = [(429, rate_429, retry_after_s), (503, rate_503, retry_after_s), ("hang", rate_hang, hang_s)]
+        self._rng, self._lock = random.Random(seed), threading.Lock()
+
+    def draw(self):
+        with self._lock:
+            u = self._rng.random()
+        for kind, rate, arg in self.rates:
+            if u < rate:
+                return kind, arg
+            u -= rate
+        return None
+
+
 class LoopbackTeacher:
     def __init__(self, truth=None, classes=None, latency_s=0.0, max_concurrency=None, wrong_rate=0.0,
                  style="plain", confidence=0.93, wrong_confidence=None, cost=0.0001, report_cost=True, reject_response_format=False,
-                 seed=0, profile=None, reject_logprobs=False, logprob=None):
+                 seed=0, profile=None, reject_logprobs=False, logprob=None, nodelay=True, faults=None):
         self.truth, self.classes = dict(truth or {}), list(classes or [])
         self.latency_s, self.max_concurrency, self.wrong_rate = latency_s, max_concurrency, wrong_rate
         self.style, self.confidence, self.cost, self.report_cost = style, confidence, cost, report_cost
@@ -151,6 +170,8 @@ class LoopbackTeacher:
         self._inflight, self._lock, self.seed = 0, threading.Lock(), seed
         self.profile = profile           # a TeacherProfile: realistic, SIMULATED answers (benches)
         self.first_answers = {}          # (sha, model) -> label of the first T=0 answer (the raw teacher)
+        self.faults = faults             # Faults: 429 with Retry-After, 503 and hangs at random (benches)
+        self.fault_counts = Counter()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -162,7 +183,9 @@ class LoopbackTeacher:
             def setup(self):
                 super().setup()
                 # headers and body go out in two writes; without this, Nagle + delayed ACK add ~40 ms per call
-                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # unless the client acknowledges at once (flywheel/quickack.py); nodelay=False is such a provider
+                if nodelay:
+                    self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_POST(self):
                 n = int(self.headers.get("content-length", 0))
@@ -222,6 +245,14 @@ class LoopbackTeacher:
         if over:
             return self._send(h, 429, {"error": {"message": "rate limited", "code": 429}}, {"Retry-After": "0.05"})
         try:
+            fault = self.faults.draw() if self.faults is not None and not action else None
+            if fault:
+                with self._lock:
+                    self.fault_counts[fault[0]] += 1
+                if fault[0] == "hang":
+                    time.sleep(fault[1])
+                else:
+                    return self._send(h, fault[0], {"error": {"message": "simulated fault"}}, {"Retry-After": str(fault[1])})
             if action and action.get("delay"):
                 time.sleep(action["delay"])
             if action and "status" in action:
