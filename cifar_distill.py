@@ -178,6 +178,8 @@ OPTION_GROUPS = {
                                       "on its own label for that turn: source pseudo, no spend) | off"),
         "turns": (int, 1, "flywheel: number of turns the run should have (completed turns are skipped)"),
         "flywheel_epochs": (int, None, "flywheel: epochs per retrain (unset: --epochs)"),
+        "min_new": (int, 0, "flywheel: start a turn only once serving has logged this many new settled answers (a QC-"
+                            "accepted LLM label or a person's) since the last turn; with a large --turns, a cron line"),
         "retrain": (str, "best", "flywheel: continue (from the previous student) | scratch (from turn 0's init) | best (train "
                                  "both, keep the better on validation; twice the training)"),
         "from_scratch": (bool, False, "flywheel: same as --retrain scratch"),
@@ -208,7 +210,7 @@ SHAPED_BY = {"prep": ["dataset", "classes", "max_per_class", "img_size", "no_sha
 UNIT_INTERVAL = ["contest_below", "oracle_noise", "conf_thresh", "adaptive_thresh", "audit_frac", "min_gold_acc",
                  "target_precision", "target_label_precision", "min_yield"]
 POSITIVE = ["img_size", "max_escalations", "max_workers", "epochs", "batch_size", "lr", "timeout", "relabel_n", "turns"]
-NON_NEGATIVE = ["max_per_class", "max_label", "max_retries", "max_invalid", "max_usd", "usd_per_call",
+NON_NEGATIVE = ["min_new", "max_per_class", "max_label", "max_retries", "max_invalid", "max_usd", "usd_per_call",
                 "usd_per_mtok_in", "usd_per_mtok_out", "gold_n", "weight_decay", "second_temp", "num_threads"]
 
 
@@ -227,7 +229,10 @@ NO_KEY_MESSAGE = (
     f"in the folder you run from (a line {API_KEY_ENV}=...). To run with no key: --teacher oracle "
     f"--oracle_noise 0.1 (a SIMULATED teacher), or --dry_run to price the job, or point --llm_base_url at a "
     f"local OpenAI-compatible server (vLLM, Ollama, LM Studio) and set the variable to any non-empty value.")
-SPENDING_STEPS = ("label", "cascade", "flywheel", "all", "serve", "merge")  # they write the ledger: one process at a time
+# pipeline steps that rewrite the run's outputs: one at a time per folder (run.lock). Serving takes no lock: it
+# shares the ledger (a claim per key, one budget), escalations.jsonl (flocked appends) and human_review.csv
+# (a file lock) with whichever of these runs beside it
+SPENDING_STEPS = ("label", "cascade", "flywheel", "all", "merge")
 
 
 def bad(flag, why):
@@ -337,8 +342,8 @@ def make_qc(cfg, P=None):
 
 def make_budget(cfg, ledger):
     """Every call is reserved at the higher of --usd_per_call and the dearest call this model has cost."""
-    return Budget(cfg["max_usd"], ledger.total_cost(), cfg["usd_per_call"],
-                  known_price=ledger.max_cost_per_call(teacher_model_name(cfg)))
+    return Budget(cfg["max_usd"], ledger.total_now(), cfg["usd_per_call"],
+                  known_price=ledger.max_cost_per_call(teacher_model_name(cfg)), ledger=ledger)
 
 
 # ----------------------------------------------------------------------------- prep
@@ -510,6 +515,8 @@ def step_flywheel(cfg, P):
         if k in done:
             log.info("flywheel turn %d already done (see %s); raise --turns for more", k, P.flywheel)
             continue
+        if waiting_for_serving(cfg, P, manifest, k):
+            break
         if not pool_rows(P, manifest, k - 1):
             log.info("flywheel turn %d skipped: no unlabeled training images are left to relabel (every one is "
                      "labeled already); label fewer (--max_label) or add images to grow the pool", k)
@@ -527,6 +534,17 @@ def step_flywheel(cfg, P):
         log.info("flywheel: promoted student is turn %d (best validation accuracy)", record_promotion(P).turn)
     print_flywheel(fly)
     return fly
+
+
+def waiting_for_serving(cfg, P, manifest, k) -> bool:
+    """--min_new: whether turn k waits for more settled answers from serving (and says so)."""
+    if not cfg["min_new"]:
+        return False
+    n = len(production_labels(P, manifest, cfg["classes"], k, {r["path"] for r in other_turns_labels(P, k)}))
+    if n < cfg["min_new"]:
+        log.info("flywheel turn %d not started: serving has logged %d new settled answer(s) since the last turn, "
+                 "fewer than --min_new %d; nothing to do", k, n, cfg["min_new"])
+    return n < cfg["min_new"]
 
 
 def relabel_turn(cfg, P, manifest, prev, k) -> dict:

@@ -13,6 +13,7 @@ finishes, so a killed cascade resumes where it stopped without re-logging or re-
 """
 import logging
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -74,6 +75,26 @@ def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau
             "llm_posterior": None if llm_posterior is None else round(float(llm_posterior), 6),
             # the label model's probability that the LLM's label is right (model QC), weighed against the student's
             "llm_p_right": None if llm_p_right is None else round(float(llm_p_right), 6)}
+
+
+def merge_human_rows(path, fields, rows):
+    """Write human_review.csv rows into the file under its lock, merged with what is there now: a serving process
+    and a cascade step may both add rows, and a person's answer (label_final) in the file is never overwritten by
+    a row without one. -> the merged rows.
+
+    >>> import tempfile, pathlib; p = pathlib.Path(tempfile.mkdtemp()) / "h.csv"
+    >>> _ = merge_human_rows(p, ["path", "label_final"], [{"path": "a", "label_final": "pear"}])
+    >>> [r.get("label_final") for r in merge_human_rows(p, ["path", "label_final"], [{"path": "a", "label_final": ""}, {"path": "b"}])]
+    ['pear', None]
+    """
+    from flywheel.io import FileLock, read_csv, write_csv
+    with FileLock(path):
+        now = {r["path"]: r for r in (read_csv(path) if Path(path).exists() else [])}
+        for r in rows:
+            if not (now.get(r["path"], {}).get("label_final") or "").strip():
+                now[r["path"]] = r
+        write_csv(path, fields, list(now.values()))
+        return list(now.values())
 
 
 def review_row(rec, turn, label_final="", source=""):

@@ -178,20 +178,29 @@ class JsonlAppender:
             with open(self.path, "ab") as f:  # our appends start on a fresh line
                 f.write(b"\n")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab")
+        # unbuffered: each line is one write(2) on an O_APPEND descriptor, readable for the torn-line check
+        self._f = open(self.path, "a+b", buffering=0)
 
     def append(self, rec: dict, on_written=None) -> dict:
+        """One line, written whole under an exclusive flock, so appends from another process (a server beside a
+        flywheel turn) never interleave with ours; a torn line another process left is closed first."""
+        import fcntl
         line = (json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
         with self._lock:
-            self._f.write(line)
-            self._f.flush()
-            if on_written is not None:
-                on_written(rec, self._f.tell())
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX)
+            try:
+                end = os.fstat(self._f.fileno()).st_size
+                if end and os.pread(self._f.fileno(), 1, end - 1) != b"\n":
+                    line = b"\n" + line  # a writer died mid-line: ours starts on a fresh one
+                os.write(self._f.fileno(), line)
+                if on_written is not None:
+                    on_written(rec, os.lseek(self._f.fileno(), 0, os.SEEK_CUR))
+            finally:
+                fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
         return rec
 
     def close(self):
         if not self._f.closed:
-            self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
 
@@ -224,6 +233,37 @@ class Closing:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class FileLock:
+    """An exclusive flock on PATH.lock while the `with` block runs, across threads and processes: for a file
+    two processes read, change and rewrite whole (human_review.csv, written by the server and the cascade).
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "x.csv"
+    >>> with FileLock(p):
+    ...     p.write_text("a")
+    1
+    """
+
+    _thread_locks: dict = {}
+    _guard = threading.Lock()
+
+    def __init__(self, path):
+        self.path = Path(str(path) + ".lock")
+        with FileLock._guard:  # flock is per open file, not per thread: threads take a lock of their own first
+            self._tlock = FileLock._thread_locks.setdefault(str(self.path.resolve()), threading.Lock())
+
+    def __enter__(self):
+        import fcntl
+        self._tlock.acquire()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a")
+        fcntl.flock(self._f.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()  # drops the flock
+        self._tlock.release()
 
 
 class RunLockHeld(FlywheelError):

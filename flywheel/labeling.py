@@ -48,13 +48,25 @@ class Budget:
     ([True, True, True], None, False)
     """
 
-    def __init__(self, max_usd, spent, est_per_call, known_price=0.0):
+    def __init__(self, max_usd, spent, est_per_call, known_price=0.0, ledger=None):
         self.max_usd, self.spent = float(max_usd), float(spent)
+        # with the ledger, each reservation first reads what other processes on the folder paid (a server beside
+        # a turn: one budget); their calls still in flight are not seen, so the overshoot stays at most the
+        # calls in flight, now across both processes
+        self.ledger, self._seen = ledger, (ledger.total_now() if ledger is not None else 0.0)
         self.est = max(float(est_per_call), float(known_price or 0.0))
         self.inflight, self.calls, self.run_spent, self.stopped = 0, 0, 0.0, False
+        self._own_unseen = 0.0  # our settled spend the ledger may not show yet
         self._lock = threading.Lock()
 
     def reserve(self) -> bool:
+        if self.ledger is not None:
+            self.ledger.refresh()
+            now = self.ledger.total_now()
+            with self._lock:  # the ledger's growth, less our own settled calls it now holds: others' spend
+                delta, self._seen = now - self._seen, now
+                self.spent += max(0.0, delta - self._own_unseen)
+                self._own_unseen = max(0.0, self._own_unseen - delta)
         with self._lock:
             if self.spent + (self.inflight + 1) * self.est > self.max_usd + 1e-12:
                 self.stopped = True
@@ -67,6 +79,7 @@ class Budget:
             self.inflight -= 1
             self.spent += float(cost or 0)
             self.run_spent += float(cost or 0)
+            self._own_unseen += float(cost or 0)
             self.calls += 1
             self.est = max(self.est, float(cost or 0))  # learn the real price from the first answer
 
@@ -250,6 +263,15 @@ def _ask(item, pass_no, teacher, ledger, qc, budget, purpose, stop):
     call = qc.call(item["sha256"], pass_no, teacher.model)
     if (rec := ledger.ok(call.key)) is not None:
         return rec
+    with ledger.claim(call.key):  # a server and a turn on one folder: whoever claims first pays, the other reads it
+        ledger.refresh()
+        if (rec := ledger.ok(call.key)) is not None:
+            return rec
+        return _pay(item, pass_no, call, teacher, ledger, qc, budget, purpose, stop)
+
+
+def _pay(item, pass_no, call, teacher, ledger, qc, budget, purpose, stop):
+    """Ask until a valid answer, within the invalid-reply bound, each answer appended. -> ok record or None."""
     while ledger.count(call.key, "invalid") <= qc.max_invalid:
         if stop.is_set() or not budget.reserve():
             return None

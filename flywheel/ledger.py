@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 2
 INDEX_VERSION = 2
+CLAIM_SLOTS = 1024  # lock files a key's claim may take: a collision only makes two keys wait for each other
 HEAD_BYTES = 4096  # the index remembers a hash of the JSONL's first bytes: a replaced file is reindexed
 REVIEW_FIELDS = ["path", "llm_label", "confidence", "label_final", "status"]
 REVIEW_REQUIRED = ["path", "llm_label", "label_final", "status"]
@@ -71,6 +72,52 @@ def index_path(ledger_path):
     return p.with_name(p.name.replace(".jsonl", "") + ".index.sqlite")
 
 
+def claims_path(ledger_path):
+    from pathlib import Path
+    p = Path(ledger_path)
+    return p.with_name(p.name.replace(".jsonl", "") + ".claims")
+
+
+class Claims:
+    """One claim per ledger key across threads and processes, so two processes that want the same answer at the
+    same moment pay for it once: the first holds the claim while it asks; the second waits, then finds the answer
+    in the ledger. A claim is an exclusive flock on one of CLAIM_SLOTS empty files in labels.claims/, picked by the
+    key's hash (two keys may share a file: they then wait for each other, never pay twice), through a descriptor
+    of its own, so threads of one process exclude each other as processes do (POSIX record locks would not: they
+    belong to the process, and the kernel reports threads waiting on each other's bytes as a deadlock). The kernel
+    drops a dead process's flocks: kill -9 leaves no stale claim.
+
+    >>> import tempfile, os; c = Claims(os.path.join(tempfile.mkdtemp(), "labels.claims"))
+    >>> with c.hold("ab12|1|m|q"):
+    ...     sorted(os.listdir(c.dir)) == [f"{c.slot('ab12|1|m|q')}"]
+    True
+    """
+
+    def __init__(self, path):
+        from pathlib import Path
+        self.dir = Path(path)
+
+    @staticmethod
+    def slot(key) -> int:
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % CLAIM_SLOTS
+
+    def hold(self, key):
+        import contextlib
+        import fcntl
+        import os
+
+        @contextlib.contextmanager
+        def held():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / str(self.slot(key)), os.O_CREAT | os.O_RDWR, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # drops the flock
+        return held()
+
+
 def head_hash(path, n) -> str:
     """sha256 of a file's first n bytes: whether a file is still the one an index or a merge saw."""
     with open(path, "rb") as f:
@@ -91,7 +138,10 @@ class Ledger(Closing):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
+        self._claims = Claims(claims_path(self.path))
+        self._cost_seen = 0.0  # USD of the calls indexed since open: ours and other processes' (total_now)
         self._catch_up()
+        self._total_at_open, self._cost_seen = self.total_cost(), 0.0
 
     # --------------------------------------------------------------- the index
     def _schema(self, reset):
@@ -149,6 +199,7 @@ class Ledger(Closing):
                             "skipped", self.path, end)
                 continue
             rows.append(self._row(_rekey_legacy(rec), end))
+            self._cost_seen += float(rec.get("cost_usd") or 0.0)
             if len(rows) >= 10000:
                 self._insert(rows)
                 rows = []
@@ -171,16 +222,23 @@ class Ledger(Closing):
         self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, str(v)) for k, v in kv.items()])
 
     def _written(self, rec, end):
-        """After a line reached the JSONL (under its lock): its index row and the new coverage, one commit."""
+        """After a line reached the JSONL (under its flock): index every line up to it, ours and any that another
+        process appended since we last looked (a server beside a flywheel turn), in one commit."""
         with self._lock:
-            meta = {"covered": end}
-            if self._head_n < HEAD_BYTES:  # the remembered head grows with the file up to HEAD_BYTES
-                self._head_n = min(end, HEAD_BYTES)
-                meta.update(head=head_hash(self.path, self._head_n), head_n=self._head_n)
-            self._db.execute("BEGIN")
-            self._insert([self._row(rec, end)])
-            self._set_meta(**meta)
-            self._db.execute("COMMIT")
+            self._catch_up()
+
+    def total_now(self) -> float:
+        """What every call in the ledger cost, as of the last refresh or append (no query: a budget asks it per call)."""
+        return self._total_at_open + self._cost_seen
+
+    def refresh(self):
+        """See what other processes appended since (their answers, their spend)."""
+        with self._lock:
+            self._catch_up()
+
+    def claim(self, key):
+        """Hold `key` (threads and processes alike) while deciding whether to pay for it: see Claims."""
+        return self._claims.hold(key)
 
     def _query(self, sql, args=()):
         """Reads go through a connection of the calling thread's own (WAL readers run beside the writer,

@@ -13,7 +13,7 @@ import numpy as np
 
 from flywheel.calibrate import (coverage_precision, margin, softmax, threshold_for_budget,
                                 threshold_for_precision)
-from flywheel.cascade import (DEFAULT_TEACHER_ACC, decide, escalation_record, review_row, route_of, rule_comparison,
+from flywheel.cascade import (DEFAULT_TEACHER_ACC, decide, escalation_record, merge_human_rows, review_row, route_of, rule_comparison,
                               summarize, tau_sweep)
 from flywheel.costs import LLM_ONLY_CALLS_PER_ITEM
 from flywheel.inference import student_probs
@@ -181,8 +181,8 @@ def route_turn(cfg, P, manifest, T: Turn, turn, io: CascadeIO, device) -> dict:
         for split, rows in {"test": heldout_rows(manifest), "pool": pool_rows(P, manifest, turn)}.items():
             result.update(cascade_split(P, T, best, ctx, io, manifest, split, rows, result["inputs"], cfg["max_workers"],
                                         device))
-    finally:
-        write_csv(P.human_review, HUMAN_FIELDS, list(io.human_rows.values()))
+    finally:  # merged under its lock: a server may have queued uploads, and a person answered some, meanwhile
+        merge_human_rows(P.human_review, HUMAN_FIELDS, list(io.human_rows.values()))
     result["budget_stopped"] = io.budget.stopped
     write_json(T.cascade, result)
     return result

@@ -128,7 +128,6 @@ class Service:
         self.teacher_acc, self.contest_below = float(teacher_acc), float(contest_below)  # the cascade step's rule
         self.human_path = self.out / "human_review.csv"
         self.stop = getattr(teacher, "stop", None) or threading.Event()
-        self._human_lock = threading.Lock()
         # one escalation per image at a time (nothing paid twice), from a fixed set of locks picked by sha256,
         # so a server that sees a million distinct uploads does not keep a million locks
         self._sha_locks = [threading.Lock() for _ in range(SHA_LOCKS)]
@@ -295,24 +294,19 @@ class Service:
         return read_csv(self.human_path) if self.human_path.exists() else []
 
     def enqueue_for_review(self, rec, turn):
-        from flywheel.cascade import review_row
-        from flywheel.io import write_csv
-        with self._human_lock:
-            rows = self._rows()
-            if any(r["path"] == rec["path"] for r in rows):
-                return
-            rows.append(review_row(rec, turn))
-            write_csv(self.human_path, self.human_fields, rows)
+        from flywheel.cascade import merge_human_rows, review_row
+        if not any(r["path"] == rec["path"] for r in self._rows()):
+            merge_human_rows(self.human_path, self.human_fields, [review_row(rec, turn)])  # a cascade may write it too
 
     def pending(self):
         return [r for r in self._rows() if not (r.get("label_final") or "").strip()]
 
     def answer(self, path, label):
         """A person's label for one queued image, written atomically. -> the number still pending."""
-        from flywheel.io import write_csv
+        from flywheel.io import FileLock, write_csv
         if label not in self.classes + [NONE_OF_THESE, ""]:  # "": undo
             raise ValueError(f"label {label!r} is not one of {self.classes}, {NONE_OF_THESE!r} or '' (undo)")
-        with self._human_lock:
+        with FileLock(self.human_path):  # the cascade step of a turn beside us rewrites it too
             rows = self._rows()
             hit = [r for r in rows if r["path"] == path]
             if not hit:

@@ -46,7 +46,7 @@ def blend(a, b, w):
 
 
 class Server:
-    def __init__(self, run, teacher_url, *extra):
+    def __init__(self, run, teacher_url, *extra, preexec_fn=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OPENROUTER_API_KEY": KEY}
@@ -54,7 +54,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "cifar_distill.py"), "--step", "serve", "--out_dir", str(run),
              "--port", str(self.port), "--llm_base_url", teacher_url, "--max_workers", "4", *map(str, extra)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -325,29 +325,73 @@ def test_review_page_in_a_headless_browser(served):
     assert rows[first]["label_final"] == "apple"  # skipped, then answered last with key 1
 
 
-def test_next_flywheel_turn_trains_on_what_serving_logged(served):
-    """Escalations the LLM settled and a person's answer from the review queue become turn 1's labels."""
+def test_a_turn_beside_the_server_trains_on_what_it_logged_and_ships_live(served, monkeypatch):
+    """Escalations the LLM settled and a person's answer from the review queue become turn 1's labels, while the
+    server keeps answering on the same folder: a turn and an export run beside it (no request fails, no answer is
+    paid twice, one budget), and the server then serves turn 1 without a restart."""
+    import threading
     from conftest import TRAIN_FLAGS
     from fakes import run_cli
-    run = served
-    with LoopbackTeacher(classes=CLASSES) as teacher:
-        srv = Server(run, teacher.url)
+    run, max_usd, price = served, 5.0, 0.001  # a budget that cannot bind here (test_shared_folder.py makes it bind)
+    monkeypatch.setenv("OPENROUTER_API_KEY", KEY)
+    with LoopbackTeacher(classes=CLASSES, latency_s=0.02, cost=price) as teacher:
+        srv = Server(run, teacher.url, "--max_usd", max_usd, "--max_escalations", 4)
         try:
             for i, (a, b) in enumerate([("apple", "orange"), ("pear", "mushroom"), ("orange", "sweet_pepper")] * 2):
                 srv.classify(png(blend(a, b, 0.5), seed=i))
             teacher.script = [{"status": 401}] * 4
             srv.classify(png(blend("apple", "pear", 0.5), seed=50))
+            teacher.script = []  # the first 401 stops asking for that request; the rest are not needed
             queued = httpx.get(srv.url + "/review/items").json()["pending"]
             prod = [q for q in queued if q["split"] == "production"]
             if prod:
                 httpx.post(srv.url + "/review/answer", json={"path": prod[0]["path"], "label": "mushroom"})
+            recs = [r for r in read_jsonl(run / "escalations.jsonl")[0] if r["split"] == "production"]
+            settled = {r["path"] for r in recs if r["route"] == "llm"} | ({prod[0]["path"]} if prod else set())
+            assert settled, "serving logged nothing the flywheel could use"
+            assert httpx.get(srv.url + "/health").json()["turn"] == 0
+            # turn 1 must win promotion whatever training yields on 9 validation images: turn 0's recorded validation
+            # accuracy is lowered on purpose (the server has it loaded already; only promotion reads it again)
+            from flywheel.student import load_checkpoint, save_checkpoint
+            ck = load_checkpoint(run / "artifacts" / "best.pt")
+            save_checkpoint(run / "artifacts" / "best.pt", {**ck, "best_val_acc": -1.0})
+            # clients keep uploading while the turn relabels (the same LLM, ledger and budget), trains and exports
+            stop, answers = threading.Event(), []
+
+            def client(c):
+                for i in range(10**6):
+                    if stop.is_set():
+                        return
+                    r = srv.classify(png(blend(CLASSES[c], CLASSES[(c + i) % 5], 0.5), seed=1000 * c + i))
+                    answers.append((r.status_code, r.json().get("turn")))
+                    time.sleep(0.05)
+            with ThreadPoolExecutor(3) as ex:
+                futures = [ex.submit(client, c) for c in range(3)]
+                try:
+                    common = ["--out_dir", run, "--llm_base_url", teacher.url, "--max_usd", max_usd]
+                    run_cli("--step", "flywheel", *common, "--turns", 1, "--relabel_n", 10, *TRAIN_FLAGS,
+                            "--retrain", "continue")
+                    run_cli("--step", "export", *common)
+                    deadline = time.time() + 30
+                    while httpx.get(srv.url + "/health").json()["turn"] != 1 and time.time() < deadline:
+                        time.sleep(0.2)
+                    n_before = len(answers)
+                    while len(answers) < n_before + 3 and time.time() < deadline:
+                        time.sleep(0.1)
+                finally:
+                    stop.set()
+                [f.result() for f in futures]
+            health = httpx.get(srv.url + "/health").json()
+            metrics = httpx.get(srv.url + "/metrics").text
+            assert srv.proc.poll() is None  # the same process: no restart
         finally:
             srv.stop()
-    recs = [r for r in read_jsonl(run / "escalations.jsonl")[0] if r["split"] == "production"]
-    settled = {r["path"] for r in recs if r["route"] == "llm"} | ({prod[0]["path"]} if prod else set())
-    assert settled, "serving logged nothing the flywheel could use"
-    run_cli("--step", "flywheel", "--out_dir", run, "--teacher", "oracle", "--turns", 1, "--relabel_n", 10,
-            *TRAIN_FLAGS, "--retrain", "continue")
+    assert health["turn"] == 1 and "cifar_distill_turn 1.0" in metrics
+    assert answers and all(code == 200 for code, _ in answers), answers  # no request failed, during the swap either
+    assert answers[-1][1] == 1 and {t for _, t in answers} <= {0, 1}
+    assert max(teacher.completed.values()) == 1  # no answer paid twice, by the server or the turn
+    paid = [r for r in read_jsonl(run / "labels.jsonl")[0] if r.get("cost_usd")]
+    assert sum(r["cost_usd"] for r in paid) <= max_usd and teacher.answers > 0
     fl = {r["path"]: r for r in read_csv(run / "flywheel_labels.csv")}
     assert settled <= set(fl)
     if prod:
