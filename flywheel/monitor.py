@@ -6,9 +6,12 @@ student's validation split, on three figures:
 - the calibrated confidence distribution, binned, by PSI;
 - the out-of-distribution rate (flywheel.ood), against what the OOD threshold lets through on validation.
 PSI = sum over bins of (p - q) * ln(p / q), each share smoothed by half an observation, so an empty bin
-counts and a small validation split does not alarm on noise. The usual reading: under 0.1 stable, 0.1-0.25
-a shift worth a look, above 0.25 a shift; the alarm is at PSI_ALARM, and only once MIN_DRIFT_N uploads are
-in the window.
+counts. The usual reading: under 0.1 stable, 0.1-0.25 a shift worth a look, above 0.25 a shift. A figure
+alarms when it is past its limit AND the difference is significant for the sample sizes (p < ALPHA), so a
+small validation split does not alarm on noise: PSI is Jeffreys' divergence, and n*m/(n+m) * PSI is about
+chi-square with bins-1 degrees of freedom when nothing changed; the OOD rate is tested as a binomial against
+what validation lets through, at least 1/(n_val + 1) (a new image beats the largest of n validation
+distances that often, whatever quantile was asked for). No alarm before MIN_DRIFT_N uploads.
 
 Metrics live in the Service's own registry (not prometheus-client's global one), so two services in one
 process (tests) never collide.
@@ -23,6 +26,7 @@ DRIFT_WINDOW = 500       # uploads: the recent production compared with validati
 MIN_DRIFT_N = 50         # uploads before the alarm may sound: fewer say too little
 PSI_ALARM = 0.25         # the conventional "significant shift"
 OOD_ALARM_FACTOR, OOD_ALARM_FLOOR = 3.0, 0.05  # OOD rate alarm: above 3x validation's and 5 points over it
+ALPHA = 0.001            # significance a figure's difference needs before it alarms
 CONF_BINS = np.array([0.0, 0.5, 0.7, 0.85, 0.95, 1.0 + 1e-9])  # confidence bins (edges), finer where tau lives
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 
@@ -59,10 +63,23 @@ class Reference(NamedTuple):
 
 
 def reference_of(val_probs, ood_rate) -> Reference:
-    """val_probs [N, C] calibrated -> the reference drift compares production with."""
+    """val_probs [N, C] calibrated -> the reference drift compares production with; ood_rate: what the OOD
+    threshold lets through on validation, raised to 1/(N+1) (see the module docstring)."""
     vp = np.asarray(val_probs, float)
     return Reference(np.bincount(vp.argmax(1), minlength=vp.shape[1]).tolist(), conf_counts(vp.max(1)).tolist(),
-                     float(ood_rate), len(vp))
+                     max(float(ood_rate), 1.0 / (len(vp) + 1)), len(vp))
+
+
+def psi_p_value(psi_value, n, m, bins) -> float:
+    """P(PSI at least this large | no change) for samples of n and m over `bins` bins (chi-square approximation).
+
+    >>> round(psi_p_value(0.3, 1000, 1000, 5), 6)   # 500 * 0.3 = 150 on 4 degrees of freedom
+    0.0
+    >>> round(psi_p_value(0.3, 9, 60, 5), 2)        # the same PSI from 9 validation images means little
+    0.67
+    """
+    from scipy.stats import chi2
+    return float(chi2.sf(psi_value * n * m / (n + m), max(1, bins - 1)))
 
 
 def drift(ref: Reference, pred, conf, unlike) -> dict:
@@ -71,7 +88,7 @@ def drift(ref: Reference, pred, conf, unlike) -> dict:
     >>> ref = Reference([50, 50], [0, 0, 10, 40, 50], 0.005, 100)
     >>> d = drift(ref, [0] * 60, [0.99] * 60, [False] * 60)
     >>> d["alarm"], d["why"]
-    (True, ['predicted-class mix PSI 2.36 > 0.25', 'confidence PSI 2.07 > 0.25'])
+    (True, ['predicted-class mix PSI 2.36 > 0.25 (p 5e-21)', 'confidence PSI 2.07 > 0.25 (p 5e-16)'])
     >>> drift(ref, [0, 1] * 30, [0.8] * 6 + [0.9] * 24 + [0.99] * 30, [False] * 60)["alarm"]  # validation's shape
     False
     """
@@ -80,15 +97,17 @@ def drift(ref: Reference, pred, conf, unlike) -> dict:
     if n == 0:
         return {**out, "alarm": False, "why": [], "class_psi": None, "confidence_psi": None, "ood_rate": None,
                 "reference_ood_rate": ref.ood_rate}
+    from scipy.stats import binom
     k = len(ref.class_counts)
     figures = {"class_psi": psi(np.bincount(np.asarray(pred, int), minlength=k), ref.class_counts),
                "confidence_psi": psi(conf_counts(conf), ref.conf_counts)}
-    ood = float(np.mean(unlike))
-    why = [f"{name} PSI {v:.2f} > {PSI_ALARM}" for name, v in
-           (("predicted-class mix", figures["class_psi"]), ("confidence", figures["confidence_psi"])) if v > PSI_ALARM]
-    ood_limit = max(OOD_ALARM_FACTOR * ref.ood_rate, ref.ood_rate + OOD_ALARM_FLOOR)
-    if ood > ood_limit:
-        why.append(f"out-of-distribution rate {ood:.3f} > {ood_limit:.3f}")
+    why = [f"{name} PSI {v:.2f} > {PSI_ALARM} (p {p:.1g})" for name, v, bins in
+           (("predicted-class mix", figures["class_psi"], k), ("confidence", figures["confidence_psi"], len(CONF_BINS) - 1))
+           if v > PSI_ALARM and (p := psi_p_value(v, ref.n, n, bins)) < ALPHA]
+    n_ood = int(np.sum(unlike))
+    ood, ood_limit = n_ood / n, max(OOD_ALARM_FACTOR * ref.ood_rate, ref.ood_rate + OOD_ALARM_FLOOR)
+    if ood > ood_limit and (p := float(binom.sf(n_ood - 1, n, ref.ood_rate))) < ALPHA:
+        why.append(f"out-of-distribution rate {ood:.3f} > {ood_limit:.3f} (p {p:.1g})")
     return {**out, **{k_: round(v, 4) for k_, v in figures.items()}, "ood_rate": round(ood, 4),
             "reference_ood_rate": ref.ood_rate, "alarm": n >= MIN_DRIFT_N and bool(why), "why": why}
 

@@ -240,6 +240,56 @@ def test_unlike_training_goes_to_a_person_and_warnings_show(served_with_ood):
     assert len(rows) == 2 and {r["llm_answers"] for r in rows} == {"not asked"}
 
 
+def test_drift_alarms_on_inverted_uploads_not_on_the_test_split_and_metrics_show_it(served_with_ood):
+    """/health's drift stays quiet on the test split and alarms once inverted copies arrive; /metrics shows the
+    routes, latencies, confidences, LLM calls, OOD count, drift and turn. The OOD threshold is set on purpose at
+    the test split's largest distance, so the test split alone is never unlike training; the student is retrained
+    with 45% of its labels for validation, because drift is judged against validation and nine images say little."""
+    from conftest import TRAIN_FLAGS
+    from fakes import run_cli
+    from flywheel.export import ort_session
+    from flywheel.monitor import MIN_DRIFT_N
+    from flywheel.ood import OODModel
+    run = served_with_ood
+    for step in (["train", *TRAIN_FLAGS, "--val_frac", 0.45], ["export"]):
+        run_cli("--step", *step, "--out_dir", run, "--teacher", "oracle")
+    files = [run / r["path"] for r in read_csv(run / "manifest.csv") if r["split"] == "test"]
+    inverted = []
+    for f in files:
+        buf = io.BytesIO()
+        Image.fromarray(255 - np.asarray(Image.open(f).convert("RGB"))).save(buf, format="PNG")
+        inverted.append(buf.getvalue())
+    sess, ood = ort_session(run / "artifacts" / "mobilenet.onnx"), OODModel.load(run / "artifacts" / "ood.npz")
+
+    def look(data):
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        return img, sess.run(["features"], {"image": np.asarray(img)[None]})[0][0]
+    seen = [look(f.read_bytes()) for f in files]
+    chain = [ood._replace(also=None), ood.also]  # features, then pixels: each threshold at the test split's largest
+    chain = [m._replace(threshold=max(m.distance(*x) for x in seen)) for m in chain]
+    ood = chain[0]._replace(also=chain[1])
+    assert sum(ood.reason(*look(b)) is not None for b in inverted) >= len(inverted) / 5  # many inverted are unlike
+    ood.save(run / "artifacts" / "ood.npz")
+    with LoopbackTeacher(classes=CLASSES) as teacher:
+        srv = Server(run, teacher.url, "--teacher", "oracle")  # the oracle answers no upload: no LLM involved
+        try:
+            for f in files:
+                assert srv.classify(f.read_bytes(), f.name).status_code == 200
+            quiet = httpx.get(srv.url + "/health").json()["drift"]
+            for b in inverted * 3:  # the window is the last 500: most of it shifted now
+                assert srv.classify(b).status_code == 200
+            loud = httpx.get(srv.url + "/health").json()["drift"]
+            metrics = httpx.get(srv.url + "/metrics").text
+        finally:
+            srv.stop()
+    assert quiet["window"] == len(files) >= MIN_DRIFT_N and not quiet["alarm"] and quiet["ood_rate"] == 0, quiet
+    assert loud["alarm"] and any("out-of-distribution" in w for w in loud["why"]), loud
+    assert 'cifar_distill_requests_total{route="human"}' in metrics and "cifar_distill_latency_seconds_bucket" in metrics
+    for name in ("cifar_distill_student_confidence_count 320.0", "cifar_distill_llm_calls 0.0", "cifar_distill_turn 0.0",
+                 "cifar_distill_drift_alarm 1.0", 'cifar_distill_drift_psi{figure="class"}', "cifar_distill_ood_total"):
+        assert name in metrics, name
+
+
 def test_offline_teacher_never_asked_says_not_asked(served):
     """With the SIMULATED oracle, an escalated upload goes to a person and the queue says "not asked", not
     "failed"."""
