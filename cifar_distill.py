@@ -70,7 +70,8 @@ from flywheel.run import (Paths, fingerprint, item, load_manifest, pool_rows, pr
                           promoted, record_promotion, split_of, step_files, unchanged, write_stamp)
 from flywheel.service import SWAP_CHECK_S, Service, build_app, load_served
 from flywheel.student import ARCH, RECIPES, STUDENTS, pick_device, start_distributed
-from flywheel.teacher import FatalTeacherError, LLMTeacher, OracleTeacher, oracle_model_name
+from flywheel.task import TaskError, check_classes, load_task, recorded_task
+from flywheel.teacher import SYSTEM_PROMPT, FatalTeacherError, LLMTeacher, OracleTeacher, build_prompt, oracle_model_name
 from flywheel.training import count_by, retrain, train_turn, warn_if_turn0_retrained
 from flywheel.turns import add_turn, load_turns, other_turns_labels, turn_entry, write_turn_labels
 
@@ -107,6 +108,9 @@ OPTION_GROUPS = {
         "oracle_noise": (float, 0.1, "oracle teacher only: fraction of deliberately wrong labels"),
         "llm_base_url": (str, "https://openrouter.ai/api/v1", "OpenAI-compatible base URL (OpenAI, vLLM, Ollama, LM Studio...)"),
         "llm_model": (str, "google/gemini-2.5-flash", "teacher model name sent to the API"),
+        "task": (str, None, "a task spec (TOML: description, [classes] name = definition, optional [examples] few-shot "
+                            "images, [settings]); the prompt is built from it and its hash keys the ledger; later steps "
+                            "reuse the one the label step recorded (unset: that, or the built-in prompt)"),
         "max_label": (int, 1500, "training images the teacher labels (random sample drawn with --seed), gold items included"),
         "conf_thresh": (float, QC_DEFAULTS["conf_thresh"], "always/adaptive QC: accept when both passes agree and their mean confidence is at least this"),
         "second_pass": (str, QC_DEFAULTS["second_pass"], "model (a label model fitted on gold from every signal: accept, ask once more where it can change the decision, or review) | "
@@ -196,7 +200,7 @@ CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["ci
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 # the flags that shape each step's outputs (the others change only speed, logging or where things go): a rerun
 # with the same ones and the same files does nothing (flywheel.run stamps)
-_ASK = ["classes", "seed", "teacher", "oracle_noise", "llm_base_url", "llm_model", "second_model", "second_pass",
+_ASK = ["classes", "task_digest", "seed", "teacher", "oracle_noise", "llm_base_url", "llm_model", "second_model", "second_pass",
         "conf_thresh", "target_label_precision", "min_yield", "confident_learning", "adaptive_thresh", "audit_frac", "second_temp",
         "max_invalid", "max_usd"]
 _FIT = ["classes", "seed", "student", "recipe", "weights", "label_weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "measure_noise_cost"]
@@ -268,6 +272,8 @@ def validate(cfg: dict) -> dict:
         bad("llm_base_url", f"must start with http:// or https://, got {cfg['llm_base_url']!r}")
     validate_processes(cfg)
     cfg["classes"] = run_classes(cfg)
+    cfg["task_spec"] = run_task(cfg)
+    cfg["task_digest"] = cfg["task_spec"].digest if cfg["task_spec"] else None  # the stamps see an edited spec
     if (cfg["teacher"] == "llm" and not cfg["dry_run"] and cfg["step"] in ("label", "cascade", "flywheel", "all", "serve")
             and not api_key()):
         print(NO_KEY_MESSAGE, file=sys.stderr)
@@ -291,6 +297,17 @@ def validate_processes(cfg):
         if cfg["step"] != "label":
             bad("shard", f"applies to --step label only (got --step {cfg['step']}); merge the shards' ledgers with "
                          f"--step merge")
+
+
+def run_task(cfg):
+    """--task, or the spec the run's label step recorded (so every later step asks the same question), or None."""
+    try:
+        task = load_task(cfg["task"]) if cfg["task"] else recorded_task(Path(cfg["out_dir"]) / "task.json")
+        if task is not None:
+            check_classes(task, cfg["classes"])
+    except TaskError as e:
+        bad("task", str(e))
+    return task
 
 
 def run_classes(cfg) -> list:
@@ -324,12 +341,13 @@ def make_teacher(cfg, manifest):
         return OracleTeacher(truth, cfg["classes"], cfg["oracle_noise"], cfg["usd_per_call"], cfg["seed"])
     return LLMTeacher(cfg["llm_base_url"], cfg["llm_model"], api_key(), cfg["classes"], timeout=cfg["timeout"],
                       max_retries=cfg["max_retries"], usd_per_mtok_in=cfg["usd_per_mtok_in"],
-                      usd_per_mtok_out=cfg["usd_per_mtok_out"], logprobs=cfg["logprobs"] == "auto")
+                      usd_per_mtok_out=cfg["usd_per_mtok_out"], logprobs=cfg["logprobs"] == "auto", task=cfg["task_spec"])
 
 
 def make_qc(cfg, P=None):
     """The QC policy; with P, the rule the label step fitted on gold too, so cascade and flywheel judge answers alike."""
     qc = QC(cfg["classes"], **{k: cfg[k] for k in QC_DEFAULTS}, seed=cfg["seed"], second_model=cfg["second_model"])
+    qc.task = cfg["task_spec"]
     if P is not None and P.label_summary.exists():
         t = (read_json(P.label_summary).get("qc_rule") or {}).get("threshold")
         qc.threshold = float("inf") if t is None else float(t)
@@ -400,6 +418,8 @@ def step_label(cfg, P):
                  ledger_path)
     items = [item(P, manifest, p) for p in sample]
     qc = make_qc(cfg)
+    if cfg["task_spec"] is not None and not cfg["dry_run"]:
+        write_json(P.task, cfg["task_spec"].record())  # later steps ask the same question (run_task)
     qc.always_second = {it["sha256"] for it in items if it["path"] in gold}
     with Ledger(ledger_path) as ledger:
         if cfg["dry_run"]:
@@ -424,6 +444,10 @@ def step_label(cfg, P):
 
 
 def print_dry_run(cfg, items, gold, ledger, qc):
+    t = cfg["task_spec"]
+    print(f"the prompt ({'task spec ' + t.path if t else 'built in'}), first pass:\n--- system\n{SYSTEM_PROMPT}\n--- user\n"
+          f"{build_prompt(cfg['classes'], t)}\n--- then {sum(map(len, t.examples.values())) if t else 0} example image(s), "
+          f"then the photo\n")
     lo, hi = qc.calls_needed(items, teacher_model_name(cfg), ledger)
     print(f"dry run: {len(items)} images ({len(gold)} gold), {lo}-{hi} calls still needed "
           f"({'second pass only where QC needs it: the upper bound assumes every image does' if lo != hi else 'two passes each'}), "

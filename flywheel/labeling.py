@@ -141,13 +141,14 @@ class QC:
         self.flagged = set()           # shas whose first answer the held-out model contradicts: to review, no pass 2
         self.label_model = prior_model(self.classes)  # model mode: replaced by the label step's fit
         self.held_out = {}             # model mode: {sha: the held-out model's probability of the first answer}
+        self.task = None               # flywheel.task.Task: part of every question's hash
 
     def call(self, sha, pass_no, model) -> Call:
         """The question pass `pass_no` asks about image `sha`, keyed by what is actually sent."""
         order = pass_class_order(self.classes, pass_no, sha)
         temp = 0.0 if pass_no == 1 else self.second_temp
         model = (self.second_model or model) if pass_no == 2 else model
-        q = question_hash(order, temp)
+        q = question_hash(order, temp, task=self.task)
         return Call(call_key(sha, pass_no, model, q), pass_no, order, temp, q, model)
 
     def second_needed(self, sha, p1) -> bool:

@@ -1,6 +1,7 @@
 """What people read: report.md and datacard.md (every number read from the run file named in its section,
 never typed by hand), and the console tables the steps print.
 """
+import json
 import logging
 import time
 from pathlib import Path
@@ -267,6 +268,17 @@ def label_model_text(rule):
                f"{cal['rate']} right" if cal else ""))
 
 
+def task_text(P) -> str:
+    """The task spec the teacher was asked with (task.json), as the datacard prints it."""
+    if not P.task.exists():
+        return "**Task.** The built-in prompt: the class names alone (no --task spec)."
+    t = read_json(P.task)
+    ex = sum(len(v) for v in t["examples"].values())
+    return (f"**Task** (spec {t['path']}, digest {t['digest']}, part of every ledger key). {t['description']} Classes: "
+            + "; ".join(f"**{c}**: {d}" for c, d in t["classes"].items())
+            + f". {ex} few-shot example image(s)" + (f"; written for {json.dumps(t['settings'])}" if t["settings"] else "") + ".")
+
+
 def write_datacard(P, ls, ev, prep, best, cas):
     cm = np.array(ev["confusion_matrix"])
     off = [(cm[i, j], ev["classes"][i], ev["classes"][j]) for i in range(len(cm)) for j in range(len(cm)) if i != j and cm[i, j]]
@@ -291,6 +303,7 @@ def write_datacard(P, ls, ev, prep, best, cas):
          "not JSON or name no listed class are invalid and never accepted. A person's edit of `label_final` in "
          "review_labels.csv overrides the teacher (source `human`). Flywheel turns add pool items the cascade escalated "
          "(source `escalation`) or a person answered (`human`; `simulated_human` offline). Test images never enter training.",
+         "", task_text(P),
          "", "**Provenance.** Every teacher call is a line of labels.jsonl with image sha256, pass, model, host, prompt "
          "version, raw reply, tokens, cost and time; every escalation a line of escalations.jsonl.",
          "", "**Known limitations.**",

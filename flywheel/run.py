@@ -44,6 +44,7 @@ class Paths:
         self.flywheel, self.promoted = a / "flywheel.json", a / "promoted.json"
         self.onnx, self.ts, self.export = a / "mobilenet.onnx", a / "mobilenet.ts", a / "export.json"
         self.ood = a / "ood.npz"  # what serving sends to a person unasked (flywheel.ood), fitted at export
+        self.task = o / "task.json"  # the task spec the label step asked with (flywheel.task)
         self.turn0 = Turn(a)
 
     def turn(self, k: int) -> "Turn":

@@ -88,7 +88,11 @@ class Answer:
 
 # ----------------------------------------------------------------------------- prompt + parsing
 
-def build_prompt(class_order) -> str:
+def build_prompt(class_order, task=None) -> str:
+    """The user text: the built-in prompt, or the task spec's (flywheel.task) when there is one."""
+    if task is not None:
+        from flywheel.task import task_prompt
+        return task_prompt(task, class_order)
     return USER_PROMPT.format(class_list="\n".join(f"- {c}" for c in class_order))
 
 
@@ -143,7 +147,7 @@ def label_logprob(logprobs):
     return None
 
 
-def question_hash(class_order, temperature, max_tokens=MAX_TOKENS) -> str:
+def question_hash(class_order, temperature, max_tokens=MAX_TOKENS, task=None) -> str:
     """A hash of everything that shapes the answer except the image and the model: the system and
     user text as rendered (so the class list and its order), the temperature and max_tokens. The
     ledger keys answers on it, so a changed prompt or class list never reuses another question's answer.
@@ -153,14 +157,17 @@ def question_hash(class_order, temperature, max_tokens=MAX_TOKENS) -> str:
     >>> len({question_hash(["a", "b"], 0.0), question_hash(["b", "a"], 0.0), question_hash(["a", "b"], 0.7)})
     3
     """
-    return _question_hash(tuple(class_order), float(temperature), int(max_tokens))
+    return _question_hash(tuple(class_order), float(temperature), int(max_tokens), task)
 
 
 @functools.lru_cache(maxsize=4096)  # QC asks it for every image and pass; the orders repeat
-def _question_hash(class_order, temperature, max_tokens):
+def _question_hash(class_order, temperature, max_tokens, task=None):
     import hashlib
-    spec = json.dumps({"system": SYSTEM_PROMPT, "user": build_prompt(class_order),
-                       "temperature": temperature, "max_tokens": max_tokens}, sort_keys=True)
+    spec = {"system": SYSTEM_PROMPT, "user": build_prompt(class_order, task),
+            "temperature": temperature, "max_tokens": max_tokens}
+    if task is not None:  # the spec's digest covers its example images too; without a spec, keys are as before
+        spec["task"] = task.digest
+    spec = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -379,10 +386,12 @@ class LLMTeacher(Closing):
     source = "llm"
 
     def __init__(self, base_url, model, api_key, classes, timeout=DEFAULT_TIMEOUT_S, max_retries=5,
-                 usd_per_mtok_in=0.30, usd_per_mtok_out=2.50, sleep=None, stop=None, logprobs=True):
+                 usd_per_mtok_in=0.30, usd_per_mtok_out=2.50, sleep=None, stop=None, logprobs=True, task=None):
         self.base_url = base_url.rstrip("/")
         self.host = urlparse(self.base_url).netloc
         self.model, self.classes, self.max_retries = model, list(classes), max_retries
+        self.task = task  # flywheel.task.Task or None: the prompt and few-shot images come from it
+        self._examples = None
         self.prices = (usd_per_mtok_in, usd_per_mtok_out)
         self.use_response_format = True  # flipped off for the run when a provider rejects every kind
         self.response_format = RESPONSE_FORMATS[0]  # downgraded for the run when a provider rejects it (400)
@@ -406,9 +415,13 @@ class LLMTeacher(Closing):
 
     def _payload(self, image_jpeg: bytes, class_order, temperature, model=None):
         url = "data:image/jpeg;base64," + base64.b64encode(image_jpeg).decode()
+        if self._examples is None:  # encoded once per run
+            from flywheel.task import example_parts
+            self._examples = example_parts(self.task) if self.task is not None else []
         body = {"model": model or self.model, "temperature": temperature, "max_tokens": MAX_TOKENS,
                 "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                             {"role": "user", "content": [{"type": "text", "text": build_prompt(class_order)},
+                             {"role": "user", "content": [{"type": "text", "text": build_prompt(class_order, self.task)},
+                                                          *self._examples,
                                                           {"type": "image_url", "image_url": {"url": url}}]}],
                 "usage": {"include": True}}  # OpenRouter: report usage.cost in the response
         if self.use_response_format and (rf := response_format(self.response_format, class_order)) is not None:

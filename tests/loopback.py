@@ -172,6 +172,7 @@ class LoopbackTeacher:
         self.first_answers = {}          # (sha, model) -> label of the first T=0 answer (the raw teacher)
         self.faults = faults             # Faults: 429 with Retry-After, 503 and hangs at random (benches)
         self.fault_counts = Counter()
+        self.keep_messages, self.messages = False, []  # whole request bodies, when a test reads the prompt
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -236,6 +237,8 @@ class LoopbackTeacher:
             self.requests[(sha, pass_no)] += 1
             self.auth_headers.append(h.headers.get("authorization"))
             self.bodies.append({k: v for k, v in body.items() if k != "messages"})
+            if self.keep_messages:
+                self.messages.append(body)
             action = self.script.pop(0) if self.script else None
             over = self.max_concurrency is not None and self._inflight >= self.max_concurrency
             if over:
