@@ -12,7 +12,7 @@ Rerun any of these: a step whose inputs and settings are unchanged does nothing 
 
 One step at a time (each reads and writes only under --out_dir, default cifar5_run):
     uv run cifar_distill.py --step prep                      # CIFAR-100 -> images/, manifest.csv
-    uv run cifar_distill.py --step label --dry_run           # how many calls, what it would cost
+    uv run cifar_distill.py --step label --task task.toml --dry_run  # the exact prompt, the calls, the cost
     uv run cifar_distill.py --step label --max_usd 2         # labels.jsonl -> review_labels.csv
     uv run cifar_distill.py --step train --epochs 30         # artifacts/{last,best}.pt, mobilenet.pt
     uv run cifar_distill.py --step eval                      # artifacts/eval.json, test_predictions.csv
@@ -21,8 +21,10 @@ One step at a time (each reads and writes only under --out_dir, default cifar5_r
     uv run cifar_distill.py --step export                    # artifacts/mobilenet.onnx, mobilenet.ts
     uv run cifar_distill.py --step report                    # report.md, datacard.md
 Serve the promoted student (student -> LLM -> person), and answer what it escalated to a person:
-    uv run cifar_distill.py --step serve --port 8000         # POST /v1/classify, GET /health
+    uv run cifar_distill.py --step serve --port 8000         # POST /v1/classify, GET /health, /metrics
     open http://127.0.0.1:8000/review                        # one click or key press per label
+    uv run cifar_distill.py --step flywheel --turns 1000 --min_new 200 && \
+        uv run cifar_distill.py --step export                # beside it (cron): a turn ships live
 Your own images (DIR/train/<class>/*, DIR/test/<class>/*):
     uv run cifar_distill.py --step all --dataset folder --data_root DIR --out_dir my_run
 Past one machine: label in parts, merge, then train on N processes (GPUs, or CPU with gloo):
@@ -60,17 +62,16 @@ from flywheel.labelmodel import LabelModel
 from flywheel.ledger import Ledger, merge_ledger_file
 from flywheel.ood import fit_ood_both
 from flywheel.prep import (CIFAR5, class_counts, drop_cross_split_duplicates, listing, make_images, prep_jobs,
-                           resolve_classes, JPEG_QUALITY, MANIFEST_FIELDS)
+                           JPEG_QUALITY, MANIFEST_FIELDS)
 from flywheel.relabel import (doubt_threshold, paid_labels, pick_relabels, production_labels, turn_evidence,
                               turn_labels)
 from flywheel.report import print_cascade, print_eval_table, print_flywheel, write_report
 from flywheel.review import HUMAN_FIELDS, check_review_file, human_answers, write_label_outputs
 from flywheel.routing import CascadeIO, open_human_rows, route_turn, teacher_accuracy
-from flywheel.run import (Paths, fingerprint, item, load_manifest, pool_rows, prep_sharpens,
+from flywheel.run import (Paths, run_classes, run_task, fingerprint, item, load_manifest, pool_rows, prep_sharpens,
                           promoted, record_promotion, split_of, step_files, unchanged, write_stamp)
 from flywheel.service import SWAP_CHECK_S, Service, build_app, load_served
 from flywheel.student import ARCH, RECIPES, STUDENTS, pick_device, start_distributed
-from flywheel.task import TaskError, check_classes, load_task, recorded_task
 from flywheel.teacher import SYSTEM_PROMPT, FatalTeacherError, LLMTeacher, OracleTeacher, build_prompt, oracle_model_name
 from flywheel.training import count_by, retrain, train_turn, warn_if_turn0_retrained
 from flywheel.turns import add_turn, load_turns, other_turns_labels, turn_entry, write_turn_labels
@@ -270,7 +271,7 @@ def validate(cfg: dict) -> dict:
         bad("second_model", "needs --teacher llm (the oracle has one simulated model)")
     if not cfg["llm_base_url"].startswith(("http://", "https://")):
         bad("llm_base_url", f"must start with http:// or https://, got {cfg['llm_base_url']!r}")
-    validate_processes(cfg)
+    cli.check_processes(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     cfg["classes"] = run_classes(cfg)
     cfg["task_spec"] = run_task(cfg)
     cfg["task_digest"] = cfg["task_spec"].digest if cfg["task_spec"] else None  # the stamps see an edited spec
@@ -279,49 +280,6 @@ def validate(cfg: dict) -> dict:
         print(NO_KEY_MESSAGE, file=sys.stderr)
         raise SystemExit(EXIT_NO_KEY)
     return cfg
-
-
-def validate_processes(cfg):
-    """torchrun and --shard: what runs in parts, and how."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # under torchrun
-        if cfg["step"] != "train":
-            bad("step", f"{cfg['step']} does not run under torchrun; only --step train does (DistributedDataParallel)")
-        if cfg["measure_noise_cost"]:
-            bad("measure_noise_cost", "is not supported under torchrun; measure it in a single-process run")
-        if cfg["batch_size"] % world:
-            bad("batch_size", f"{cfg['batch_size']} must divide evenly over the {world} torchrun processes (it is "
-                              f"the global batch; each process takes an equal slice)")
-    if cfg["shard"] is not None:
-        cfg["shard_i"], cfg["shard_n"] = cli.parse_shard(cfg["shard"])
-        if cfg["step"] != "label":
-            bad("shard", f"applies to --step label only (got --step {cfg['step']}); merge the shards' ledgers with "
-                         f"--step merge")
-
-
-def run_task(cfg):
-    """--task, or the spec the run's label step recorded (so every later step asks the same question), or None."""
-    try:
-        task = load_task(cfg["task"]) if cfg["task"] else recorded_task(Path(cfg["out_dir"]) / "task.json")
-        if task is not None:
-            check_classes(task, cfg["classes"])
-    except TaskError as e:
-        bad("task", str(e))
-    return task
-
-
-def run_classes(cfg) -> list:
-    """The classes from --classes or the data; later steps follow what prep made unless --classes is given."""
-    made = Path(cfg["out_dir"]) / "classes.json"
-    classes = resolve_classes(cfg["classes"], cfg["dataset"], cfg["data_root"], made)
-    if cfg["step"] not in ("prep", "all") and made.exists():
-        prepped = read_json(made)
-        if cfg["classes"] is None:
-            return prepped
-        if classes != prepped:
-            bad("classes", f"is {classes} but prep made {prepped} ({made}); rerun --step prep with these --classes "
-                           f"first, or drop the flag")
-    return classes
 
 
 # ----------------------------------------------------------------------------- the wiring of teacher, QC and budget

@@ -101,3 +101,24 @@ def parse_shard(text):
         raise UsageError(f"--shard {text}: I must be in 0..N-1 (parts are numbered from 0: "
                          + ", ".join(f"{k}/{n}" for k in range(max(n, 1))) + ")")
     return i, n
+
+
+def flag_error(flag, why):
+    raise UsageError(f"--{flag} {why}")
+
+
+def check_processes(cfg, world):
+    """torchrun (world processes) and --shard: what runs in parts, and how."""
+    if world > 1:  # under torchrun
+        if cfg["step"] != "train":
+            flag_error("step", f"{cfg['step']} does not run under torchrun; only --step train does (DistributedDataParallel)")
+        if cfg["measure_noise_cost"]:
+            flag_error("measure_noise_cost", "is not supported under torchrun; measure it in a single-process run")
+        if cfg["batch_size"] % world:
+            flag_error("batch_size", f"{cfg['batch_size']} must divide evenly over the {world} torchrun processes (it "
+                                     f"is the global batch; each process takes an equal slice)")
+    if cfg["shard"] is not None:
+        cfg["shard_i"], cfg["shard_n"] = parse_shard(cfg["shard"])
+        if cfg["step"] != "label":
+            flag_error("shard", f"applies to --step label only (got --step {cfg['step']}); merge the shards' ledgers "
+                                f"with --step merge")

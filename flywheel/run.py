@@ -276,3 +276,32 @@ def step_files(P, step, data_root=None, gold_csv=None) -> list:
         return [P.prep_json, P.label_summary, P.flywheel, P.export, ship.best, ship.eval, ship.cascade, ship.speed,
                 P.report, P.datacard]
     raise ValueError(f"no stamp for step {step!r}")
+
+
+def run_task(cfg):
+    """--task, or the spec the run's label step recorded (so every later step asks the same question), or None."""
+    from flywheel.cli import flag_error
+    from flywheel.task import TaskError, check_classes, load_task, recorded_task
+    try:
+        task = load_task(cfg["task"]) if cfg["task"] else recorded_task(Paths(cfg["out_dir"]).task)
+        if task is not None:
+            check_classes(task, cfg["classes"])
+    except TaskError as e:
+        flag_error("task", str(e))
+    return task
+
+
+def run_classes(cfg) -> list:
+    """The classes from --classes or the data; later steps follow what prep made unless --classes is given."""
+    from flywheel.cli import flag_error
+    from flywheel.prep import resolve_classes
+    made = Paths(cfg["out_dir"]).classes
+    classes = resolve_classes(cfg["classes"], cfg["dataset"], cfg["data_root"], made)
+    if cfg["step"] not in ("prep", "all") and made.exists():
+        prepped = read_json(made)
+        if cfg["classes"] is None:
+            return prepped
+        if classes != prepped:
+            flag_error("classes", f"is {classes} but prep made {prepped} ({made}); rerun --step prep with these "
+                                  f"--classes first, or drop the flag")
+    return classes
