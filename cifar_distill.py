@@ -23,8 +23,8 @@ One step at a time (each reads and writes only under --out_dir, default cifar5_r
 Serve the promoted student (student -> LLM -> person), and answer what it escalated to a person:
     uv run cifar_distill.py --step serve --port 8000         # POST /v1/classify, GET /health, /metrics
     open http://127.0.0.1:8000/review                        # one click or key press per label
-    uv run cifar_distill.py --step flywheel --turns 1000 --min_new 200 && \
-        uv run cifar_distill.py --step export                # beside it (cron): a turn ships live
+    uv run cifar_distill.py --step flywheel --turns 1000 --min_new 200  # beside it (cron), then
+    uv run cifar_distill.py --step export                    # the promoted turn ships live
 Your own images (DIR/train/<class>/*, DIR/test/<class>/*):
     uv run cifar_distill.py --step all --dataset folder --data_root DIR --out_dir my_run
 Past one machine: label in parts, merge, then train on N processes (GPUs, or CPU with gloo):

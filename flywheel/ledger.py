@@ -139,9 +139,10 @@ class Ledger(Closing):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._claims = Claims(claims_path(self.path))
-        self._cost_seen = 0.0  # USD of the calls indexed since open: ours and other processes' (total_now)
         self._catch_up()
-        self._total_at_open, self._cost_seen = self.total_cost(), 0.0
+        # total_now: the ledger's total as of the last line summed, and that line's end (rows past it are new,
+        # whoever appended them: the index is shared by every process on the folder)
+        self._total, self._summed_to = self.total_cost(), int(self._meta("covered") or 0)
 
     # --------------------------------------------------------------- the index
     def _schema(self, reset):
@@ -199,7 +200,6 @@ class Ledger(Closing):
                             "skipped", self.path, end)
                 continue
             rows.append(self._row(_rekey_legacy(rec), end))
-            self._cost_seen += float(rec.get("cost_usd") or 0.0)
             if len(rows) >= 10000:
                 self._insert(rows)
                 rows = []
@@ -228,8 +228,14 @@ class Ledger(Closing):
             self._catch_up()
 
     def total_now(self) -> float:
-        """What every call in the ledger cost, as of the last refresh or append (no query: a budget asks it per call)."""
-        return self._total_at_open + self._cost_seen
+        """What every call in the ledger cost, as of the last refresh or append: only rows past the last one summed
+        are read (a range of the index's primary key), so a budget can ask it before every call."""
+        with self._lock:
+            got, end = self._db.execute("SELECT COALESCE(SUM(cost_usd), 0), MAX(end_offset) FROM calls "
+                                        "WHERE end_offset > ?", (self._summed_to,)).fetchone()
+            if end is not None:
+                self._total, self._summed_to = self._total + float(got), int(end)
+            return self._total
 
     def refresh(self):
         """See what other processes appended since (their answers, their spend)."""

@@ -59,9 +59,9 @@ def free_port():
 # ----------------------------------------------------------------------------- two runs, one folder
 
 def test_second_run_on_the_same_folder_is_refused_naming_the_holder(run):
-    # A has ~16 s of work (120 calls, 3 in flight, 0.4 s each), so B, whose imports alone take 5-12 s on a busy
-    # 2-core machine, starts while A holds the folder
-    with LoopbackTeacher(truth(run), CLASSES, latency_s=0.4) as srv:
+    # A has ~10 s of work (120 calls, 3 in flight, 0.25 s each), so B, whose imports take 3-6 s on a busy 2-core
+    # machine (with the venv's bytecode compiled), starts while A holds the folder
+    with LoopbackTeacher(truth(run), CLASSES, latency_s=0.25) as srv:
         env = {**os.environ, "OPENROUTER_API_KEY": KEY}
         a = subprocess.Popen(label_cmd(run, srv.url, "--max_label", 60, "--max_workers", 3), cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

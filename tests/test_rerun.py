@@ -7,7 +7,7 @@ from fakes import run_cli
 from flywheel.io import read_csv, read_json
 
 # --demo with fewer epochs and labels: the same path, sized for the test suite
-DEMO = ["--demo", "--epochs", 3, "--max_label", 400, "--gold_n", 0, "--relabel_n", 60]
+DEMO = ["--demo", "--epochs", 2, "--max_label", 300, "--gold_n", 0, "--relabel_n", 40, "--paid_answers", "off"]
 
 
 def skipped(caplog, step):

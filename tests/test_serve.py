@@ -276,7 +276,7 @@ def test_drift_alarms_on_inverted_uploads_not_on_the_test_split_and_metrics_show
             for f in files:
                 assert srv.classify(f.read_bytes(), f.name).status_code == 200
             quiet = httpx.get(srv.url + "/health").json()["drift"]
-            for b in inverted * 3:  # the window is the last 500: most of it shifted now
+            for b in inverted * 2:  # the window is the last 500: most of it shifted now
                 assert srv.classify(b).status_code == 200
             loud = httpx.get(srv.url + "/health").json()["drift"]
             metrics = httpx.get(srv.url + "/metrics").text
@@ -285,7 +285,7 @@ def test_drift_alarms_on_inverted_uploads_not_on_the_test_split_and_metrics_show
     assert quiet["window"] == len(files) >= MIN_DRIFT_N and not quiet["alarm"] and quiet["ood_rate"] == 0, quiet
     assert loud["alarm"] and any("out-of-distribution" in w for w in loud["why"]), loud
     assert 'cifar_distill_requests_total{route="human"}' in metrics and "cifar_distill_latency_seconds_bucket" in metrics
-    for name in ("cifar_distill_student_confidence_count 320.0", "cifar_distill_llm_calls 0.0", "cifar_distill_turn 0.0",
+    for name in ("cifar_distill_student_confidence_count 240.0", "cifar_distill_llm_calls 0.0", "cifar_distill_turn 0.0",
                  "cifar_distill_drift_alarm 1.0", 'cifar_distill_drift_psi{figure="class"}', "cifar_distill_ood_total"):
         assert name in metrics, name
 
@@ -414,12 +414,12 @@ def test_a_turn_beside_the_server_trains_on_what_it_logged_and_ships_live(served
                         return
                     r = srv.classify(png(blend(CLASSES[c], CLASSES[(c + i) % 5], 0.5), seed=1000 * c + i))
                     answers.append((r.status_code, r.json().get("turn")))
-                    time.sleep(0.05)
+                    time.sleep(0.1)
             with ThreadPoolExecutor(3) as ex:
                 futures = [ex.submit(client, c) for c in range(3)]
                 try:
                     common = ["--out_dir", run, "--llm_base_url", teacher.url, "--max_usd", max_usd]
-                    run_cli("--step", "flywheel", *common, "--turns", 1, "--relabel_n", 10, *TRAIN_FLAGS,
+                    run_cli("--step", "flywheel", *common, "--turns", 1, "--relabel_n", 6, *TRAIN_FLAGS,
                             "--retrain", "continue")
                     run_cli("--step", "export", *common)
                     deadline = time.time() + 30
