@@ -607,7 +607,10 @@ def step_serve(cfg, P):
         log.info("serve: turn %d's student on http://%s:%d  (/v1/classify, /health, /metrics, /review); at most %d "
                  "escalations in flight; escalations -> %s", served.turn, cfg["host"], cfg["port"],
                  cfg["max_escalations"], P.escalations)
-        uvicorn.run(build_app(svc), host=cfg["host"], port=cfg["port"], log_level="warning", access_log=False)
+        try:
+            uvicorn.run(build_app(svc), host=cfg["host"], port=cfg["port"], log_level="warning", access_log=False)
+        finally:
+            svc.write_stats()  # the report's production section counts every request this server answered
 
 
 # ----------------------------------------------------------------------------- main

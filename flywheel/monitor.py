@@ -112,6 +112,40 @@ def drift(ref: Reference, pred, conf, unlike) -> dict:
             "reference_ood_rate": ref.ood_rate, "alarm": n >= MIN_DRIFT_N and bool(why), "why": why}
 
 
+SIZE_EDGES = (32, 96, 224)  # px, the shorter side: production slices by image size
+
+
+def size_slice(width, height) -> str:
+    """An upload's size slice, by its shorter side.
+
+    >>> size_slice(28, 40), size_slice(32, 500), size_slice(224, 224)
+    ('<32px', '32-95px', '224px+')
+    """
+    side = min(width, height)
+    lo = 0
+    for edge in SIZE_EDGES:
+        if side < edge:
+            return f"<{edge}px" if lo == 0 else f"{lo}-{edge - 1}px"
+        lo = edge
+    return f"{SIZE_EDGES[-1]}px+"
+
+
+def escalation_table(snapshots, dim) -> list:
+    """Summed production counts along one dimension -> [(value, requests, escalated share)], by value.
+
+    >>> snaps = [{"counts": [["class", "pear", "student", 3], ["class", "pear", "llm", 1], ["hour", "h1", "llm", 1]]}]
+    >>> escalation_table(snaps, "class")
+    [('pear', 4, 0.25)]
+    """
+    n, esc = {}, {}
+    for snap in snapshots:
+        for d, value, route, k in snap["counts"]:
+            if d == dim:
+                n[value] = n.get(value, 0) + k
+                esc[value] = esc.get(value, 0) + (k if route != "student" else 0)
+    return [(v, n[v], round(esc[v] / n[v], 4)) for v in sorted(n)]
+
+
 class Monitor:
     """Counters, histograms and the drift window of one serving process. Thread-safe."""
 
@@ -131,6 +165,7 @@ class Monitor:
         self.drift_psi = Gauge("cifar_distill_drift_psi", "PSI of recent traffic against validation", ["figure"], registry=r)
         self.drift_ood = Gauge("cifar_distill_drift_ood_rate", "OOD rate of the recent window", registry=r)
         self._lock = threading.Lock()
+        self.counts = {}  # (dimension, value, route) -> requests: the report's production section
         self.swap(classes, reference, turn)
 
     def swap(self, classes, reference, turn):
@@ -153,9 +188,24 @@ class Monitor:
         self.llm_calls.set_function(lambda: budget.calls)
         self.llm_usd.set_function(lambda: budget.run_spent)
 
-    def observe_request(self, route, seconds):
+    def observe_request(self, route, seconds, label=None, size=None, source=None):
+        """One answered request: its route and latency, and the slices the report breaks escalation down by (the
+        hour, UTC; the answered class; the image size; the client's `source` field)."""
+        import time
         self.requests.labels(route).inc()
         self.latency.labels(route).observe(seconds)
+        keys = [("hour", time.strftime("%Y-%m-%dT%H:00Z", time.gmtime()))]
+        keys += [("class", label)] if label else []
+        keys += [("size", size_slice(*size))] if size else []
+        keys += [("source", source or "unnamed")]
+        with self._lock:
+            for dim, value in keys:
+                self.counts[(dim, value, route)] = self.counts.get((dim, value, route), 0) + 1
+
+    def snapshot(self) -> list:
+        """[[dimension, value, route, requests]], cumulative since this server started."""
+        with self._lock:
+            return [[*k, n] for k, n in sorted(self.counts.items())]
 
     def drift(self) -> dict:
         with self._lock:

@@ -77,11 +77,34 @@ def write_report(P):
     R = load_figures(P)
     plots, _ = plot_run(R.art, P.flywheel)  # the promoted turn's own plots, drawn from its artifacts
     L = (header_lines(P, R) + data_teacher_lines(P, R) + student_lines(P, R) + cascade_flywheel_lines(P, R)
-         + throughput_lines(P, R) + plot_lines(P, plots))
+         + throughput_lines(P, R) + production_lines(P) + plot_lines(P, plots))
     atomic_write_bytes(P.report, ("\n".join(L) + "\n").encode())
     write_datacard(P, R.ls, R.ev, R.prep, R.best, R.cas)
     log.info("report: wrote %s, %s", P.report, P.datacard)
     return P.report
+
+
+def production_lines(P) -> list:
+    """Serving's escalation rate over time, per answered class, per image size and per client source, from
+    production_stats.jsonl (each server's last running total)."""
+    from flywheel.io import read_jsonl
+    from flywheel.monitor import escalation_table
+    if not P.production_stats.exists():
+        return []
+    last = {}
+    for rec in read_jsonl(P.production_stats)[0]:
+        last[rec["server"]] = rec
+    snaps = list(last.values())
+    L = ["## Production", "", f"What `--step serve` answered ({len(snaps)} server run(s), from "
+         f"`{P.production_stats.name}`): requests, and the share that went past the student (to the LLM or a "
+         "person), by slice.", ""]
+    for dim, title in (("hour", "hour (UTC)"), ("class", "answered class"), ("size", "image size (shorter side)"),
+                       ("source", "client source (form field `source`)")):
+        rows = escalation_table(snaps, dim)
+        if rows:
+            L += [f"| {title} | requests | escalated |", "|---|---|---|"]
+            L += [f"| {v} | {n} | {100 * e:.1f}% |" for v, n, e in rows] + [""]
+    return L
 
 
 def header_lines(P, R):

@@ -45,6 +45,7 @@ class Paths:
         self.onnx, self.ts, self.export = a / "mobilenet.onnx", a / "mobilenet.ts", a / "export.json"
         self.ood = a / "ood.npz"  # what serving sends to a person unasked (flywheel.ood), fitted at export
         self.task = o / "task.json"  # the task spec the label step asked with (flywheel.task)
+        self.production_stats = o / "production_stats.jsonl"  # serving's request counts by slice (flywheel.monitor)
         self.turn0 = Turn(a)
 
     def turn(self, k: int) -> "Turn":

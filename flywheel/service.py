@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SHA_LOCKS = 64  # lock stripes for escalations in flight (more than the threadpool's 40 workers)
 MIN_VAL_IMAGES = 50  # fewer validation images fit the temperature and tau on too little to trust
 SWAP_CHECK_S = 2.0  # how often serving looks for a newly exported student (seconds)
+STATS_EVERY_S = 60.0  # how often serving appends its production counts (and once more when it stops)
 NOT_ASKED = "not_asked"  # llm_status of an upload the LLM was never asked (unlike everything, or no teacher for it)
 
 
@@ -137,6 +138,7 @@ class Service:
         self.monitor = Monitor(served.classes, served.reference, served.turn)
         self.monitor.watch_budget(budget)
         self.reload = reload  # () -> Served: the promoted, exported student now (live swap), or None
+        self.server_id = uuid.uuid4().hex[:12]  # production_stats.jsonl: each line is one server's running total
         self.reload_error = None
 
     @property
@@ -165,11 +167,29 @@ class Service:
         return True
 
     def watch(self, every_s):
-        """A daemon thread that checks for a new export every every_s seconds."""
+        """A daemon thread that checks for a new export every every_s seconds, and appends the production counts
+        to production_stats.jsonl every STATS_EVERY_S (the report's production section)."""
         def loop():
+            last = time.monotonic()
             while not self.stop.wait(every_s):
                 self.maybe_swap()
+                if time.monotonic() - last >= STATS_EVERY_S:
+                    self.write_stats()
+                    last = time.monotonic()
         threading.Thread(target=loop, daemon=True, name="student-swap").start()
+
+    def write_stats(self):
+        """One line: this server's cumulative counts by hour, class, size and source, and route."""
+        from flywheel.io import JsonlAppender
+        counts = self.monitor.snapshot()
+        if counts:
+            from flywheel.run import Paths
+            f = JsonlAppender(Paths(self.out).production_stats, load=False)
+            try:
+                f.append({"server": self.server_id, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "turn": self.served.turn, "counts": counts})
+            finally:
+                f.close()
 
     # ------------------------------------------------------------------ one request
     def prepare(self, data: bytes):
@@ -377,7 +397,9 @@ def build_app(svc: Service):
         else:  # every escalation slot busy: the student's guess now, for a person, rather than a hidden queue
             out = await run_in_threadpool(svc.settle, look, True)
         seconds = time.perf_counter() - t0
-        svc.monitor.observe_request(out["route"], seconds)
+        src = form.get("source")
+        svc.monitor.observe_request(out["route"], seconds, out["label"], look.img.size,
+                                    str(src)[:64] if isinstance(src, str) else None)
         out["latency_ms"] = round(1000 * seconds, 3)
         return JSONResponse(out)
 

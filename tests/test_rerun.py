@@ -7,7 +7,7 @@ from fakes import run_cli
 from flywheel.io import read_csv, read_json
 
 # --demo with fewer epochs and labels: the same path, sized for the test suite
-DEMO = ["--demo", "--epochs", 2, "--max_label", 300, "--gold_n", 0, "--relabel_n", 40, "--paid_answers", "off"]
+DEMO = ["--demo", "--epochs", 1, "--max_label", 200, "--gold_n", 0, "--relabel_n", 30, "--paid_answers", "off"]
 
 
 def skipped(caplog, step):

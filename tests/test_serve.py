@@ -285,6 +285,10 @@ def test_drift_alarms_on_inverted_uploads_not_on_the_test_split_and_metrics_show
     assert quiet["window"] == len(files) >= MIN_DRIFT_N and not quiet["alarm"] and quiet["ood_rate"] == 0, quiet
     assert loud["alarm"] and any("out-of-distribution" in w for w in loud["why"]), loud
     assert 'cifar_distill_requests_total{route="human"}' in metrics and "cifar_distill_latency_seconds_bucket" in metrics
+    from flywheel.report import production_lines
+    from flywheel.run import Paths
+    prod = "\n".join(production_lines(Paths(run)))  # the report's section, from what the server wrote as it stopped
+    assert "| 32-95px | 240 |" in prod and "| unnamed | 240 |" in prod and "answered class" in prod, prod
     for name in ("cifar_distill_student_confidence_count 240.0", "cifar_distill_llm_calls 0.0", "cifar_distill_turn 0.0",
                  "cifar_distill_drift_alarm 1.0", 'cifar_distill_drift_psi{figure="class"}', "cifar_distill_ood_total"):
         assert name in metrics, name
