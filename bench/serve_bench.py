@@ -137,11 +137,13 @@ def with_turn(srv, run, teacher, a):
     """4 clients alone, then 4 clients while `--step flywheel` trains on the same folder on the other core."""
     print_rows("4", *load(srv, uploads(run, a.requests, seed=4), 4, a.keepalive))
     env = {**os.environ, "OPENROUTER_API_KEY": KEY}
+    fly = run / "artifacts" / "flywheel.json"
+    next_turn = len(json.loads(fly.read_text())["turns"]) if fly.exists() else 1  # turns 0..k exist: train k+1
     turn = subprocess.Popen([sys.executable, str(ROOT / "cifar_distill.py"), "--step", "flywheel", "--out_dir", str(run),
-                             "--llm_base_url", teacher.url, "--num_threads", "1", "--turns", "1", "--min_new", "0"],
+                             "--llm_base_url", teacher.url, "--num_threads", "1", "--turns", str(next_turn)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(run / "turn.log", "w"),
                             preexec_fn=pin(1))
-    time.sleep(15)  # past its imports: into relabeling and training
+    time.sleep(20)  # past its imports and relabeling: into training
     res, rps = load(srv, uploads(run, a.requests, seed=44), 4, a.keepalive)
     print_rows("4, turn on", res, rps)
     print(f"turn still running when the load ended: {turn.poll() is None}; its log: {run / 'turn.log'}")
