@@ -14,7 +14,6 @@ same grey-on-black look), colour-coded synthetic images (tests/fakes.py), and un
 Prints the share of each probe set sent to a person, per representation, mean ± std over seeds.
 """
 import argparse
-import io
 import sys
 from pathlib import Path
 

@@ -131,7 +131,7 @@ def main():
           f"{os.cpu_count()} CPU(s); logs in {work}", flush=True)
     table = {n: one_size(n, a, work) for n in sizes}
     print("\nwall seconds / peak heap MB (anonymous RSS) per step")
-    print(f"| step | " + " | ".join(f"{n:,} images" for n in sizes) + " |")
+    print("| step | " + " | ".join(f"{n:,} images" for n in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
     for step in STEPS:
         cells = [f"{table[n][step][0]:.0f} s / {table[n][step][1]:.0f} MB" if step in table[n] else "n/a"

@@ -221,3 +221,27 @@ def test_pseudo_labels_are_the_students_own_confident_pool_answers(copy_run):
     later = {r["path"] for r in training_rows(P, manifest, cfg["classes"], cfg["val_frac"], cfg["seed"], upto_turn=2)[0]}
     assert {r["path"] for r in pseudo} <= turn1_rows
     assert not {r["path"] for r in pseudo} & later  # a later turn's student redraws its own
+
+
+def test_min_new_waits_for_serving_and_says_so(copy_run, caplog):
+    """--min_new: no turn until serving has logged that many new settled answers; five are made on purpose here
+    (pool images as served uploads, each with an LLM answer the server accepted)."""
+    import json
+    import logging
+    import shutil
+    import cifar_distill
+    run = copy_run / "run"
+    P = Paths(run)
+    (run / "production").mkdir()
+    served = [r for r in read_csv(run / "manifest.csv") if r["split"] == "train"][:5]
+    with open(run / "escalations.jsonl", "a") as f:
+        for i, r in enumerate(served):
+            shutil.copy(run / r["path"], run / f"production/up{i}.jpg")
+            f.write(json.dumps({"split": "production", "path": f"production/up{i}.jpg", "sha256": f"up{i}",
+                                "route": "llm", "llm_label": r["label"]}) + "\n")
+    with caplog.at_level(logging.INFO):
+        run_cli("--step", "flywheel", "--out_dir", run, "--teacher", "oracle", "--turns", 1, "--min_new", 6)
+    assert "serving has logged 5 new settled answer(s) since the last turn, fewer than --min_new 6" in caplog.text
+    assert not P.turn(1).dir.exists()
+    cfg = {"min_new": 5, "classes": read_json(P.classes)}
+    assert cifar_distill.waiting_for_serving(cfg, P, load_manifest(P), 1) is False  # five are enough for 5
