@@ -56,15 +56,13 @@ from flywheel.data import write_digits_folder
 from flywheel.evaluate import evaluate
 from flywheel.export import check_export, export_student, ort_session
 from flywheel.io import RunLock, SigtermAsInterrupt, read_csv, read_json, write_csv, write_json
-from flywheel.labeling import (QC, QC_DEFAULTS, Budget, BudgetStop, GoldGateError, label_all, label_items,
-                               label_sample, shard_of)
+from flywheel.labeling import QC, QC_DEFAULTS, Budget, BudgetStop, GoldGateError, label_all, label_items, label_sample, shard_of
 from flywheel.labelmodel import LabelModel
 from flywheel.ledger import Ledger, merge_ledger_file
 from flywheel.ood import fit_ood_both
 from flywheel.prep import (CIFAR5, class_counts, drop_cross_split_duplicates, listing, make_images, prep_jobs,
                            JPEG_QUALITY, MANIFEST_FIELDS)
-from flywheel.relabel import (doubt_threshold, paid_labels, pick_relabels, production_labels, turn_evidence,
-                              turn_labels)
+from flywheel.relabel import doubt_threshold, paid_labels, pick_relabels, production_labels, turn_evidence, turn_labels
 from flywheel.report import print_cascade, print_eval_table, print_flywheel, write_report
 from flywheel.review import HUMAN_FIELDS, check_review_file, human_answers, write_label_outputs
 from flywheel.routing import CascadeIO, open_human_rows, route_turn, teacher_accuracy
@@ -152,7 +150,9 @@ OPTION_GROUPS = {
         "epochs": (int, 30, "training epochs"), "batch_size": (int, 128, "training and inference batch size"),
         "lr": (float, 2e-3, "AdamW peak learning rate (cosine schedule to 0)"),
         "weight_decay": (float, 0.05, "AdamW weight decay"),
-        "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) for model selection and calibration"),
+        "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) as validation under --val_source split"),
+        "val_source": (str, "auto", "validation (model selection, temperature, tau, OOD and drift reference): auto (the gold pins, a "
+                                    "uniform sample with true labels, when 30+; else split) | split (--val_frac of the accepted labels)"),
         "resume": (bool, False, "continue an interrupted training run from artifacts/last.pt"),
         "label_weights": (str, "model", "model (a teacher label weighs its label-model probability of being right) | none (hard labels)"),
         "measure_noise_cost": (bool, False, "also train on the manifest's ground-truth labels of the same images, to report in "
@@ -197,14 +197,14 @@ START_HERE = ["step", "demo", "out_dir", "dataset", "data_root", "classes", "tea
 CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
            "second_pass": ["model", "fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "logprobs": ["auto", "off"], "relabel_strategy": ["targeted", "random", "margin"],
            "paid_answers": ["on", "off"], "pseudo_labels": ["on", "off"],
-           "retrain": ["best", "continue", "scratch"], "student": list(STUDENTS), "label_weights": ["model", "none"], "recipe": list(RECIPES), "device": ["auto", "cpu", "cuda", "mps"],
+           "retrain": ["best", "continue", "scratch"], "student": list(STUDENTS), "label_weights": ["model", "none"], "val_source": ["auto", "split"], "recipe": list(RECIPES), "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 # the flags that shape each step's outputs (the others change only speed, logging or where things go): a rerun
 # with the same ones and the same files does nothing (flywheel.run stamps)
 _ASK = ["classes", "task_digest", "seed", "teacher", "oracle_noise", "llm_base_url", "llm_model", "second_model", "second_pass",
         "conf_thresh", "target_label_precision", "min_yield", "confident_learning", "adaptive_thresh", "audit_frac", "second_temp",
         "max_invalid", "max_usd"]
-_FIT = ["classes", "seed", "student", "recipe", "weights", "label_weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "measure_noise_cost"]
+_FIT = ["classes", "seed", "student", "recipe", "weights", "label_weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "val_source", "measure_noise_cost"]
 _ROUTE = ["tau", "target_precision", "escalation_budget", "contest_below", "simulate_human"]
 SHAPED_BY = {"prep": ["dataset", "classes", "max_per_class", "img_size", "no_sharpen"],
              "label": _ASK + ["max_label", "gold_csv", "gold_n", "min_gold_acc"],
@@ -392,8 +392,9 @@ def step_label(cfg, P):
                              budget.calls, budget.run_spent, ledger_path)
             else:
                 def outputs(gold_report=None, rule=None, **kw):
+                    gold_report = gold_report and {**gold_report, "simulated": not cfg["gold_csv"]}
                     return write_label_outputs(P, items, ledger, teacher, manifest, gold_report, qc, cfg["max_usd"],
-                                               gold if cfg["gold_csv"] else {}, rule=rule, **kw)
+                                               gold, rule=rule, **kw)  # a person's (or --gold_n's SIMULATED) check
             summary = label_all(cfg, P, items, gold, teacher, ledger, qc, budget, outputs)
     if budget.stopped:
         raise BudgetStop(f"budget stop: --max_usd {cfg['max_usd']} is spent (${budget.spent:.4f} recorded in "

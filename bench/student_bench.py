@@ -15,6 +15,8 @@ image with its prediction, stating its probability as confidence (bench/real_ima
     uv run python bench/student_bench.py --labels 300 --seeds 1 --arms scratch/augment,pretrained/augment
     uv run python bench/student_bench.py --labels 1500 --gold_n 100 --cascade --arms pretrained/augment,pretrained/augment/hard
                                             # label-model weights vs hard labels, and the cascade's calls and accuracy
+    uv run python bench/student_bench.py --labels 1500 --gold_n 100 --cascade --arms pretrained/augment,pretrained/augment/split
+                                            # gold pins as validation vs a split of the accepted labels
 
 Prints test accuracy on teacher labels and on ground truth (mean ± std over seeds), the noise cost and the
 training time per arm.
@@ -40,6 +42,8 @@ from real_images import ClassifierTeacher, digits, fashion, sample, write_folder
 INITS = {"scratch": ["--student", "mobilenet_v3_small", "--weights", "none"],
          "pretrained": ["--student", "efficientnet_lite0", "--weights", "imagenet"]}
 RECIPES = ("augment", "lpft", "plain")  # augment: the pipeline's default for both inits
+OPTIONS = {"hard": ["--label_weights", "none"],  # the control for label-model weights
+           "split": ["--val_source", "split"]}   # the control for gold pins as validation
 
 
 def make_data(d, a, seed):
@@ -94,19 +98,19 @@ def one_seed(tmp, a, seed):
                                                "acc": ls["teacher_accuracy"], "raw": ls["pass1_accuracy"],
                                                "yield": ls["yield"], "calls": ls["calls_per_image"]}
         for arm in a.arms:
-            init, recipe, *hard = arm.split("/")  # init/recipe/hard: the control, hard labels (--label_weights none)
+            init, recipe, *opts = arm.split("/")  # options: hard (--label_weights none), split (--val_source split)
             run = d / f"{n}_{arm.replace('/', '_')}"
             shutil.copytree(lab, run)
             t0 = time.time()
             run_cli("--step", "train", "--out_dir", run, *INITS[init], "--recipe", recipe,
-                    *(["--label_weights", "none"] if hard else []), "--epochs",
+                    *[f for o in opts for f in OPTIONS[o]], "--epochs",
                     a.epochs if init == "scratch" else a.pretrained_epochs, "--batch_size", a.batch_size,
                     "--measure_noise_cost", "--seed", seed, "--log_level", "WARNING")
             secs = (time.time() - t0) / 2  # the run trains twice: on teacher labels and on the ground truth
             run_cli("--step", "eval", "--out_dir", run, "--log_level", "WARNING")
             ev = read_json(run / "artifacts" / "eval.json")
-            if a.cascade and arm == a.arms[0]:
-                out[(n, "cascade")] = cascade(run, d, by_sha, seed)
+            if a.cascade:
+                out[(n, "cascade", arm)] = cascade(run, d, by_sha, seed)
             out[(n, arm)] = {"acc": ev["accuracy"], "gt": ev["noise_cost"]["ground_truth_twin_accuracy"],
                              "cost": ev["noise_cost"]["noise_cost_pts"], "secs": secs,
                              "label_acc": ls["teacher_accuracy"], "accepted": ls["accepted"]}
@@ -124,7 +128,7 @@ def cascade(run, d, by_sha, seed):
     esc = round(t["n"] * t["escalation_rate"])
     return {"calls_per_escalated": t["llm_calls"] / esc if esc else 0.0, "calls": t["llm_calls"],
             "llm_only": t["llm_only_calls"], "accuracy": t["accuracy"], "to_person": t["routes"].get("human", 0.0),
-            "escalated": t["escalation_rate"]}
+            "escalated": t["escalation_rate"], "student_precision": t["route_accuracy"].get("student")}
 
 
 def main(argv=None):
@@ -140,7 +144,7 @@ def main(argv=None):
     p.add_argument("--qc_control", action="store_true",
                    help="also label with the held-out model on 12x12 pixels only, the control for embeddings (default: off)")
     p.add_argument("--cascade", action="store_true",
-                   help="also run the cascade step on the first arm's student and print its calls and accuracy (default: off)")
+                   help="also run the cascade step on each arm's student and print its calls and accuracy (default: off)")
     p.add_argument("--img_size", type=int, default=96, help="prep's image side in px (default: 96)")
     p.add_argument("--epochs", type=int, default=10, help="epochs from scratch (default: 10)")
     p.add_argument("--pretrained_epochs", type=int, default=4, help="epochs for the pretrained student (default: 4)")
@@ -152,11 +156,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     a.labels = [int(v) for v in a.labels.split(",")]
     a.arms = [arm for arm in a.arms.split(",") if arm]
-    bad = [arm for arm in a.arms if arm.count("/") not in (1, 2) or arm.split("/")[0] not in INITS
-           or arm.split("/")[1] not in RECIPES or arm.split("/")[2:] not in ([], ["hard"])]
+    bad = [arm for arm in a.arms if arm.count("/") < 1 or arm.split("/")[0] not in INITS
+           or arm.split("/")[1] not in RECIPES or not set(arm.split("/")[2:]) <= set(OPTIONS)]
     if bad:
-        raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe[/hard] with init in {list(INITS)} and recipe in "
-                         f"{list(RECIPES)} (/hard: train on hard labels, --label_weights none)")
+        raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe[/option...] with init in {list(INITS)}, recipe in "
+                         f"{list(RECIPES)} and options in {list(OPTIONS)} (hard: --label_weights none; split: "
+                         f"--val_source split)")
     seeds, secs = over_seeds("student_bench_", lambda tmp, s: one_seed(tmp, a, s), a.seeds)
     print(f"{a.dataset} ({'5 allowed Fashion-MNIST classes' if a.dataset == 'fashion' else 'digits'}), {a.img_size}px, "
           f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher: logistic "
@@ -171,9 +176,10 @@ def main(argv=None):
               f"{mean_std([x['calls'] for x in q], nd=2)} calls/image; held-out model AUROC on gold: "
               + ", ".join(f"{rep} {mean_std([x['auroc'].get(rep) for x in q], nd=3)}" for rep in ("pixels", "embeddings"))
               + f"; chosen: {[x['rep'] for x in q]}")
-        if a.cascade:
-            c = [s[(n, "cascade")] for s in seeds]
-            print(f"{n:>6}  cascade ({a.arms[0]}, test split): escalated {mean_std([x['escalated'] for x in c], 100)}%, "
+        for arm in a.arms if a.cascade else []:
+            c = [s[(n, "cascade", arm)] for s in seeds]
+            print(f"{n:>6}  cascade ({arm}, test split): escalated {mean_std([x['escalated'] for x in c], 100)}%, "
+                  f"student route {mean_std([x['student_precision'] for x in c], 100)}% right, "
                   f"{mean_std([x['calls_per_escalated'] for x in c], nd=2)} LLM calls per escalated item, "
                   f"{mean_std([x['calls'] for x in c], nd=0)} calls vs LLM-only {mean_std([x['llm_only'] for x in c], nd=0)}; "
                   f"accuracy without a person {mean_std([x['accuracy'] for x in c], 100)}% vs the raw teacher on the same "

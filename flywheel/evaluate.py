@@ -11,7 +11,7 @@ from flywheel.inference import student_probs
 from flywheel.io import read_csv, write_csv, write_json
 from flywheel.run import Turn, heldout_rows
 from flywheel.student import load_student
-from flywheel.training import count_by, noise_cost
+from flywheel.training import count_by, noise_cost, validation_kind
 
 COVERAGE_TARGETS = (0.90, 0.95, 0.99)
 PREDICTION_FIELDS = ["path", "true", "pred", "confidence", "probs"]
@@ -53,6 +53,7 @@ def evaluate(P, T: Turn, manifest, device) -> dict:
            "teacher_accuracy": sum(r["label"] == manifest[r["path"]]["label"] for r in known) / max(len(known), 1),
            "student_teacher_agreement": float((vp.argmax(1) == val_teacher).mean()) if len(val_teacher) else None,
            "n_train": sum(r["split"] == "train" for r in train_rows), "n_val": len(val_teacher), "n_test": len(rows),
+           "validation": validation_kind(train_rows),
            "label_sources": count_by(train_rows, "source"),
            "best_epoch": best.get("best_epoch"), "best_val_acc": best["best_val_acc"],
            "student_ms_per_image": pr.ms_per_image, "device": str(device),

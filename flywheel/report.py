@@ -154,7 +154,8 @@ def data_teacher_lines(P, R):
           f"| agreement rate | {fmt(ls['agreement_rate'], 4)} |",
           f"| accepted-label accuracy | {fmt(ls['teacher_accuracy'], 4)} |",
           f"| first-pass accuracy | {fmt(ls['pass1_accuracy'], 4)} |",
-          f"| gold accuracy | {fmt(ls['gold_accuracy'], 4)} |",
+          f"| gold accuracy | {fmt(ls['gold_accuracy'], 4)}"
+          f"{' (gold pins from --gold_n: a SIMULATED person, the dataset labels)' if (ls.get('gold') or {}).get('simulated') else ''} |",
           f"| yield (accepted / requested) | {pct(ls.get('yield'))} |",
           "| accepted-label accuracy estimated from gold pins | "
           + (f"{fmt(ls['estimated_accuracy']['accuracy'], 4)} (95% CI {ls['estimated_accuracy']['ci95'][0]}-"
@@ -169,7 +170,7 @@ def student_lines(P, R):
     L += [f"## Student (turn {turn} eval.json, official test split)", "", "| metric | value |", "|---|---|",
           f"| accuracy | {ev['accuracy']:.4f} |", f"| macro-F1 | {ev['macro_f1']:.4f} |",
           f"| ECE before | {ev['ece_before']:.4f} |", f"| ECE after | {ev['ece_after']:.4f} |",
-          f"| temperature | {ev['temperature']:.4f} |", f"| n_train | {ev['n_train']} |", f"| n_val | {ev['n_val']} |",
+          f"| temperature | {ev['temperature']:.4f} |", f"| n_train | {ev['n_train']} |", f"| n_val | {ev['n_val']} ({ev.get('validation', 'split')}) |",
           f"| n_test | {ev['n_test']} |", f"| training labels vs truth | {ev['teacher_accuracy']:.4f} |",
           f"| label sources | {', '.join(f'{k}: {v}' for k, v in ev['label_sources'].items())} |"]
     if ev.get("noise_cost"):

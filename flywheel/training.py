@@ -21,8 +21,9 @@ from flywheel.student import (ARCH, calibrate_checkpoint, dist_world, hash_split
 log = logging.getLogger(__name__)
 
 TRAIN_ROW_FIELDS = ["path", "label", "source", "split", "turn", "weight"]
+MIN_GOLD_VAL = 30  # gold pins that make the validation split on their own (--val_source auto)
 TRAIN_SETTINGS = ("student", "recipe", "epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights", "img_size", "device",
-                  "label_weights")
+                  "label_weights", "val_source")
 
 
 class LabelsError(FlywheelError):
@@ -54,11 +55,44 @@ def label_weights(review, summary, how):
             and r.get("label_final") == r.get("llm_label") and r.get("confidence")}
 
 
-def training_rows(P, manifest, classes, val_frac, seed, upto_turn=0, weights="model"):
+def validation_split(sources, keys, labels, val_frac, seed, how="auto"):
+    """Indices (train, val) of the label rows. how auto: with at least MIN_GOLD_VAL gold pins, validation is
+    the gold pins and nothing else; split (or fewer pins): a hash of (seed, image sha256) picks val_frac of
+    every row (flywheel.student.hash_split), so an edited label or a new image moves nothing else.
+
+    Why gold: the label step accepts the images its label model finds easy, so a validation split drawn from
+    accepted labels overstates the student; the temperature and tau fitted on it then escalate too little.
+    Gold pins are a uniform sample with true labels.
+    >>> src = ["gold"] * MIN_GOLD_VAL + ["llm"] * 4
+    >>> tr, va = validation_split(src, [str(i) for i in range(len(src))], [0] * len(src), 0.1, 0)
+    >>> tr.tolist(), len(va)
+    ([30, 31, 32, 33], 30)
+    >>> len(validation_split(src, [str(i) for i in range(len(src))], [0] * len(src), 0.1, 0, "split")[1]) < 30
+    True
+    """
+    gold = np.array([s == "gold" for s in sources], dtype=bool)
+    if how == "auto" and gold.sum() >= MIN_GOLD_VAL:
+        return np.flatnonzero(~gold).astype(np.int64), np.flatnonzero(gold).astype(np.int64)
+    return hash_split(keys, labels, val_frac, seed)
+
+
+def validation_kind(rows) -> str:
+    """What the validation split of training rows ({split, source}) is, for people.
+
+    >>> validation_kind([{"split": "val", "source": "gold"}, {"split": "train", "source": "llm"}])
+    'gold pins'
+    >>> validation_kind([{"split": "val", "source": "gold"}, {"split": "val", "source": "llm"}])
+    'split of the labels'
+    """
+    val = [r["source"] for r in rows if r["split"] == "val"]
+    return "gold pins" if val and all(s == "gold" for s in val) else "split of the labels"
+
+
+def training_rows(P, manifest, classes, val_frac, seed, upto_turn=0, weights="model", val_source="auto"):
     """-> (train rows, val rows), each {path, label, source, split, turn, weight} (weight: label_weights).
 
-    The label step's accepted rows and a person's rows are split into train/val by a hash of (seed, image
-    sha256), so the val split stays the same across flywheel turns and label edits. Flywheel labels
+    The label step's accepted rows and a person's rows are split into train/val by validation_split (the
+    gold pins, or a stable hash), so the val split stays the same across flywheel turns and label edits. Flywheel labels
     (source escalation / cascade / human / simulated_human) from turns <= upto_turn go to train only;
     pseudo labels (the student's own) only from turn upto_turn itself, since each turn's student redraws them.
     """
@@ -76,9 +110,8 @@ def training_rows(P, manifest, classes, val_frac, seed, upto_turn=0, weights="mo
     if len(base) < 2 * len(classes):
         raise LabelsError(f"only {len(base)} usable labels in {P.review} (accepted rows and human edits); "
                           f"label more images (--max_label) or review the rejected rows")
-    # validation by a hash of (seed, image sha256): an edited label or a new image moves nothing else
-    tr, va = hash_split([manifest[b.path]["sha256"] for b in base], [classes.index(b.label) for b in base],
-                        val_frac, seed)
+    tr, va = validation_split([b.source for b in base], [manifest[b.path]["sha256"] for b in base],
+                              [classes.index(b.label) for b in base], val_frac, seed, val_source)
     w = label_weights(review, summary, weights)
     train = [{**base[i]._asdict(), "split": "train", "turn": 0, "weight": w.get(base[i].path, 1.0)} for i in tr]
     val = [{**base[i]._asdict(), "split": "val", "turn": 0, "weight": 1.0} for i in va]
@@ -100,15 +133,15 @@ def train_turn(cfg, P, manifest, T: Turn, turn, init, resume, device):
     classes = cfg["classes"]
     T.dir.mkdir(parents=True, exist_ok=True)
     train, val = training_rows(P, manifest, classes, cfg["val_frac"], cfg["seed"], upto_turn=turn,
-                               weights=cfg["label_weights"])
+                               weights=cfg["label_weights"], val_source=cfg["val_source"])
     x_tr, y_tr = load_split(P, train, classes, "decode train")
     x_va, y_va = load_split(P, val, classes, "decode val")
     tcfg = {k: cfg[k] for k in TRAIN_SETTINGS}
     tcfg.update(epochs=(cfg["flywheel_epochs"] or cfg["epochs"]) if turn else cfg["epochs"], turn=turn,
                 out_dir=str(P.out), img_size=int(x_tr.shape[-1]),  # as prepped, not the flag
                 rows={r["path"]: [r["label"], r["split"], float(r["weight"])] for r in train + val})  # --resume refuses if these change
-    log.info("train: %d train / %d val images, %s, device %s, init %s", len(train), len(val),
-             json.dumps(count_by(train + val, "source")), device, init)
+    log.info("train: %d train / %d val images (%s), %s, device %s, init %s", len(train), len(val),
+             validation_kind(train + val), json.dumps(count_by(train + val, "source")), device, init)
     w_tr = np.array([float(r["weight"]) for r in train], dtype=np.float32)
     best = train_student(x_tr, y_tr, x_va, y_va, classes, tcfg, T.dir, init, device, resume=resume, w_tr=w_tr)
     if dist_world()[0] != 0:

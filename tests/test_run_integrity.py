@@ -41,6 +41,25 @@ def test_one_edited_label_moves_at_most_one_validation_image(copy_run):
     assert len(before ^ after) <= 2  # at most one image in and one out (the class floor's pick)
 
 
+def test_gold_pins_are_the_validation_split_when_there_are_enough(copy_run):
+    """Validation drawn from accepted labels overstates the student (the label step accepts easy images);
+    30+ gold pins, a uniform sample with true labels, become the whole validation split instead."""
+    from flywheel.training import MIN_GOLD_VAL
+    d = copy_run
+    review = d / "run" / "review_labels.csv"
+    rows = read_csv(review)
+    pins = [r for r in rows if r["status"] == "accepted"][:MIN_GOLD_VAL]
+    for r in pins:
+        r["status"] = "gold"
+    write_csv(review, list(rows[0]), rows)
+    run_cli("--step", "train", *common(d), *TRAIN_FLAGS, "--epochs", 1)
+    run_cli("--step", "eval", *common(d))
+    split = read_csv(d / "run" / "artifacts" / "train_rows.csv")
+    assert {r["path"] for r in split if r["split"] == "val"} == {r["path"] for r in pins}
+    ev = read_json(d / "run" / "artifacts" / "eval.json")
+    assert ev["validation"] == "gold pins" and ev["n_val"] == MIN_GOLD_VAL
+
+
 def test_interrupted_train_leaves_a_usable_run(copy_run, monkeypatch):
     d = copy_run
     art = d / "run" / "artifacts"
