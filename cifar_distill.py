@@ -62,6 +62,7 @@ from flywheel.ledger import Ledger, merge_ledger_file
 from flywheel.ood import fit_ood_both
 from flywheel.prep import (CIFAR5, class_counts, drop_cross_split_duplicates, listing, make_images, prep_jobs,
                            JPEG_QUALITY, MANIFEST_FIELDS)
+from flywheel.remap import WithCarried, carry_label_map, parse_label_map
 from flywheel.relabel import doubt_threshold, paid_labels, pick_relabels, production_labels, turn_evidence, turn_labels
 from flywheel.report import print_cascade, print_eval_table, print_flywheel, write_report
 from flywheel.review import HUMAN_FIELDS, check_review_file, human_answers, write_label_outputs
@@ -132,6 +133,8 @@ OPTION_GROUPS = {
         "usd_per_mtok_in": (float, 0.30, "USD per million prompt tokens, used only when the server reports no cost"),
         "usd_per_mtok_out": (float, 2.50, "USD per million completion tokens, used only when the server reports no cost"),
         "gold_csv": (str, None, "hand-checked path,label rows labeled first as a prompt check (unset: use --gold_n)"),
+        "label_map": (str, None, "old=new,... after a class rename or merge: the ledger's answers to the earlier class list "
+                                 "become answers to these classes at no cost, with the map in their provenance (unset: none)"),
         "shard": (str, None, "label: I/N labels only part I of N disjoint parts of the sample (I from 0; parts by image "
                              "hash) into labels.shard-I-of-N.jsonl, for N machines; then --step merge and a plain --step "
                              "label (unset: the whole sample)"),
@@ -207,7 +210,7 @@ _ASK = ["classes", "task_digest", "seed", "teacher", "oracle_noise", "llm_base_u
 _FIT = ["classes", "seed", "student", "recipe", "weights", "label_weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "val_source", "measure_noise_cost"]
 _ROUTE = ["tau", "target_precision", "escalation_budget", "contest_below", "simulate_human"]
 SHAPED_BY = {"prep": ["dataset", "classes", "max_per_class", "img_size", "no_sharpen"],
-             "label": _ASK + ["max_label", "gold_csv", "gold_n", "min_gold_acc"],
+             "label": _ASK + ["max_label", "gold_csv", "gold_n", "min_gold_acc", "label_map"],
              "train": _FIT, "eval": [], "cascade": _ASK + _ROUTE,
              "flywheel": _ASK + _ROUTE + _FIT + ["relabel_n", "relabel_strategy", "paid_answers", "pseudo_labels",
                                                  "turns", "flywheel_epochs", "retrain", "from_scratch"],
@@ -246,15 +249,7 @@ def bad(flag, why):
 
 def validate(cfg: dict) -> dict:
     """Fail before any work, naming the flag. Returns cfg with derived fields filled in."""
-    for k in UNIT_INTERVAL:
-        if not 0.0 <= cfg[k] <= 1.0:
-            bad(k, f"must be in [0, 1], got {cfg[k]} (closest valid: {min(max(cfg[k], 0.0), 1.0):g})")
-    for k in POSITIVE:
-        if not cfg[k] > 0:
-            bad(k, f"must be > 0, got {cfg[k]} (for example {OPTIONS[k][1]}, the default)")
-    for k in NON_NEGATIVE:
-        if cfg[k] < 0:
-            bad(k, f"must be >= 0, got {cfg[k]} (closest valid: 0)")
+    cli.check_ranges(cfg, UNIT_INTERVAL, POSITIVE, NON_NEGATIVE, {k: spec[1] for k, spec in OPTIONS.items()})
     for k, ok, want in (("val_frac", 0.0 < cfg["val_frac"] < 0.5, "in (0, 0.5)"),
                         ("tau", cfg["tau"] is None or 0.0 < cfg["tau"] <= 1.0, "in (0, 1]"),
                         ("escalation_budget", cfg["escalation_budget"] is None or 0.0 <= cfg["escalation_budget"] <= 1.0, "in [0, 1]"),
@@ -275,6 +270,7 @@ def validate(cfg: dict) -> dict:
     cfg["classes"] = run_classes(cfg)
     cfg["task_spec"] = run_task(cfg)
     cfg["task_digest"] = cfg["task_spec"].digest if cfg["task_spec"] else None  # the stamps see an edited spec
+    cfg["label_map"] and parse_label_map(cfg["label_map"], cfg["classes"])  # a mistyped pair fails here, named
     if (cfg["teacher"] == "llm" and not cfg["dry_run"] and cfg["step"] in ("label", "cascade", "flywheel", "all", "serve")
             and not api_key()):
         print(NO_KEY_MESSAGE, file=sys.stderr)
@@ -362,8 +358,10 @@ def step_prep(cfg, P):
 
 def step_label(cfg, P):
     """Sampled training images -> teacher (dual pass, QC) -> labels.jsonl -> review CSVs + summary."""
-    manifest = load_manifest(P)
-    sample, gold = label_sample(manifest, cfg["seed"], cfg["max_label"], cfg["classes"], cfg["gold_csv"], cfg["gold_n"])
+    manifest, qc = load_manifest(P), make_qc(cfg)
+    carried = cfg["label_map"] and carry_label_map(P, manifest, qc, teacher_model_name(cfg), cfg["label_map"], cfg["dry_run"])
+    sample, gold = label_sample(manifest, cfg["seed"], cfg["max_label"], cfg["classes"], cfg["gold_csv"], cfg["gold_n"],
+                                first=carried.answered if carried else ())  # images answered before: no new call
     n_train = sum(r["split"] == "train" for r in manifest.values())
     if len(sample) >= n_train:
         log.warning("label: --max_label %d covers all %d training images, so no pool will be left for the cascade's "
@@ -375,13 +373,12 @@ def step_label(cfg, P):
         log.info("label: shard %s: %d of the sample's images (%d gold) -> %s", cfg["shard"], len(sample), len(gold),
                  ledger_path)
     items = [item(P, manifest, p) for p in sample]
-    qc = make_qc(cfg)
-    if cfg["task_spec"] is not None and not cfg["dry_run"]:
-        write_json(P.task, cfg["task_spec"].record())  # later steps ask the same question (run_task)
     qc.always_second = {it["sha256"] for it in items if it["path"] in gold}
     with Ledger(ledger_path) as ledger:
         if cfg["dry_run"]:
-            return print_dry_run(cfg, items, gold, ledger, qc)
+            return print_dry_run(cfg, items, gold, WithCarried(ledger, carried.records) if carried else ledger, qc, carried)
+        if cfg["task_spec"] is not None:
+            write_json(P.task, cfg["task_spec"].record())  # later steps ask the same question (run_task)
         check_review_file(P)
         with make_teacher(cfg, manifest) as teacher:
             budget = make_budget(cfg, ledger)
@@ -402,8 +399,10 @@ def step_label(cfg, P):
     return summary
 
 
-def print_dry_run(cfg, items, gold, ledger, qc):
+def print_dry_run(cfg, items, gold, ledger, qc, carried=None):
     t = cfg["task_spec"]
+    if carried:
+        print(f"--label_map: {len(carried.records)} earlier answer(s) to {list(carried.earlier)} carry over at no cost")
     print(f"the prompt ({'task spec ' + t.path if t else 'built in'}), first pass:\n--- system\n{SYSTEM_PROMPT}\n--- user\n"
           f"{build_prompt(cfg['classes'], t)}\n--- then {sum(map(len, t.examples.values())) if t else 0} example image(s), "
           f"then the photo\n")

@@ -107,6 +107,25 @@ def flag_error(flag, why):
     raise UsageError(f"--{flag} {why}")
 
 
+def check_ranges(cfg, unit_interval, positive, non_negative, defaults):
+    """Numeric flags out of range fail before any work, with the closest valid value.
+
+    >>> check_ranges({"a": 1.5, "b": 2, "c": 0}, ["a"], ["b"], ["c"], {})
+    Traceback (most recent call last):
+    ...
+    flywheel.cli.UsageError: --a must be in [0, 1], got 1.5 (closest valid: 1)
+    """
+    for k in unit_interval:
+        if not 0.0 <= cfg[k] <= 1.0:
+            flag_error(k, f"must be in [0, 1], got {cfg[k]} (closest valid: {min(max(cfg[k], 0.0), 1.0):g})")
+    for k in positive:
+        if not cfg[k] > 0:
+            flag_error(k, f"must be > 0, got {cfg[k]} (for example {defaults.get(k)}, the default)")
+    for k in non_negative:
+        if cfg[k] < 0:
+            flag_error(k, f"must be >= 0, got {cfg[k]} (closest valid: 0)")
+
+
 def check_processes(cfg, world):
     """torchrun (world processes) and --shard: what runs in parts, and how."""
     if world > 1:  # under torchrun
@@ -122,3 +141,5 @@ def check_processes(cfg, world):
         if cfg["step"] != "label":
             flag_error("shard", f"applies to --step label only (got --step {cfg['step']}); merge the shards' ledgers "
                                 f"with --step merge")
+        if cfg.get("label_map"):
+            flag_error("label_map", "carries answers within labels.jsonl: run it once without --shard, then shard the rest")

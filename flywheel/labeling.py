@@ -435,12 +435,15 @@ def _drain(pool, pending, grace_s):
 
 # ----------------------------------------------------------------------------- the sample the label step asks
 
-def label_sample(manifest, seed, max_label, classes, gold_csv=None, gold_n=0):
+def label_sample(manifest, seed, max_label, classes, gold_csv=None, gold_n=0, first=()):
     """-> (sample paths with gold first, {gold path: gold label}). Ground truth picks nothing here
-    except the gold_n stand-in labels, which play a person checking those items."""
+    except the gold_n stand-in labels, which play a person checking those items. first: sha256s that come
+    first, in the same seeded order (--label_map: images answered before, which moved to a merged class's folder)."""
     train = sorted(p for p, r in manifest.items() if r["split"] == "train")
     order = train[:]
     random.Random(seed).shuffle(order)  # a fixed order, so a larger --max_label extends the sample
+    first = set(first)
+    order.sort(key=lambda p: manifest[p]["sha256"] not in first)  # stable: the seeded order within each part
     gold = {}
     if gold_csv:
         for i, r in enumerate(read_csv(gold_csv)):

@@ -326,9 +326,10 @@ class Ledger(Closing):
                                  "('ok', 'invalid')", (model,))[0][0])
 
     def paid_means(self, model):
-        """(paid calls, mean USD per call, mean latency in s) for this model's ok and invalid calls."""
+        """(paid calls, mean USD per call, mean latency in s) for this model's ok and invalid calls (an answer
+        carried by --label_map, purpose 'mapped', was not paid again)."""
         n, cost, lat = self._query("SELECT COUNT(*), AVG(COALESCE(cost_usd, 0)), AVG(COALESCE(latency_s, 0)) FROM "
-                                   "calls WHERE model = ? AND status IN ('ok', 'invalid')", (model,))[0]
+                                   "calls WHERE model = ? AND status IN ('ok', 'invalid') AND purpose != 'mapped'", (model,))[0]
         return n, cost or 0.0, lat or 0.0
 
     def __len__(self):

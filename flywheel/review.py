@@ -15,6 +15,7 @@ from flywheel.cascade import NONE_OF_THESE
 from flywheel.io import read_csv, read_csv_header, write_csv, write_json
 from flywheel.labeling import current_keys, ledger_verdict
 from flywheel.ledger import GOLD, REVIEW_FIELDS, STATUSES, check_review_columns, is_person_row, merge_review
+from flywheel.remap import MAPPED
 from flywheel.report import fmt, mean
 from flywheel.teacher import PROMPT_VERSION
 
@@ -120,7 +121,7 @@ def write_label_outputs(P, items, ledger, teacher, manifest, gold_report, qc, ma
 def label_summary(vs, recs, teacher, qc, truth, gold_report, rule) -> dict:
     """label_summary.json's figures from the verdicts ({path: Verdict}) and the ledger records behind them."""
     counts = {s: sum(v.status == s for v in vs.values()) for s in STATUSES}
-    paid = [r for r in recs if r.get("status") in ("ok", "invalid")]
+    paid = [r for r in recs if r.get("status") in ("ok", "invalid") and r.get("purpose") != MAPPED]
     two = [v for v in vs.values() if len(v.records) == 2]
     acc = [p for p, v in vs.items() if v.status == "accepted"]
     p1 = [(p, v.records[0]["label"]) for p, v in vs.items() if v.records]
@@ -134,7 +135,7 @@ def label_summary(vs, recs, teacher, qc, truth, gold_report, rule) -> dict:
         # the estimate judges gold under the fitted rule, so it describes the labels only when that rule is in force
         "estimated_accuracy": rule.estimate if fitted and rule.n_gold else None,
         "yield": round(counts["accepted"] / len(vs), 4) if vs else None, "requested_images": len(vs), **counts,
-        "calls": len(paid), "calls_pass1": sum(r.get("pass") == 1 for r in paid),
+        "calls": len(paid), "answers_carried": sum(r.get("purpose") == MAPPED for r in recs), "calls_pass1": sum(r.get("pass") == 1 for r in paid),
         "calls_pass2": sum(r.get("pass") == 2 for r in paid),
         "calls_error": sum(r.get("status") == "error" for r in recs),
         "calls_invalid": sum(r.get("status") == "invalid" for r in recs),
