@@ -359,9 +359,9 @@ def step_prep(cfg, P):
 def step_label(cfg, P):
     """Sampled training images -> teacher (dual pass, QC) -> labels.jsonl -> review CSVs + summary."""
     manifest, qc = load_manifest(P), make_qc(cfg)
-    carried = cfg["label_map"] and carry_label_map(P, manifest, qc, teacher_model_name(cfg), cfg["label_map"], cfg["dry_run"])
+    carried = carry_label_map(P, manifest, qc, teacher_model_name(cfg), cfg["label_map"], cfg["dry_run"])
     sample, gold = label_sample(manifest, cfg["seed"], cfg["max_label"], cfg["classes"], cfg["gold_csv"], cfg["gold_n"],
-                                first=carried.answered if carried else ())  # images answered before: no new call
+                                first=carried.answered)  # images a --label_map answered come first: no new call
     n_train = sum(r["split"] == "train" for r in manifest.values())
     if len(sample) >= n_train:
         log.warning("label: --max_label %d covers all %d training images, so no pool will be left for the cascade's "
@@ -376,7 +376,7 @@ def step_label(cfg, P):
     qc.always_second = {it["sha256"] for it in items if it["path"] in gold}
     with Ledger(ledger_path) as ledger:
         if cfg["dry_run"]:
-            return print_dry_run(cfg, items, gold, WithCarried(ledger, carried.records) if carried else ledger, qc, carried)
+            return print_dry_run(cfg, items, gold, WithCarried(ledger, carried.records), qc, cfg["label_map"] and carried)
         if cfg["task_spec"] is not None:
             write_json(P.task, cfg["task_spec"].record())  # later steps ask the same question (run_task)
         check_review_file(P)

@@ -332,6 +332,11 @@ class Ledger(Closing):
                                    "calls WHERE model = ? AND status IN ('ok', 'invalid') AND purpose != 'mapped'", (model,))[0]
         return n, cost or 0.0, lat or 0.0
 
+    def shas_with(self, purpose, pass_no) -> set:
+        """The images (sha256) with an ok answer of this purpose and pass, under any question."""
+        return {r[0] for r in self._query("SELECT sha256 FROM calls WHERE purpose = ? AND pass = ? AND status = 'ok'",
+                                          (purpose, int(pass_no)))}
+
     def __len__(self):
         return self._query("SELECT COUNT(*) FROM calls")[0][0]
 

@@ -182,13 +182,19 @@ def map_person_rows(P, manifest, mapping) -> int:
     return changed
 
 
-def carry_label_map(P, manifest, qc, model, text, dry_run=False) -> Carried:
-    """--label_map for the label step: earlier answers carried to qc's classes (returned only in a dry run), and
-    the labels in a person's files mapped."""
+def carry_label_map(P, manifest, qc, model, text=None, dry_run=False) -> Carried:
+    """The label step's side of --label_map: earlier answers carried to qc's classes (returned only in a dry
+    run), and the labels in a person's files mapped. Without text: nothing is carried, and `answered` holds
+    the images answered by an earlier --label_map, so the sample keeps them when the flag is dropped."""
     from flywheel.ledger import Ledger
     from flywheel.task import recorded_task
     train = {r["sha256"]: p for p, r in manifest.items() if r["split"] == "train"}
+    if not text and not P.ledger.exists():
+        return Carried((), {}, set())
     with Ledger(P.ledger) as ledger:
+        if not text:
+            shas = ledger.shas_with(MAPPED, 1)
+            return Carried((), {}, {s for s in shas if s in train and ledger.ok(qc.call(s, 1, model).key)})
         c = carry_answers(ledger, train, qc, model, text, recorded_task(P.task), write=not dry_run)
     if c.earlier and not dry_run:
         n = map_person_rows(P, manifest, parse_label_map(text, qc.classes))

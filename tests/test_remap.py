@@ -67,6 +67,9 @@ def test_a_merge_carries_every_answer_and_a_persons_row(tmp_path, capsys):
     person = next(r for r in read_csv(run / "review_labels.csv") if r["path"].endswith(edited["path"].split("/")[-1]))
     assert person["label_final"] == "warm" and "/warm/" in person["path"]  # followed its image to the new folder
 
+    run_cli(*LABEL, *common, "--data_root", data2)  # the flag dropped: the same images, nothing asked
+    assert len(ledger(run)) == 48 and read_json(run / "label_summary.json")["accepted"] == 12
+
     data3 = merged(data, tmp_path / "data3", "warm", ["red", "green"], extra=["yellow"])
     run_cli("--step", "prep", *common, "--data_root", data3, "--img_size", 32)  # a class added: a new question
     capsys.readouterr()
