@@ -128,7 +128,8 @@ def cascade(run, d, by_sha, seed):
     esc = round(t["n"] * t["escalation_rate"])
     return {"calls_per_escalated": t["llm_calls"] / esc if esc else 0.0, "calls": t["llm_calls"],
             "llm_only": t["llm_only_calls"], "accuracy": t["accuracy"], "to_person": t["routes"].get("human", 0.0),
-            "escalated": t["escalation_rate"], "student_precision": t["route_accuracy"].get("student")}
+            "escalated": t["escalation_rate"], "student_precision": t["route_accuracy"].get("student"),
+            "gold": read_json(run / "artifacts" / "cascade.json").get("escalation_value_on_gold") or {}}
 
 
 def main(argv=None):
@@ -184,7 +185,9 @@ def main(argv=None):
                   f"{mean_std([x['calls'] for x in c], nd=0)} calls vs LLM-only {mean_std([x['llm_only'] for x in c], nd=0)}; "
                   f"accuracy without a person {mean_std([x['accuracy'] for x in c], 100)}% vs the raw teacher on the same "
                   f"items {mean_std([s['teacher_test_acc'] for s in seeds], 100)}%; to a person "
-                  f"{mean_std([x['to_person'] for x in c], 100)}%")
+                  f"{mean_std([x['to_person'] for x in c], 100)}%; on gold pins below tau, LLM right "
+                  f"{mean_std([x['gold'].get('llm_right') for x in c], 100)}% vs student "
+                  f"{mean_std([x['gold'].get('student_right') for x in c], 100)}%")
         for arm in a.arms:
             r = [s[(n, arm)] for s in seeds]
             print(f"{n:>6}  {arm:<20} {mean_std([x['accepted'] for x in r], nd=0):>9} "

@@ -181,6 +181,21 @@ def decide(probs, classes, tau, llm_status=None, llm_label=None, teacher_acc=DEF
     return Decision(route, llm_label if route == "llm" else guess, post)
 
 
+def escalation_value(conf, student_right, llm_right) -> dict:
+    """What escalation buys, on gold pins (true labels) the student is unsure of: among the n below tau that
+    the teacher answered, how often its first answer was right against the student's. Measured, never chosen
+    on: when the LLM is no better than the student on them, escalations spend money for nothing.
+
+    conf, student_right, llm_right: per gold pin below tau (llm_right None: the teacher was not asked).
+    >>> escalation_value([.5, .6, .7], [True, False, True], [True, True, None])
+    {'n': 2, 'llm_right': 1.0, 'student_right': 0.5}
+    """
+    asked = [(s, l) for s, l in zip(student_right, llm_right) if l is not None]
+    n = len(asked)
+    return {"n": n, "llm_right": round(sum(l for _, l in asked) / n, 4) if n else None,
+            "student_right": round(sum(bool(s) for s, _ in asked) / n, 4) if n else None}
+
+
 def rule_comparison(combined, plain, llm_calls, contest_below):
     """The combined rule against the student-then-LLM rule it replaces, on the same LLM answers (so the
     same calls). combined, plain: one split's [{route, final, true}] under each rule, item by item (final

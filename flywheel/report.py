@@ -372,6 +372,10 @@ def print_cascade(P, T, result):
                  c["combined"]["wrong_without_person"], c["combined"]["to_person"],
                  c["student_then_llm"]["wrong_without_person"], c["student_then_llm"]["to_person"],
                  c["contested"], c["contested_llm_wrong"])
+    v = result.get("escalation_value_on_gold")
+    if v and v["n"]:
+        log.info("cascade: on the %d gold pins below tau, the LLM's first answer was right %s, the student %s",
+                 v["n"], fmt(v["llm_right"]), fmt(v["student_right"]))
     log.info("cascade: wrote %s, %s, %s%s", T.cascade, P.escalations, P.human_review,
              " (SIMULATED human answers)" if result["simulated_human"] else "")
 

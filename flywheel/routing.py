@@ -13,7 +13,7 @@ import numpy as np
 
 from flywheel.calibrate import (coverage_precision, margin, softmax, threshold_for_budget,
                                 threshold_for_precision)
-from flywheel.cascade import (DEFAULT_TEACHER_ACC, decide, escalation_record, merge_human_rows, review_row, route_of, rule_comparison,
+from flywheel.cascade import (DEFAULT_TEACHER_ACC, decide, escalation_record, escalation_value, merge_human_rows, review_row, route_of, rule_comparison,
                               summarize, tau_sweep)
 from flywheel.costs import LLM_ONLY_CALLS_PER_ITEM
 from flywheel.inference import student_probs
@@ -177,6 +177,7 @@ def route_turn(cfg, P, manifest, T: Turn, turn, io: CascadeIO, device) -> dict:
               "inputs": {"calls_per_item_llm_only": LLM_ONLY_CALLS_PER_ITEM,
                          "cost_per_call_usd": mean_cost if n_paid else cfg["usd_per_call"],
                          "llm_call_ms": 1000 * mean_latency_s}}
+    result["escalation_value_on_gold"] = gold_escalation_value(best, T, th.tau, manifest, io)
     try:
         for split, rows in {"test": heldout_rows(manifest), "pool": pool_rows(P, manifest, turn)}.items():
             result.update(cascade_split(P, T, best, ctx, io, manifest, split, rows, result["inputs"], cfg["max_workers"],
@@ -186,6 +187,25 @@ def route_turn(cfg, P, manifest, T: Turn, turn, io: CascadeIO, device) -> dict:
     result["budget_stopped"] = io.budget.stopped
     write_json(T.cascade, result)
     return result
+
+
+def gold_escalation_value(best, T, tau, manifest, io):
+    """escalation_value on the validation split when it is the gold pins (else None: its labels are the
+    teacher's own), from the teacher's first answers in the ledger; a warning when the LLM is no better."""
+    from flywheel.training import validation_kind
+    if not T.train_rows.exists() or validation_kind(read_csv(T.train_rows)) != "gold pins":
+        return None
+    vp = softmax(best["val_logits"], best["temperature"])
+    below = [i for i in range(len(vp)) if vp[i].max() < tau and best["val_paths"][i] in manifest]
+    classes, y = best["classes"], best["val_labels"]
+    answers = [io.ledger.ok(io.qc.call(manifest[best["val_paths"][i]]["sha256"], 1, io.teacher.model).key) for i in below]
+    v = escalation_value([vp[i].max() for i in below], [vp[i].argmax() == y[i] for i in below],
+                         [None if a is None else a["label"] == classes[y[i]] for a, i in zip(answers, below)])
+    if v["n"] and v["llm_right"] <= v["student_right"]:
+        log.warning("cascade: on the %d gold pins below tau the LLM's first answer was right %.0f%% of the time and "
+                    "the student %.0f%%: escalating buys no accuracy here, only cost (raise the student's quality, or "
+                    "set --escalation_budget lower)", v["n"], 100 * v["llm_right"], 100 * v["student_right"])
+    return v
 
 
 def cascade_split(P, T, best, ctx, io, manifest, split, rows, inputs, max_workers, device):

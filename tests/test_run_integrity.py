@@ -58,6 +58,10 @@ def test_gold_pins_are_the_validation_split_when_there_are_enough(copy_run):
     assert {r["path"] for r in split if r["split"] == "val"} == {r["path"] for r in pins}
     ev = read_json(d / "run" / "artifacts" / "eval.json")
     assert ev["validation"] == "gold pins" and ev["n_val"] == MIN_GOLD_VAL
+    # what escalation buys, on those pins: at tau 1 all are below it; their "true" labels are the teacher's here
+    run_cli("--step", "cascade", *common(d), "--tau", 1.0, "--simulate_human")
+    v = read_json(d / "run" / "artifacts" / "cascade.json")["escalation_value_on_gold"]
+    assert v["n"] == MIN_GOLD_VAL and v["llm_right"] == 1.0
 
 
 def test_interrupted_train_leaves_a_usable_run(copy_run, monkeypatch):
