@@ -77,10 +77,11 @@ def escalation_record(student_id, turn, split, path, sha256, probs, classes, tau
             "llm_p_right": None if llm_p_right is None else round(float(llm_p_right), 6)}
 
 
-def merge_human_rows(path, fields, rows):
+def merge_human_rows(path, fields, rows, keep_queued=False):
     """Write human_review.csv rows into the file under its lock, merged with what is there now: a serving process
     and a cascade step may both add rows, and a person's answer (label_final) in the file is never overwritten by
-    a row without one. -> the merged rows.
+    a row without one; keep_queued: nor is any row already there (a queued upload keeps its first record). -> the
+    merged rows.
 
     >>> import tempfile, pathlib; p = pathlib.Path(tempfile.mkdtemp()) / "h.csv"
     >>> _ = merge_human_rows(p, ["path", "label_final"], [{"path": "a", "label_final": "pear"}])
@@ -91,7 +92,7 @@ def merge_human_rows(path, fields, rows):
     with FileLock(path):
         now = {r["path"]: r for r in (read_csv(path) if Path(path).exists() else [])}
         for r in rows:
-            if not (now.get(r["path"], {}).get("label_final") or "").strip():
+            if r["path"] not in now or not (keep_queued or (now[r["path"]].get("label_final") or "").strip()):
                 now[r["path"]] = r
         write_csv(path, fields, list(now.values()))
         return list(now.values())

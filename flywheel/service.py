@@ -134,6 +134,7 @@ class Service:
         self._sha_locks = [threading.Lock() for _ in range(SHA_LOCKS)]
         self.esc_slots = int(max_escalations)
         self._slots = threading.BoundedSemaphore(self.esc_slots)
+        self._in_flight, self._count_lock = 0, threading.Lock()  # for /health: the semaphore keeps its count private
         self.esc_pool = ThreadPoolExecutor(self.esc_slots, thread_name_prefix="escalate")
         self.monitor = Monitor(served.classes, served.reference, served.turn)
         self.monitor.watch_budget(budget)
@@ -251,12 +252,22 @@ class Service:
 
     def try_reserve(self) -> bool:
         """A place among the --max_escalations in flight, or False at once (never a silent queue)."""
-        return self._slots.acquire(blocking=False)
+        if not self._slots.acquire(blocking=False):
+            return False
+        with self._count_lock:
+            self._in_flight += 1
+        return True
+
+    @property
+    def escalations_in_flight(self) -> int:
+        return self._in_flight
 
     def settle_reserved(self, look):
         try:
             return self.settle(look)
         finally:
+            with self._count_lock:
+                self._in_flight -= 1
             self._slots.release()
 
     def settle(self, look, at_capacity=False) -> dict:
@@ -315,8 +326,7 @@ class Service:
 
     def enqueue_for_review(self, rec, turn):
         from flywheel.cascade import merge_human_rows, review_row
-        if not any(r["path"] == rec["path"] for r in self._rows()):
-            merge_human_rows(self.human_path, self.human_fields, [review_row(rec, turn)])  # a cascade may write it too
+        merge_human_rows(self.human_path, self.human_fields, [review_row(rec, turn)], keep_queued=True)  # a cascade may write it too
 
     def pending(self):
         return [r for r in self._rows() if not (r.get("label_final") or "").strip()]
@@ -359,7 +369,7 @@ def build_app(svc: Service):
         return JSONResponse({"status": "ok", "turn": m.turn, "student": f"turn_{m.turn}", "student_id": m.student_id,
                              "tau": m.tau, "classes": m.classes, "warnings": m.warnings,
                              "ood_threshold": None if m.ood is None else m.ood.threshold,
-                             "escalations_in_flight": svc.esc_slots - svc._slots._value, "max_escalations": svc.esc_slots,
+                             "escalations_in_flight": svc.escalations_in_flight, "max_escalations": svc.esc_slots,
                              "reload_error": svc.reload_error, "drift": svc.monitor.drift()})
 
     async def metrics(request):
