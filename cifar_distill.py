@@ -153,9 +153,9 @@ OPTION_GROUPS = {
         "epochs": (int, 30, "training epochs"), "batch_size": (int, 128, "training and inference batch size"),
         "lr": (float, 2e-3, "AdamW peak learning rate (cosine schedule to 0)"),
         "weight_decay": (float, 0.05, "AdamW weight decay"),
-        "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) as validation under --val_source split"),
-        "val_source": (str, "auto", "validation (model selection, temperature, tau, OOD and drift reference): auto (the gold pins, a "
-                                    "uniform sample with true labels, when 30+; else split) | split (--val_frac of the accepted labels)"),
+        "val_frac": (float, 0.1, "fraction of labeled training images held out (stratified) for model selection"),
+        "calibrate_on": (str, "auto", "the temperature, tau, promotion's NLL, drift reference: auto (the gold pins, a uniform sample "
+                                      "with true labels kept out of training, when 30+; else validation) | validation"),
         "resume": (bool, False, "continue an interrupted training run from artifacts/last.pt"),
         "label_weights": (str, "model", "model (a teacher label weighs its label-model probability of being right) | none (hard labels)"),
         "measure_noise_cost": (bool, False, "also train on the manifest's ground-truth labels of the same images, to report in "
@@ -200,14 +200,14 @@ START_HERE = ["step", "demo", "out_dir", "dataset", "data_root", "classes", "tea
 CHOICES = {"step": STEPS + ["all"] + SERVICE_STEPS + TOOL_STEPS, "dataset": ["cifar100", "folder"], "teacher": ["llm", "oracle"],
            "second_pass": ["model", "fitted", "always", "adaptive"], "confident_learning": ["on", "off"], "logprobs": ["auto", "off"], "relabel_strategy": ["targeted", "random", "margin"],
            "paid_answers": ["on", "off"], "pseudo_labels": ["on", "off"],
-           "retrain": ["best", "continue", "scratch"], "student": list(STUDENTS), "label_weights": ["model", "none"], "val_source": ["auto", "split"], "recipe": list(RECIPES), "device": ["auto", "cpu", "cuda", "mps"],
+           "retrain": ["best", "continue", "scratch"], "student": list(STUDENTS), "label_weights": ["model", "none"], "calibrate_on": ["auto", "validation"], "recipe": list(RECIPES), "device": ["auto", "cpu", "cuda", "mps"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 # the flags that shape each step's outputs (the others change only speed, logging or where things go): a rerun
 # with the same ones and the same files does nothing (flywheel.run stamps)
 _ASK = ["classes", "task_digest", "seed", "teacher", "oracle_noise", "llm_base_url", "llm_model", "second_model", "second_pass",
         "conf_thresh", "target_label_precision", "min_yield", "confident_learning", "adaptive_thresh", "audit_frac", "second_temp",
         "max_invalid", "max_usd"]
-_FIT = ["classes", "seed", "student", "recipe", "weights", "label_weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "val_source", "measure_noise_cost"]
+_FIT = ["classes", "seed", "student", "recipe", "weights", "label_weights", "epochs", "batch_size", "lr", "weight_decay", "val_frac", "calibrate_on", "measure_noise_cost"]
 _ROUTE = ["tau", "target_precision", "escalation_budget", "contest_below", "simulate_human"]
 SHAPED_BY = {"prep": ["dataset", "classes", "max_per_class", "img_size", "no_sharpen"],
              "label": _ASK + ["max_label", "gold_csv", "gold_n", "min_gold_acc", "label_map"],
@@ -574,8 +574,8 @@ def step_export(cfg, P):
     T = P.turn(turn)
     result = export_student(P, T, turn, load_manifest(P), prep_sharpens(P, not cfg["no_sharpen"]))
     trained = read_csv(T.train_rows)
-    files = {s: [P.out / r["path"] for r in trained if r["split"] == s] for s in ("train", "val")}
-    ood = fit_ood_both(ort_session(P.onnx), files["train"], files["val"], cfg["seed"])  # student features, then pixels
+    files = {s: [P.out / r["path"] for r in trained if r["split"] == s] for s in ("train", "val", "cal")}
+    ood = fit_ood_both(ort_session(P.onnx), files["train"], files["val"] + files["cal"], cfg["seed"])  # features, then pixels
     ood.save(P.ood)
     result["ood"] = {"path": str(P.ood), "bank": len(ood.bank), "threshold": ood.threshold, "quantile": ood.val_quantile, "kind": ood.kind}
     write_json(P.export, result)

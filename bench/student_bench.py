@@ -15,8 +15,8 @@ image with its prediction, stating its probability as confidence (bench/real_ima
     uv run python bench/student_bench.py --labels 300 --seeds 1 --arms scratch/augment,pretrained/augment
     uv run python bench/student_bench.py --labels 1500 --gold_n 100 --cascade --arms pretrained/augment,pretrained/augment/hard
                                             # label-model weights vs hard labels, and the cascade's calls and accuracy
-    uv run python bench/student_bench.py --labels 1500 --gold_n 100 --cascade --arms pretrained/augment,pretrained/augment/split
-                                            # gold pins as validation vs a split of the accepted labels
+    uv run python bench/student_bench.py --labels 1500 --gold_n 100 --cascade --arms pretrained/augment,pretrained/augment/valcal
+                                            # calibrated on gold pins vs on the validation split of accepted labels
 
 Prints test accuracy on teacher labels and on ground truth (mean ± std over seeds), the noise cost and the
 training time per arm.
@@ -43,7 +43,7 @@ INITS = {"scratch": ["--student", "mobilenet_v3_small", "--weights", "none"],
          "pretrained": ["--student", "efficientnet_lite0", "--weights", "imagenet"]}
 RECIPES = ("augment", "lpft", "plain")  # augment: the pipeline's default for both inits
 OPTIONS = {"hard": ["--label_weights", "none"],  # the control for label-model weights
-           "split": ["--val_source", "split"]}   # the control for gold pins as validation
+           "valcal": ["--calibrate_on", "validation"]}  # the control for calibrating on gold pins
 
 
 def make_data(d, a, seed):
@@ -98,7 +98,7 @@ def one_seed(tmp, a, seed):
                                                "acc": ls["teacher_accuracy"], "raw": ls["pass1_accuracy"],
                                                "yield": ls["yield"], "calls": ls["calls_per_image"]}
         for arm in a.arms:
-            init, recipe, *opts = arm.split("/")  # options: hard (--label_weights none), split (--val_source split)
+            init, recipe, *opts = arm.split("/")  # options: hard (--label_weights none), valcal (--calibrate_on validation)
             run = d / f"{n}_{arm.replace('/', '_')}"
             shutil.copytree(lab, run)
             t0 = time.time()
@@ -161,8 +161,8 @@ def main(argv=None):
            or arm.split("/")[1] not in RECIPES or not set(arm.split("/")[2:]) <= set(OPTIONS)]
     if bad:
         raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe[/option...] with init in {list(INITS)}, recipe in "
-                         f"{list(RECIPES)} and options in {list(OPTIONS)} (hard: --label_weights none; split: "
-                         f"--val_source split)")
+                         f"{list(RECIPES)} and options in {list(OPTIONS)} (hard: --label_weights none; valcal: "
+                         f"--calibrate_on validation)")
     seeds, secs = over_seeds("student_bench_", lambda tmp, s: one_seed(tmp, a, s), a.seeds)
     print(f"{a.dataset} ({'5 allowed Fashion-MNIST classes' if a.dataset == 'fashion' else 'digits'}), {a.img_size}px, "
           f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher: logistic "

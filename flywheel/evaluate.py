@@ -11,7 +11,7 @@ from flywheel.inference import student_probs
 from flywheel.io import read_csv, write_csv, write_json
 from flywheel.run import Turn, heldout_rows
 from flywheel.student import load_student
-from flywheel.training import count_by, noise_cost, validation_kind
+from flywheel.training import calibrated_on, count_by, noise_cost
 
 COVERAGE_TARGETS = (0.90, 0.95, 0.99)
 PREDICTION_FIELDS = ["path", "true", "pred", "confidence", "probs"]
@@ -43,7 +43,8 @@ def evaluate(P, T: Turn, manifest, device) -> dict:
     vp = softmax(best["val_logits"], best["temperature"])  # thresholds come from validation only; test measures
     train_rows = read_csv(T.train_rows)
     known = [r for r in train_rows if r["path"] in manifest]  # production uploads have no ground truth
-    val_teacher = np.array([classes.index(r["label"]) for r in train_rows if r["split"] == "val"])
+    held = "cal" if calibrated_on(train_rows) == "gold pins" else "val"  # the rows behind val_logits
+    val_teacher = np.array([classes.index(r["label"]) for r in train_rows if r["split"] == held])
     m = classification_metrics(y, pred, classes)
     out = {**m, "classes": classes,
            "ece_before": ece(conf0, p0.argmax(1) == y), "ece_after": ece(conf1, pred == y),
@@ -52,8 +53,8 @@ def evaluate(P, T: Turn, manifest, device) -> dict:
            "coverage_at_precision": coverage_at_precision(vp, best["val_labels"], conf1, pred == y),
            "teacher_accuracy": sum(r["label"] == manifest[r["path"]]["label"] for r in known) / max(len(known), 1),
            "student_teacher_agreement": float((vp.argmax(1) == val_teacher).mean()) if len(val_teacher) else None,
-           "n_train": sum(r["split"] == "train" for r in train_rows), "n_val": len(val_teacher), "n_test": len(rows),
-           "validation": validation_kind(train_rows),
+           "n_train": sum(r["split"] == "train" for r in train_rows), "n_val": sum(r["split"] == "val" for r in train_rows), "n_test": len(rows),
+           "calibrated_on": calibrated_on(train_rows), "n_cal": sum(r["split"] == "cal" for r in train_rows),
            "label_sources": count_by(train_rows, "source"),
            "best_epoch": best.get("best_epoch"), "best_val_acc": best["best_val_acc"],
            "student_ms_per_image": pr.ms_per_image, "device": str(device),

@@ -170,7 +170,7 @@ def student_lines(P, R):
     L += [f"## Student (turn {turn} eval.json, official test split)", "", "| metric | value |", "|---|---|",
           f"| accuracy | {ev['accuracy']:.4f} |", f"| macro-F1 | {ev['macro_f1']:.4f} |",
           f"| ECE before | {ev['ece_before']:.4f} |", f"| ECE after | {ev['ece_after']:.4f} |",
-          f"| temperature | {ev['temperature']:.4f} |", f"| n_train | {ev['n_train']} |", f"| n_val | {ev['n_val']} ({ev.get('validation', 'split')}) |",
+          f"| temperature | {ev['temperature']:.4f} |", f"| n_train | {ev['n_train']} |", f"| n_val | {ev['n_val']} |", f"| calibrated on | {ev.get('calibrated_on', 'validation split')} ({ev.get('n_cal') or ev['n_val']}) |",
           f"| n_test | {ev['n_test']} |", f"| training labels vs truth | {ev['teacher_accuracy']:.4f} |",
           f"| label sources | {', '.join(f'{k}: {v}' for k, v in ev['label_sources'].items())} |"]
     if ev.get("noise_cost"):

@@ -190,10 +190,10 @@ def route_turn(cfg, P, manifest, T: Turn, turn, io: CascadeIO, device) -> dict:
 
 
 def gold_escalation_value(best, T, tau, manifest, io):
-    """escalation_value on the validation split when it is the gold pins (else None: its labels are the
+    """escalation_value on the calibration set when it is the gold pins (else None: validation's labels are the
     teacher's own), from the teacher's first answers in the ledger; a warning when the LLM is no better."""
-    from flywheel.training import validation_kind
-    if not T.train_rows.exists() or validation_kind(read_csv(T.train_rows)) != "gold pins":
+    from flywheel.training import calibrated_on
+    if not T.train_rows.exists() or calibrated_on(read_csv(T.train_rows)) != "gold pins":
         return None
     vp = softmax(best["val_logits"], best["temperature"])
     below = [i for i in range(len(vp)) if vp[i].max() < tau and best["val_paths"][i] in manifest]

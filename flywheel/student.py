@@ -687,10 +687,10 @@ def calibrate_checkpoint(best, x_va, y_va, device, path):
     T = fit_temperature(logits, y) if len(y) else 1.0
     warning = None
     if T <= 0.0501 or T >= 19.99 or len(y) < 30:
-        warning = (f"temperature {T:.3f} fitted on only {len(y)} validation images"
+        warning = (f"temperature {T:.3f} fitted on only {len(y)} held-out images (gold pins or validation)"
                    + (" is at the search bound (validation is perfectly separated or hopeless)" if T <= 0.0501 or T >= 19.99 else "")
                    + ": calibrated confidences and every threshold fitted on them are unreliable; label more images "
-                     "or raise --val_frac")
+                     "or raise --val_frac or --gold_n")
         log.warning(warning)
     p0, p1 = softmax(logits), softmax(logits, T)
     best.update(temperature=T, val_logits=logits, val_labels=y, calibration_warning=warning,

@@ -21,9 +21,9 @@ from flywheel.student import (ARCH, calibrate_checkpoint, dist_world, hash_split
 log = logging.getLogger(__name__)
 
 TRAIN_ROW_FIELDS = ["path", "label", "source", "split", "turn", "weight"]
-MIN_GOLD_VAL = 30  # gold pins that make the validation split on their own (--val_source auto)
+MIN_GOLD_VAL = 30  # gold pins enough to calibrate on, kept out of training (--calibrate_on auto)
 TRAIN_SETTINGS = ("student", "recipe", "epochs", "batch_size", "lr", "weight_decay", "seed", "val_frac", "weights", "img_size", "device",
-                  "label_weights", "val_source")
+                  "label_weights", "calibrate_on")
 
 
 class LabelsError(FlywheelError):
@@ -56,43 +56,45 @@ def label_weights(review, summary, how):
 
 
 def validation_split(sources, keys, labels, val_frac, seed, how="auto"):
-    """Indices (train, val) of the label rows. how auto: with at least MIN_GOLD_VAL gold pins, validation is
-    the gold pins and nothing else; split (or fewer pins): a hash of (seed, image sha256) picks val_frac of
-    every row (flywheel.student.hash_split), so an edited label or a new image moves nothing else.
+    """Indices (train, val, cal) of the label rows. val (model selection): a hash of (seed, image sha256)
+    picks val_frac of the rows (flywheel.student.hash_split), so an edited label or a new image moves nothing
+    else. cal (the temperature, tau, promotion's NLL, serving's drift reference): how auto, with at least
+    MIN_GOLD_VAL gold pins, the gold pins, kept out of training and val; else empty (val calibrates).
 
-    Why gold: the label step accepts the images its label model finds easy, so a validation split drawn from
-    accepted labels overstates the student; the temperature and tau fitted on it then escalate too little.
-    Gold pins are a uniform sample with true labels.
-    >>> src = ["gold"] * MIN_GOLD_VAL + ["llm"] * 4
-    >>> tr, va = validation_split(src, [str(i) for i in range(len(src))], [0] * len(src), 0.1, 0)
-    >>> tr.tolist(), len(va)
-    ([30, 31, 32, 33], 30)
-    >>> len(validation_split(src, [str(i) for i in range(len(src))], [0] * len(src), 0.1, 0, "split")[1]) < 30
-    True
+    Why: the label step accepts the images its label model finds easy, so a split of the accepted labels
+    overstates the student, and a temperature and tau fitted on it escalate too little. Gold pins are a
+    uniform sample with true labels. They are too few to pick an epoch on (100 images: accuracy in steps of
+    a point), so val still does that.
+    >>> src = ["gold"] * MIN_GOLD_VAL + ["llm"] * 40
+    >>> tr, va, cal = validation_split(src, [str(i) for i in range(len(src))], [0] * len(src), 0.1, 0)
+    >>> cal.tolist() == list(range(MIN_GOLD_VAL)), len(tr) + len(va), min(tr.tolist() + va.tolist())
+    (True, 40, 30)
+    >>> len(validation_split(src, [str(i) for i in range(len(src))], [0] * len(src), 0.1, 0, "validation")[2])
+    0
     """
     gold = np.array([s == "gold" for s in sources], dtype=bool)
     if how == "auto" and gold.sum() >= MIN_GOLD_VAL:
-        return np.flatnonzero(~gold).astype(np.int64), np.flatnonzero(gold).astype(np.int64)
-    return hash_split(keys, labels, val_frac, seed)
+        rest = np.flatnonzero(~gold)
+        tr, va = hash_split([keys[i] for i in rest], [labels[i] for i in rest], val_frac, seed)
+        return rest[tr], rest[va], np.flatnonzero(gold).astype(np.int64)
+    tr, va = hash_split(keys, labels, val_frac, seed)
+    return tr, va, np.zeros(0, np.int64)
 
 
-def validation_kind(rows) -> str:
-    """What the validation split of training rows ({split, source}) is, for people.
+def calibrated_on(rows) -> str:
+    """What a turn's student was calibrated on, from its training rows ({split}), for people.
 
-    >>> validation_kind([{"split": "val", "source": "gold"}, {"split": "train", "source": "llm"}])
-    'gold pins'
-    >>> validation_kind([{"split": "val", "source": "gold"}, {"split": "val", "source": "llm"}])
-    'split of the labels'
+    >>> calibrated_on([{"split": "cal"}, {"split": "val"}]), calibrated_on([{"split": "val"}, {"split": "train"}])
+    ('gold pins', 'validation split')
     """
-    val = [r["source"] for r in rows if r["split"] == "val"]
-    return "gold pins" if val and all(s == "gold" for s in val) else "split of the labels"
+    return "gold pins" if any(r["split"] == "cal" for r in rows) else "validation split"
 
 
-def training_rows(P, manifest, classes, val_frac, seed, upto_turn=0, weights="model", val_source="auto"):
-    """-> (train rows, val rows), each {path, label, source, split, turn, weight} (weight: label_weights).
+def training_rows(P, manifest, classes, val_frac, seed, upto_turn=0, weights="model", calibrate_on="auto"):
+    """-> (train rows, val rows, cal rows), each {path, label, source, split, turn, weight} (weight: label_weights).
 
-    The label step's accepted rows and a person's rows are split into train/val by validation_split (the
-    gold pins, or a stable hash), so the val split stays the same across flywheel turns and label edits. Flywheel labels
+    The label step's accepted rows and a person's rows are split into train/val/cal by validation_split (a
+    stable hash; the gold pins), so val and cal stay the same across flywheel turns and label edits. Flywheel labels
     (source escalation / cascade / human / simulated_human) from turns <= upto_turn go to train only;
     pseudo labels (the student's own) only from turn upto_turn itself, since each turn's student redraws them.
     """
@@ -110,45 +112,48 @@ def training_rows(P, manifest, classes, val_frac, seed, upto_turn=0, weights="mo
     if len(base) < 2 * len(classes):
         raise LabelsError(f"only {len(base)} usable labels in {P.review} (accepted rows and human edits); "
                           f"label more images (--max_label) or review the rejected rows")
-    tr, va = validation_split([b.source for b in base], [manifest[b.path]["sha256"] for b in base],
-                              [classes.index(b.label) for b in base], val_frac, seed, val_source)
+    tr, va, ca = validation_split([b.source for b in base], [manifest[b.path]["sha256"] for b in base],
+                                  [classes.index(b.label) for b in base], val_frac, seed, calibrate_on)
     w = label_weights(review, summary, weights)
     train = [{**base[i]._asdict(), "split": "train", "turn": 0, "weight": w.get(base[i].path, 1.0)} for i in tr]
     val = [{**base[i]._asdict(), "split": "val", "turn": 0, "weight": 1.0} for i in va]
+    cal = [{**base[i]._asdict(), "split": "cal", "turn": 0, "weight": 1.0} for i in ca]
     if P.flywheel_labels.exists() and upto_turn > 0:
-        seen = {r["path"] for r in train + val}
+        seen = {r["path"] for r in train + val + cal}
         for r in read_csv(P.flywheel_labels):
             if int(r["turn"]) <= upto_turn and r["path"] not in seen and (r["source"] != "pseudo" or int(r["turn"]) == upto_turn):
                 train.append({**r, "split": "train", "weight": 1.0})
                 seen.add(r["path"])
-    leaked = [r["path"] for r in train + val if split_of(manifest, r["path"]) not in ("train", "production")]
+    leaked = [r["path"] for r in train + val + cal if split_of(manifest, r["path"]) not in ("train", "production")]
     assert not leaked, f"test images in the training data: {leaked[:5]}"
-    return train, val
+    return train, val, cal
 
 
 def train_turn(cfg, P, manifest, T: Turn, turn, init, resume, device):
     """Turn `turn`'s student from review_labels.csv (+ flywheel labels up to the turn), trained from `init`
-    and calibrated on validation -> T.last, T.best, T.mobilenet, T.train_rows (and the ground-truth twin
-    with --measure_noise_cost). Returns the calibrated checkpoint."""
+    and calibrated on the gold pins (or validation) -> T.last, T.best, T.mobilenet, T.train_rows (and the
+    ground-truth twin with --measure_noise_cost). Returns the calibrated checkpoint: its val_logits, val_labels
+    and val_paths are the calibration set's."""
     classes = cfg["classes"]
     T.dir.mkdir(parents=True, exist_ok=True)
-    train, val = training_rows(P, manifest, classes, cfg["val_frac"], cfg["seed"], upto_turn=turn,
-                               weights=cfg["label_weights"], val_source=cfg["val_source"])
+    train, val, cal = training_rows(P, manifest, classes, cfg["val_frac"], cfg["seed"], upto_turn=turn,
+                                    weights=cfg["label_weights"], calibrate_on=cfg["calibrate_on"])
     x_tr, y_tr = load_split(P, train, classes, "decode train")
     x_va, y_va = load_split(P, val, classes, "decode val")
+    x_cal, y_cal = load_split(P, cal, classes, "decode gold pins") if cal else (x_va, y_va)
     tcfg = {k: cfg[k] for k in TRAIN_SETTINGS}
     tcfg.update(epochs=(cfg["flywheel_epochs"] or cfg["epochs"]) if turn else cfg["epochs"], turn=turn,
                 out_dir=str(P.out), img_size=int(x_tr.shape[-1]),  # as prepped, not the flag
-                rows={r["path"]: [r["label"], r["split"], float(r["weight"])] for r in train + val})  # --resume refuses if these change
-    log.info("train: %d train / %d val images (%s), %s, device %s, init %s", len(train), len(val),
-             validation_kind(train + val), json.dumps(count_by(train + val, "source")), device, init)
+                rows={r["path"]: [r["label"], r["split"], float(r["weight"])] for r in train + val + cal})  # --resume refuses if these change
+    log.info("train: %d train / %d val / %d gold pins to calibrate on, %s, device %s, init %s", len(train), len(val),
+             len(cal), json.dumps(count_by(train + val + cal, "source")), device, init)
     w_tr = np.array([float(r["weight"]) for r in train], dtype=np.float32)
     best = train_student(x_tr, y_tr, x_va, y_va, classes, tcfg, T.dir, init, device, resume=resume, w_tr=w_tr)
     if dist_world()[0] != 0:
         return best  # under torchrun, rank 0 calibrates and writes; the others are done
-    best["val_paths"] = [r["path"] for r in val]
-    best = calibrate_checkpoint(best, x_va, y_va, device, T.best)
-    write_csv(T.train_rows, TRAIN_ROW_FIELDS, train + val)  # the rows best.pt was trained on
+    best["val_paths"] = [r["path"] for r in (cal or val)]
+    best = calibrate_checkpoint(best, x_cal, y_cal, device, T.best)
+    write_csv(T.train_rows, TRAIN_ROW_FIELDS, train + val + cal)  # the rows best.pt was trained on
     save_torch(best["model"], T.mobilenet)
     if cfg["measure_noise_cost"]:
         train_clean_twin(T, manifest, train, val, x_tr, x_va, classes, tcfg, init, device)

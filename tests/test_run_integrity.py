@@ -41,9 +41,9 @@ def test_one_edited_label_moves_at_most_one_validation_image(copy_run):
     assert len(before ^ after) <= 2  # at most one image in and one out (the class floor's pick)
 
 
-def test_gold_pins_are_the_validation_split_when_there_are_enough(copy_run):
+def test_gold_pins_calibrate_when_there_are_enough(copy_run):
     """Validation drawn from accepted labels overstates the student (the label step accepts easy images);
-    30+ gold pins, a uniform sample with true labels, become the whole validation split instead."""
+    30+ gold pins, a uniform sample with true labels, are kept out of training and calibrate instead."""
     from flywheel.training import MIN_GOLD_VAL
     d = copy_run
     review = d / "run" / "review_labels.csv"
@@ -55,9 +55,12 @@ def test_gold_pins_are_the_validation_split_when_there_are_enough(copy_run):
     run_cli("--step", "train", *common(d), *TRAIN_FLAGS, "--epochs", 1)
     run_cli("--step", "eval", *common(d))
     split = read_csv(d / "run" / "artifacts" / "train_rows.csv")
-    assert {r["path"] for r in split if r["split"] == "val"} == {r["path"] for r in pins}
+    assert {r["path"] for r in split if r["split"] == "cal"} == {r["path"] for r in pins}
+    assert any(r["split"] == "val" for r in split)  # validation still picks the epoch
+    best = load_checkpoint(d / "run" / "artifacts" / "best.pt")
+    assert set(best["val_paths"]) == {r["path"] for r in pins} and len(best["val_logits"]) == MIN_GOLD_VAL
     ev = read_json(d / "run" / "artifacts" / "eval.json")
-    assert ev["validation"] == "gold pins" and ev["n_val"] == MIN_GOLD_VAL
+    assert ev["calibrated_on"] == "gold pins" and ev["n_cal"] == MIN_GOLD_VAL
     # what escalation buys, on those pins: at tau 1 all are below it; their "true" labels are the teacher's here
     run_cli("--step", "cascade", *common(d), "--tau", 1.0, "--simulate_human")
     v = read_json(d / "run" / "artifacts" / "cascade.json")["escalation_value_on_gold"]
