@@ -402,7 +402,8 @@ def step_label(cfg, P):
 def print_dry_run(cfg, items, gold, ledger, qc, carried=None):
     t = cfg["task_spec"]
     if carried:
-        print(f"--label_map: {len(carried.records)} earlier answer(s) to {list(carried.earlier)} carry over at no cost")
+        print(f"--label_map: {len(carried.records)} earlier answer(s) to {list(carried.earlier)} carry over at no cost" if carried.earlier
+              else "--label_map: no earlier class list maps onto these classes (one was added): 0 earlier answer(s) carry over")
     print(f"the prompt ({'task spec ' + t.path if t else 'built in'}), first pass:\n--- system\n{SYSTEM_PROMPT}\n--- user\n"
           f"{build_prompt(cfg['classes'], t)}\n--- then {sum(map(len, t.examples.values())) if t else 0} example image(s), "
           f"then the photo\n")
