@@ -118,6 +118,15 @@ def one_seed(tmp, a, seed):
     return out
 
 
+def seed_line(out, seed):
+    """Print one seed's figures as soon as it is done (a long run stopped early still leaves them); -> out."""
+    arms = [(k, r) for k, r in out.items() if isinstance(k, tuple) and len(k) == 2]
+    print(f"seed {seed}: teacher {100 * out['teacher_acc']:.1f}% right; " + "; ".join(
+        f"{n} {arm}: test {100 * r['acc']:.1f}%, on truth {100 * r['gt']:.1f}%, noise cost {r['cost']:.1f}, "
+        f"train {r['secs']:.0f} s" for (n, arm), r in arms), flush=True)
+    return out
+
+
 def cascade(run, d, by_sha, seed):
     """The cascade step on the trained run (test split): LLM calls per escalated item, total calls against calling
     the LLM on every item, and the accuracy of the answers it returns without a person."""
@@ -163,7 +172,7 @@ def main(argv=None):
         raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe[/option...] with init in {list(INITS)}, recipe in "
                          f"{list(RECIPES)} and options in {list(OPTIONS)} (hard: --label_weights none; valcal: "
                          f"--calibrate_on validation)")
-    seeds, secs = over_seeds("student_bench_", lambda tmp, s: one_seed(tmp, a, s), a.seeds)
+    seeds, secs = over_seeds("student_bench_", lambda tmp, s: seed_line(one_seed(tmp, a, s), s), a.seeds)
     print(f"{a.dataset} ({'5 allowed Fashion-MNIST classes' if a.dataset == 'fashion' else 'digits'}), {a.img_size}px, "
           f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher: logistic "
           f"regression on {a.teacher_fit} held-out images/class, raw accuracy {mean_std([s['teacher_acc'] for s in seeds], 100)}%; "
