@@ -182,19 +182,32 @@ def decide(probs, classes, tau, llm_status=None, llm_label=None, teacher_acc=DEF
     return Decision(route, llm_label if route == "llm" else guess, post)
 
 
+def sign_test(wins, losses) -> float:
+    """One-sided sign test: P(at most `wins` of wins + losses fair coin flips), the p-value that the first
+    side is worse. Discordant pairs only (both right or both wrong says nothing).
+
+    >>> sign_test(1, 4), sign_test(0, 5), sign_test(3, 3)
+    (0.1875, 0.03125, 0.65625)
+    """
+    from math import comb
+    n = wins + losses
+    return sum(comb(n, k) for k in range(wins + 1)) / 2 ** n if n else 1.0
+
+
 def escalation_value(conf, student_right, llm_right) -> dict:
     """What escalation buys, on gold pins (true labels) the student is unsure of: among the n below tau that
-    the teacher answered, how often its first answer was right against the student's. Measured, never chosen
-    on: when the LLM is no better than the student on them, escalations spend money for nothing.
+    the teacher answered, how often its first answer was right against the student's, and the sign test's
+    p-value that the LLM is worse there (pairs where exactly one is right). Measured, never chosen on.
 
     conf, student_right, llm_right: per gold pin below tau (llm_right None: the teacher was not asked).
     >>> escalation_value([.5, .6, .7], [True, False, True], [True, True, None])
-    {'n': 2, 'llm_right': 1.0, 'student_right': 0.5}
+    {'n': 2, 'llm_right': 1.0, 'student_right': 0.5, 'p_llm_worse': 1.0}
     """
-    asked = [(s, l) for s, l in zip(student_right, llm_right) if l is not None]
+    asked = [(bool(s), bool(l)) for s, l in zip(student_right, llm_right) if l is not None]
     n = len(asked)
     return {"n": n, "llm_right": round(sum(l for _, l in asked) / n, 4) if n else None,
-            "student_right": round(sum(bool(s) for s, _ in asked) / n, 4) if n else None}
+            "student_right": round(sum(s for s, _ in asked) / n, 4) if n else None,
+            "p_llm_worse": round(sign_test(sum(l and not s for s, l in asked), sum(s and not l for s, l in asked)), 4)}
 
 
 def rule_comparison(combined, plain, llm_calls, contest_below):

@@ -374,8 +374,9 @@ def print_cascade(P, T, result):
                  c["contested"], c["contested_llm_wrong"])
     v = result.get("escalation_value_on_gold")
     if v and v["n"]:
-        log.info("cascade: on the %d gold pins below tau, the LLM's first answer was right %s, the student %s",
-                 v["n"], fmt(v["llm_right"]), fmt(v["student_right"]))
+        log.info("cascade: on the %d gold pins below tau, the LLM's first answer was right %s, the student %s (sign "
+                 "test p = %s that the LLM is worse there)", v["n"], fmt(v["llm_right"]), fmt(v["student_right"]),
+                 v.get("p_llm_worse"))
     log.info("cascade: wrote %s, %s, %s%s", T.cascade, P.escalations, P.human_review,
              " (SIMULATED human answers)" if result["simulated_human"] else "")
 

@@ -191,7 +191,7 @@ def route_turn(cfg, P, manifest, T: Turn, turn, io: CascadeIO, device) -> dict:
 
 def gold_escalation_value(best, T, tau, manifest, io):
     """escalation_value on the calibration set when it is the gold pins (else None: validation's labels are the
-    teacher's own), from the teacher's first answers in the ledger; a warning when the LLM is no better."""
+    teacher's own), from the teacher's first answers in the ledger; a warning when the LLM is significantly worse."""
     from flywheel.training import calibrated_on
     if not T.train_rows.exists() or calibrated_on(read_csv(T.train_rows)) != "gold pins":
         return None
@@ -201,10 +201,11 @@ def gold_escalation_value(best, T, tau, manifest, io):
     answers = [io.ledger.ok(io.qc.call(manifest[best["val_paths"][i]]["sha256"], 1, io.teacher.model).key) for i in below]
     v = escalation_value([vp[i].max() for i in below], [vp[i].argmax() == y[i] for i in below],
                          [None if a is None else a["label"] == classes[y[i]] for a, i in zip(answers, below)])
-    if v["n"] and v["llm_right"] <= v["student_right"]:
+    if v["n"] and v["p_llm_worse"] < 0.05:  # a sign test: 30 pins can look bad by chance
         log.warning("cascade: on the %d gold pins below tau the LLM's first answer was right %.0f%% of the time and "
-                    "the student %.0f%%: escalating buys no accuracy here, only cost (raise the student's quality, or "
-                    "set --escalation_budget lower)", v["n"], 100 * v["llm_right"], 100 * v["student_right"])
+                    "the student %.0f%% (sign test p = %.3f): escalating costs accuracy here as well as money (improve "
+                    "the student or the prompt, or set --escalation_budget lower)", v["n"], 100 * v["llm_right"],
+                    100 * v["student_right"], v["p_llm_worse"])
     return v
 
 
