@@ -194,13 +194,13 @@ def sign_test(wins, losses) -> float:
     return sum(comb(n, k) for k in range(wins + 1)) / 2 ** n if n else 1.0
 
 
-def escalation_value(conf, student_right, llm_right) -> dict:
+def escalation_value(student_right, llm_right) -> dict:
     """What escalation buys, on gold pins (true labels) the student is unsure of: among the n below tau that
     the teacher answered, how often its first answer was right against the student's, and the sign test's
     p-value that the LLM is worse there (pairs where exactly one is right). Measured, never chosen on.
 
-    conf, student_right, llm_right: per gold pin below tau (llm_right None: the teacher was not asked).
-    >>> escalation_value([.5, .6, .7], [True, False, True], [True, True, None])
+    student_right, llm_right: per gold pin below tau (llm_right None: the teacher was not asked).
+    >>> escalation_value([True, False, True], [True, True, None])
     {'n': 2, 'llm_right': 1.0, 'student_right': 0.5, 'p_llm_worse': 1.0}
     """
     asked = [(bool(s), bool(l)) for s, l in zip(student_right, llm_right) if l is not None]

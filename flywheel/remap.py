@@ -152,7 +152,8 @@ def carry_answers(ledger, paths_by_sha, qc, model, text, old_task, write=True) -
         call = qc.call(sha, p, model)
         if call.key not in out and ledger.ok(call.key) is None:
             out[call.key] = {**mapped_record(rec, call, mapping, text), "path": paths_by_sha[sha]}
-        answered |= {sha} if p == 1 else set()
+        if p == 1:
+            answered.add(sha)
     for r in out.values() if write else ():
         ledger.append(r)
     log.info("label: --label_map %s: %d earlier answer(s) to %s %s to %s at no cost", text, len(out), list(earlier),

@@ -88,7 +88,7 @@ def write_label_outputs(P, items, ledger, teacher, manifest, gold_report, qc, ma
     """labels_llm.csv, review_labels.csv (keeping what a person decided) and label_summary.json, all
     from the ledger, so a crashed, stopped or interrupted run still leaves files that match what was paid.
     person_gold: {path: label} from --gold_csv (or --gold_n's SIMULATED person, the manifest's label), written as
-    status gold rows: they train as source gold and, 30 or more, are the validation split (flywheel.training)."""
+    status gold rows: they train as source gold or, 30 or more, calibrate the student (flywheel.training)."""
     person_gold = person_gold or {}
     vs = {it["path"]: ledger_verdict(it, teacher, ledger, qc) for it in items}
     rows = [{"path": p, "llm_label": v.label, "confidence": "" if v.confidence is None else f"{v.confidence:.4f}",

@@ -199,7 +199,7 @@ def gold_escalation_value(best, T, tau, manifest, io):
     below = [i for i in range(len(vp)) if vp[i].max() < tau and best["val_paths"][i] in manifest]
     classes, y = best["classes"], best["val_labels"]
     answers = [io.ledger.ok(io.qc.call(manifest[best["val_paths"][i]]["sha256"], 1, io.teacher.model).key) for i in below]
-    v = escalation_value([vp[i].max() for i in below], [vp[i].argmax() == y[i] for i in below],
+    v = escalation_value([vp[i].argmax() == y[i] for i in below],
                          [None if a is None else a["label"] == classes[y[i]] for a, i in zip(answers, below)])
     if v["n"] and v["p_llm_worse"] < 0.05:  # a sign test: 30 pins can look bad by chance
         log.warning("cascade: on the %d gold pins below tau the LLM's first answer was right %.0f%% of the time and "
