@@ -78,3 +78,38 @@ class ClassifierTeacher:
         """-> [(label, confidence)] for images x."""
         p = self.model.predict_proba(self._f(x))
         return [(str(self.model.classes_[k]), round(float(p[i, k]), 4)) for i, k in enumerate(p.argmax(1))]
+
+
+class ConfusionTeacher:
+    """A second stand-in teacher (SIMULATED) whose errors follow a real classifier's confusions but not its
+    per-image quirks: ClassifierTeacher (fitted on fit_x) is scored on held-out images (held_x, never labeled
+    by the bench); each image of true class i is then answered j with that classifier's held-out rate
+    P(j | i), and its stated confidence is drawn from the classifier's own confidences on held-out answers that
+    were right (when the drawn answer is right) or wrong (when it is wrong). The errors are class-conditional:
+    which image of a class gets one is chance, so a student cannot learn them from the pixels, while the
+    confidence signal keeps the classifier's strength. It reads the true class of each image it answers."""
+
+    def __init__(self, fit_x, fit_y, held_x, held_y, seed=0):
+        self.rng = np.random.default_rng(seed)
+        base = ClassifierTeacher(fit_x, fit_y, seed)
+        ans = base.answer(held_x)
+        self.classes = [str(c) for c in base.model.classes_]
+        k = {c: i for i, c in enumerate(self.classes)}
+        self.confusion = np.zeros((len(k), len(k)))  # [true, answered] held-out rates, rows sum to 1
+        for (lab, _), truth in zip(ans, held_y):
+            self.confusion[k[str(truth)], k[lab]] += 1
+        self.confusion /= self.confusion.sum(1, keepdims=True)
+        right = np.array([lab == str(t) for (lab, _), t in zip(ans, held_y)])
+        conf = np.array([c for _, c in ans])
+        self.conf_right, self.conf_wrong = conf[right], conf[~right]
+
+    def answer(self, y):
+        """-> [(label, confidence)] for images of true classes y."""
+        out = []
+        for truth in y:
+            i = self.classes.index(str(truth))
+            j = int(self.rng.choice(len(self.classes), p=self.confusion[i]))
+            pool = self.conf_right if j == i else self.conf_wrong
+            out.append((self.classes[j], float(self.rng.choice(pool))))
+        return out
+

@@ -8,11 +8,15 @@ eval); no network.
 Real images: Debian's dataset-fashion-mnist restricted to trouser, dress, sandal, sneaker and ankle boot
 (the other five classes are never read), or scikit-learn's digits. The teacher is SIMULATED and errs as a
 real classifier does: a logistic regression fitted on --teacher_fit held-out images per class answers each
-image with its prediction, stating its probability as confidence (bench/real_images.py).
+image with its prediction, stating its probability as confidence (--teacher classifier: its errors are per-image
+quirks of a pixel model, which a student can learn), or answers with that classifier's confusion rates and
+confidences measured on other held-out images, drawn per image (--teacher confusion: class-conditional errors).
+Two stand-ins, so that no noise figure rests on one (bench/real_images.py).
 
     uv run python bench/student_bench.py                                  # fashion, 300 and 1,500 labels, 3 seeds
     uv run python bench/student_bench.py --dataset digits --labels 300 --seeds 3
     uv run python bench/student_bench.py --labels 300 --seeds 1 --arms scratch/augment,pretrained/augment
+    uv run python bench/student_bench.py --teacher confusion --labels 1500 --teacher_fit 6 --arms pretrained/augment,scratch/augment
     uv run python bench/student_bench.py --labels 1500 --gold_n 100 --cascade --arms pretrained/augment,pretrained/augment/hard
                                             # label-model weights vs hard labels, and the cascade's calls and accuracy
     uv run python bench/student_bench.py --labels 1500 --gold_n 100 --cascade --arms pretrained/augment,pretrained/augment/valcal
@@ -37,7 +41,7 @@ from fakes import run_cli  # noqa: E402
 from flywheel import quality  # noqa: E402
 from flywheel.io import read_csv, read_json  # noqa: E402
 from loopback import LoopbackTeacher  # noqa: E402
-from real_images import ClassifierTeacher, digits, fashion, sample, write_folder  # noqa: E402
+from real_images import ClassifierTeacher, ConfusionTeacher, digits, fashion, sample, write_folder  # noqa: E402
 
 INITS = {"scratch": ["--student", "mobilenet_v3_small", "--weights", "none"],
          "pretrained": ["--student", "efficientnet_lite0", "--weights", "imagenet"]}
@@ -62,10 +66,18 @@ def make_data(d, a, seed):
     fit = sample(x, y, a.teacher_fit, rng, exclude=te if a.dataset == "digits" else ())
     tr = sample(x, y, a.train_per_class, rng, exclude=np.concatenate([fit, te if a.dataset == "digits" else []]))
     write_folder(d / "data", {"train": (x[tr], y[tr], tr), "test": test})
-    teacher = ClassifierTeacher(x[fit], y[fit], seed)
-    answers = dict(zip((f"{i:06d}.png" for i in tr), teacher.answer(x[tr])))
+    if a.teacher == "classifier":
+        teacher = ClassifierTeacher(x[fit], y[fit], seed)
+        ask = {"train": x[tr], "test": test[0]}
+    else:  # its confusions measured on other held-out images; it answers from each image's true class
+        held = sample(x, y, a.teacher_held, rng, exclude=np.concatenate([fit, tr, te if a.dataset == "digits" else []]))
+        if len(held) < 10 * len(set(y)):
+            raise SystemExit(f"error: only {len(held)} held-out images left for --teacher confusion; lower --train_per_class")
+        teacher = ConfusionTeacher(x[fit], y[fit], x[held], y[held], seed)
+        ask = {"train": y[tr], "test": test[1]}
+    answers = dict(zip((f"{i:06d}.png" for i in tr), teacher.answer(ask["train"])))
     acc = float(np.mean([answers[f"{i:06d}.png"][0] == c for i, c in zip(tr, y[tr])]))
-    on_test = teacher.answer(test[0])  # the cascade asks about test images too
+    on_test = teacher.answer(ask["test"])  # the cascade asks about test images too
     answers.update(zip((f"{i:06d}.png" for i in test[2]), on_test))
     return answers, acc, float(np.mean([t[0] == c for t, c in zip(on_test, test[1])]))
 
@@ -161,6 +173,12 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument("--train_per_class", type=int, default=400, help="training images per class (default: 400)")
     p.add_argument("--test_per_class", type=int, default=200, help="test images per class (default: 200)")
+    p.add_argument("--teacher", choices=["classifier", "confusion"], default="classifier",
+                   help="SIMULATED teacher: classifier (a pixel classifier's own answers: per-image errors a student "
+                        "can learn) | confusion (that classifier's held-out confusion rates and confidences, drawn per "
+                        "image: class-conditional errors) (default: classifier)")
+    p.add_argument("--teacher_held", type=int, default=200,
+                   help="--teacher confusion: held-out images per class its confusions are measured on (default: 200)")
     p.add_argument("--teacher_fit", type=int, default=12,
                    help="held-out images per class the stand-in teacher is fitted on (default: 12)")
     a = p.parse_args(argv)
@@ -174,8 +192,8 @@ def main(argv=None):
                          f"--calibrate_on validation)")
     seeds, secs = over_seeds("student_bench_", lambda tmp, s: seed_line(one_seed(tmp, a, s), s), a.seeds)
     print(f"{a.dataset} ({'5 allowed Fashion-MNIST classes' if a.dataset == 'fashion' else 'digits'}), {a.img_size}px, "
-          f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher: logistic "
-          f"regression on {a.teacher_fit} held-out images/class, raw accuracy {mean_std([s['teacher_acc'] for s in seeds], 100)}%; "
+          f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher ({a.teacher}): logistic "
+          f"regression on {a.teacher_fit} held-out images/class{', its held-out confusions drawn per image' if a.teacher == 'confusion' else ''}, raw accuracy {mean_std([s['teacher_acc'] for s in seeds], 100)}%; "
           f"{a.seeds} seed(s), mean ± std; {secs:.0f}s")
     print(f"{'labels':>6}  {'arm':<20} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
           f"{'noise cost':>11} {'train s':>9}")
