@@ -91,8 +91,9 @@ def one_seed(tmp, a, seed):
     by_sha = {r["sha256"]: answers[r["source_index"]] for r in read_csv(base / "manifest.csv")}
     out = {"teacher_acc": teacher_acc, "teacher_test_acc": test_acc}
     for n in a.labels:
-        lab = d / f"labels{n}"
+        labs = {}  # QC variant ("": the default) -> its labeled run folder
         for reps in ([("pixels",)] if a.qc_control else []) + [None]:  # None: the default (every representation)
+            labs[reps and " [pixels QC]" or ""] = lab = d / f"labels{n}{reps and '_pixels' or ''}"
             shutil.rmtree(lab, ignore_errors=True)
             shutil.copytree(base, lab)
             quality.REPRESENTATIONS, default = (reps or quality.REPRESENTATIONS), quality.REPRESENTATIONS
@@ -109,9 +110,10 @@ def one_seed(tmp, a, seed):
             out[(n, "qc", reps and reps[0])] = {"auroc": cl.get("auroc_by_representation", {}), "rep": cl.get("representation"),
                                                "acc": ls["teacher_accuracy"], "raw": ls["pass1_accuracy"],
                                                "yield": ls["yield"], "calls": ls["calls_per_image"]}
-        for arm in a.arms:
+        for (qc, lab), arm in ((q, arm) for q in labs.items() for arm in a.arms):
             init, recipe, *opts = arm.split("/")  # options: hard (--label_weights none), valcal (--calibrate_on validation)
-            run = d / f"{n}_{arm.replace('/', '_')}"
+            ls = read_json(lab / "label_summary.json")
+            run = d / f"{n}_{arm.replace('/', '_')}{qc and '_pixelsqc'}"
             shutil.copytree(lab, run)
             t0 = time.time()
             run_cli("--step", "train", "--out_dir", run, *INITS[init], "--recipe", recipe,
@@ -121,9 +123,9 @@ def one_seed(tmp, a, seed):
             secs = (time.time() - t0) / 2  # the run trains twice: on teacher labels and on the ground truth
             run_cli("--step", "eval", "--out_dir", run, "--log_level", "WARNING")
             ev = read_json(run / "artifacts" / "eval.json")
-            if a.cascade:
+            if a.cascade and not qc:
                 out[(n, "cascade", arm)] = cascade(run, d, by_sha, seed)
-            out[(n, arm)] = {"acc": ev["accuracy"], "gt": ev["noise_cost"]["ground_truth_twin_accuracy"],
+            out[(n, arm + qc)] = {"acc": ev["accuracy"], "gt": ev["noise_cost"]["ground_truth_twin_accuracy"],
                              "cost": ev["noise_cost"]["noise_cost_pts"], "secs": secs,
                              "label_acc": ls["teacher_accuracy"], "accepted": ls["accepted"]}
             shutil.rmtree(run / "cache", ignore_errors=True)
@@ -164,7 +166,8 @@ def main(argv=None):
     p.add_argument("--gold_n", type=int, default=0,
                    help="gold pins for the label step (0: the project's default, no gold) (default: 0)")
     p.add_argument("--qc_control", action="store_true",
-                   help="also label with the held-out model on 12x12 pixels only, the control for embeddings (default: off)")
+                   help="also label with the held-out model on 12x12 pixels only, the control for embeddings, and "
+                        "train each arm on those labels too (default: off)")
     p.add_argument("--cascade", action="store_true",
                    help="also run the cascade step on each arm's student and print its calls and accuracy (default: off)")
     p.add_argument("--img_size", type=int, default=96, help="prep's image side in px (default: 96)")
@@ -195,7 +198,7 @@ def main(argv=None):
           f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher ({a.teacher}): logistic "
           f"regression on {a.teacher_fit} held-out images/class{', its held-out confusions drawn per image' if a.teacher == 'confusion' else ''}, raw accuracy {mean_std([s['teacher_acc'] for s in seeds], 100)}%; "
           f"{a.seeds} seed(s), mean ± std; {secs:.0f}s")
-    print(f"{'labels':>6}  {'arm':<20} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
+    print(f"{'labels':>6}  {'arm':<34} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
           f"{'noise cost':>11} {'train s':>9}")
     for n, reps in ((n, r) for n in a.labels for r in (([("pixels",)] if a.qc_control else []) + [None])):
         q = [s[(n, "qc", reps and reps[0])] for s in seeds]
@@ -204,7 +207,7 @@ def main(argv=None):
               f"{mean_std([x['calls'] for x in q], nd=2)} calls/image; held-out model AUROC on gold: "
               + ", ".join(f"{rep} {mean_std([x['auroc'].get(rep) for x in q], nd=3)}" for rep in ("pixels", "embeddings"))
               + f"; chosen: {[x['rep'] for x in q]}")
-        for arm in a.arms if a.cascade else []:
+        for arm in a.arms if a.cascade and not reps else []:
             c = [s[(n, "cascade", arm)] for s in seeds]
             print(f"{n:>6}  cascade ({arm}, test split): escalated {mean_std([x['escalated'] for x in c], 100)}%, "
                   f"student route {mean_std([x['student_precision'] for x in c], 100)}% right, "
@@ -215,9 +218,9 @@ def main(argv=None):
                   f"{mean_std([x['to_person'] for x in c], 100)}%; on gold pins below tau, LLM right "
                   f"{mean_std([x['gold'].get('llm_right') for x in c], 100)}% vs student "
                   f"{mean_std([x['gold'].get('student_right') for x in c], 100)}%")
-        for arm in a.arms:
+        for arm in [arm + (" [pixels QC]" if reps else "") for arm in a.arms]:  # each arm on these labels
             r = [s[(n, arm)] for s in seeds]
-            print(f"{n:>6}  {arm:<20} {mean_std([x['accepted'] for x in r], nd=0):>9} "
+            print(f"{n:>6}  {arm:<34} {mean_std([x['accepted'] for x in r], nd=0):>9} "
                   f"{mean_std([x['label_acc'] for x in r], 100):>12} {mean_std([x['acc'] for x in r], 100):>12} "
                   f"{mean_std([x['gt'] for x in r], 100):>12} {mean_std([x['cost'] for x in r]):>11} "
                   f"{mean_std([x['secs'] for x in r], nd=0):>9}")

@@ -541,9 +541,8 @@ def fit_label_rule(cfg, P, items, rest, gold, teacher, ledger, qc, budget):
     label_items(rest, teacher, ledger, qc, budget, "label", cfg["max_workers"], "label (first answers)",
                 first_only=True)
     judged = None
-    if cfg["confident_learning"] == "on":  # without gold nothing can choose embeddings over pixels: the cheaper
-        judged = held_out_scores(cfg["classes"], cfg["seed"], items, teacher, ledger, qc, gold,
-                                 None if gold else ("pixels",))
+    if cfg["confident_learning"] == "on":  # without gold, the first available of quality.NO_GOLD_ORDER
+        judged = held_out_scores(cfg["classes"], cfg["seed"], items, teacher, ledger, qc, gold)
     qc.held_out = {sha: h.p_label for sha, h in judged.scores.items()} if judged else {}
     pins, everyone = [], []
     for it in items:

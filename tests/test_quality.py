@@ -228,3 +228,23 @@ def test_held_out_model_reads_images_the_way_gold_says_separates_better(monkeypa
         monkeypatch.setattr(Q, "represent", lambda rep, files: informative if rep == good else noise)
         j = Q.held_out_scores(classes, 0, items, SimpleNamespace(model="m"), ledger, qc, gold)
         assert j.representation == good and j.auroc[good] > 0.9 > j.auroc[{"pixels": "embeddings", "embeddings": "pixels"}[good]]
+
+
+def test_without_gold_the_held_out_model_reads_embeddings_first_and_falls_back_to_pixels(monkeypatch):
+    """No gold to compare representations by: only the first available of NO_GOLD_ORDER is computed."""
+    import numpy as np
+    from types import SimpleNamespace
+    from flywheel import quality as Q
+    rng = np.random.default_rng(0)
+    n, classes = 100, ["a", "b"]
+    first = rng.integers(0, 2, n)
+    items = [{"path": f"p{i}", "file": f"f{i}", "sha256": f"s{i}"} for i in range(n)]
+    answers = {f"s{i}": {"label": classes[first[i]]} for i in range(n)}
+    ledger = SimpleNamespace(ok=lambda key: answers.get(key))
+    qc = SimpleNamespace(call=lambda sha, p, model: SimpleNamespace(key=sha))
+    for available, expect in ((("pixels", "embeddings"), "embeddings"), (("pixels",), "pixels")):
+        asked = []
+        monkeypatch.setattr(Q, "represent", lambda rep, files: asked.append(rep) or (rng.normal(0, 1, (n, 4)) if rep in available else None))
+        j = Q.held_out_scores(classes, 0, items, SimpleNamespace(model="m"), ledger, qc, gold={})
+        assert j.representation == expect and list(j.auroc) == [expect] and j.auroc[expect] is None
+        assert asked == list(Q.NO_GOLD_ORDER[:Q.NO_GOLD_ORDER.index(expect) + 1])
