@@ -89,8 +89,10 @@ def llm_run(tmp_path_factory):
 
 
 def cascade_llm(d, srv, *extra):
+    """The cascade with every item escalated on purpose (--escalation_budget 1: tau above any confidence), so
+    what these tests check does not hang on how confident a tiny trained student happens to be."""
     return run_cli("--step", "cascade", "--out_dir", d / "run", "--data_root", d / "data", "--llm_base_url", srv.url,
-                   "--max_workers", 4, *extra)
+                   "--max_workers", 4, "--escalation_budget", 1, *extra)
 
 
 def test_cascade_reuses_ledger_and_resumes_after_kill(llm_run, tmp_path, monkeypatch):
