@@ -46,6 +46,7 @@ from real_images import ClassifierTeacher, ConfusionTeacher, digits, fashion, sa
 INITS = {"scratch": ["--student", "mobilenet_v3_small", "--weights", "none"],
          "pretrained": ["--student", "efficientnet_lite0", "--weights", "imagenet"]}
 RECIPES = ("augment", "lpft", "plain")  # augment: the pipeline's default for both inits
+QC_CONTROL = " [pixels QC]"  # --qc_control: the suffix of an arm trained on the pixels-only label step's labels
 OPTIONS = {"hard": ["--label_weights", "none"],  # the control for label-model weights
            "valcal": ["--calibrate_on", "validation"]}  # the control for calibrating on gold pins
 
@@ -93,7 +94,7 @@ def one_seed(tmp, a, seed):
     for n in a.labels:
         labs = {}  # QC variant ("": the default) -> its labeled run folder
         for reps in ([("pixels",)] if a.qc_control else []) + [None]:  # None: the default (every representation)
-            labs[reps and " [pixels QC]" or ""] = lab = d / f"labels{n}{reps and '_pixels' or ''}"
+            labs[QC_CONTROL if reps else ""] = lab = d / f"labels{n}{'_pixels' if reps else ''}"
             shutil.rmtree(lab, ignore_errors=True)
             shutil.copytree(base, lab)
             quality.REPRESENTATIONS, default = (reps or quality.REPRESENTATIONS), quality.REPRESENTATIONS
@@ -113,7 +114,7 @@ def one_seed(tmp, a, seed):
         for (qc, lab), arm in ((q, arm) for q in labs.items() for arm in a.arms):
             init, recipe, *opts = arm.split("/")  # options: hard (--label_weights none), valcal (--calibrate_on validation)
             ls = read_json(lab / "label_summary.json")
-            run = d / f"{n}_{arm.replace('/', '_')}{qc and '_pixelsqc'}"
+            run = d / f"{n}_{arm.replace('/', '_')}{'_pixelsqc' if qc else ''}"
             shutil.copytree(lab, run)
             t0 = time.time()
             run_cli("--step", "train", "--out_dir", run, *INITS[init], "--recipe", recipe,
@@ -218,7 +219,7 @@ def main(argv=None):
                   f"{mean_std([x['to_person'] for x in c], 100)}%; on gold pins below tau, LLM right "
                   f"{mean_std([x['gold'].get('llm_right') for x in c], 100)}% vs student "
                   f"{mean_std([x['gold'].get('student_right') for x in c], 100)}%")
-        for arm in [arm + (" [pixels QC]" if reps else "") for arm in a.arms]:  # each arm on these labels
+        for arm in [arm + (QC_CONTROL if reps else "") for arm in a.arms]:  # each arm on these labels
             r = [s[(n, arm)] for s in seeds]
             print(f"{n:>6}  {arm:<34} {mean_std([x['accepted'] for x in r], nd=0):>9} "
                   f"{mean_std([x['label_acc'] for x in r], 100):>12} {mean_std([x['acc'] for x in r], 100):>12} "
