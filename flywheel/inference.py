@@ -15,6 +15,7 @@ from flywheel.student import decode_images, decode_jpeg, features, lite0, model_
 
 EMBED_SIZE = 96       # px: images are resized to this side before the backbone embeds them
 EMBED_BATCH = 64
+EMBED_DIM = 1280      # Lite0's pooled features
 
 
 class Predictions(NamedTuple):
@@ -59,13 +60,15 @@ def _embedder():
 
 
 def embed_files(files, size=EMBED_SIZE, batch=EMBED_BATCH, desc="held-out model: embeddings") -> np.ndarray:
-    """float32 [N, 1280]: the ImageNet-pretrained EfficientNet-Lite0 backbone's pooled features of each image
-    (resized to size x size), installed with the package: no network."""
-    model, out = _embedder(), []
-    files = list(files)
+    """float16 [N, EMBED_DIM]: the ImageNet-pretrained EfficientNet-Lite0 backbone's pooled features of each
+    image (resized to size x size), installed with the package: no network. float16 and filled in place, so a
+    million images hold 2.6 GB, not 5.1 GB twice over (a list of float32 batches, then their concatenation);
+    the pooled features lie in [0, 6] (ReLU6), where float16 keeps 3 significant digits."""
+    model, files = _embedder(), list(files)
+    out = np.empty((len(files), EMBED_DIM), np.float16)
     for s in tqdm(range(0, len(files), batch), desc=desc, unit="batch", leave=False):
         x = torch.stack([decode_jpeg(f) for f in files[s:s + batch]]).float()
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         with torch.no_grad():
-            out.append(features(model, normalize(x)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1280), np.float32)
+            out[s:s + batch] = features(model, normalize(x)).numpy()
+    return out

@@ -267,7 +267,7 @@ def estimate_on_gold(gold, threshold):
 def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0, max_train=CL_MAX_TRAIN):
     """[n, k] probabilities for each item from a logistic regression trained on the other folds (so no item
     is judged by a model that saw its label), on a sample of at most max_train of them, scored in chunks.
-    x [n, d] float features, or uint8 pixels (read as /255 in float32, a few rows at a time, so the heap
+    x [n, d] float features (float16 embeddings too), or uint8 pixels (read as /255 in float32, a few rows at a time, so the heap
     holds 1 byte a feature), y [n] ints in [0, k)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -291,7 +291,8 @@ def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0, max_train=CL_MAX_TRAIN):
 
 
 def _as_float(x):
-    return x.astype(np.float32) / 255 if x.dtype == np.uint8 else x
+    """float32 rows of uint8 pixels (/ 255) or float16 embeddings: converted a chunk at a time."""
+    return x.astype(np.float32) / 255 if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
 
 
 def pixel_features(files, side=CL_PIXELS, desc="held-out model: features"):

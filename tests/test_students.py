@@ -49,6 +49,22 @@ def test_lite0_imagenet_weights_load_offline_and_match_their_reference(offline):
     assert torch.equal(head.state_dict()["conv_stem.weight"], ours.state_dict()["conv_stem.weight"])
 
 
+def test_embeddings_are_the_backbones_pooled_features_in_float16(tmp_path, offline):
+    """The held-out model's embeddings: one row per file, in order, Lite0's pooled features to float16's precision
+    (a million images in 2.6 GB), batches filled in place (batch 3 over 5 files: a short last batch)."""
+    from flywheel.inference import EMBED_DIM, embed_files
+    imgs = real_images(5)
+    files = []
+    for i, im in enumerate(imgs):
+        files.append(tmp_path / f"{i}.png")  # lossless, so the reference reads the same pixels
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(files[-1])
+    got = embed_files(files, batch=3)
+    with torch.no_grad():
+        ref = S.features(S.lite0(imagenet=True).eval(), S.normalize(imgs.float())).numpy()
+    assert got.dtype == np.float16 and got.shape == (5, EMBED_DIM)
+    assert np.allclose(got.astype(np.float32), ref, rtol=2e-3, atol=2e-3), float(np.abs(got - ref).max())
+
+
 def test_mobilenet_imagenet_weights_come_from_torch_cache(tmp_path, monkeypatch, offline):
     from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
