@@ -5,6 +5,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
+# the student flags of each initialisation the benches compare
+INITS = {"scratch": ["--student", "mobilenet_v3_small", "--weights", "none"],
+         "pretrained": ["--student", "efficientnet_lite0", "--weights", "imagenet"]}
+
 
 def quiet_offline_workdir(prefix) -> Path:
     """A fresh temp folder for a bench that runs the pipeline in-process against the loopback teacher:

@@ -113,3 +113,47 @@ class ConfusionTeacher:
             out.append((self.classes[j], float(self.rng.choice(pool))))
         return out
 
+
+def make_data(d, a, seed):
+    """The bench's image folder d/data (train: a.train_per_class, test: a.test_per_class per class of a.dataset,
+    fashion | digits) and the stand-in teacher's (a.teacher) answers {file name: (label, confidence)}, fitted on
+    a.teacher_fit other images per class. -> (answers, its accuracy on train, on test)."""
+    rng = np.random.default_rng(seed)
+    if a.dataset == "fashion":
+        x, y = fashion("train")
+        xt, yt = fashion("test")
+        te = sample(xt, yt, a.test_per_class, rng)
+        test = (xt[te], yt[te], 100000 + te)
+    else:
+        x, y = digits()
+        te = sample(x, y, a.test_per_class, rng)
+        test = (x[te], y[te], te)
+    fit = sample(x, y, a.teacher_fit, rng, exclude=te if a.dataset == "digits" else ())
+    tr = sample(x, y, a.train_per_class, rng, exclude=np.concatenate([fit, te if a.dataset == "digits" else []]))
+    write_folder(d / "data", {"train": (x[tr], y[tr], tr), "test": test})
+    if a.teacher == "classifier":
+        teacher = ClassifierTeacher(x[fit], y[fit], seed)
+        ask = {"train": x[tr], "test": test[0]}
+    else:  # its confusions measured on other held-out images; it answers from each image's true class
+        held = sample(x, y, a.teacher_held, rng, exclude=np.concatenate([fit, tr, te if a.dataset == "digits" else []]))
+        if len(held) < 10 * len(set(y)):
+            raise SystemExit(f"error: only {len(held)} held-out images left for --teacher confusion; lower --train_per_class")
+        teacher = ConfusionTeacher(x[fit], y[fit], x[held], y[held], seed)
+        ask = {"train": y[tr], "test": test[1]}
+    answers = dict(zip((f"{i:06d}.png" for i in tr), teacher.answer(ask["train"])))
+    acc = float(np.mean([answers[f"{i:06d}.png"][0] == c for i, c in zip(tr, y[tr])]))
+    on_test = teacher.answer(ask["test"])  # the cascade asks about test images too
+    answers.update(zip((f"{i:06d}.png" for i in test[2]), on_test))
+    return answers, acc, float(np.mean([t[0] == c for t, c in zip(on_test, test[1])]))
+
+
+def add_teacher_args(p):
+    """The stand-in teacher's flags, for make_data."""
+    p.add_argument("--teacher", choices=["classifier", "confusion"], default="classifier",
+                   help="SIMULATED teacher: classifier (a pixel classifier's own answers: per-image errors a student "
+                        "can learn) | confusion (that classifier's held-out confusion rates and confidences, drawn per "
+                        "image: class-conditional errors) (default: classifier)")
+    p.add_argument("--teacher_held", type=int, default=200,
+                   help="--teacher confusion: held-out images per class its confusions are measured on (default: 200)")
+    p.add_argument("--teacher_fit", type=int, default=12,
+                   help="held-out images per class the stand-in teacher is fitted on (default: 12)")

@@ -31,56 +31,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from common import mean_std, over_seeds  # noqa: E402
+from common import INITS, mean_std, over_seeds  # noqa: E402
 from fakes import run_cli  # noqa: E402
 from flywheel import quality  # noqa: E402
 from flywheel.io import read_csv, read_json  # noqa: E402
 from loopback import LoopbackTeacher  # noqa: E402
-from real_images import ClassifierTeacher, ConfusionTeacher, digits, fashion, sample, write_folder  # noqa: E402
+from real_images import add_teacher_args, make_data  # noqa: E402
 
-INITS = {"scratch": ["--student", "mobilenet_v3_small", "--weights", "none"],
-         "pretrained": ["--student", "efficientnet_lite0", "--weights", "imagenet"]}
 RECIPES = ("augment", "lpft", "plain")  # augment: the pipeline's default for both inits
 QC_CONTROL = " [pixels QC]"  # --qc_control: the suffix of an arm trained on the pixels-only label step's labels
 OPTIONS = {"hard": ["--label_weights", "none"],  # the control for label-model weights
            "valcal": ["--calibrate_on", "validation"]}  # the control for calibrating on gold pins
-
-
-def make_data(d, a, seed):
-    """The bench's image folder (train: a.train_per_class, test: a.test_per_class per class) and the stand-in
-    teacher's answers {file name: (label, confidence)}, fitted on a.teacher_fit other images per class."""
-    rng = np.random.default_rng(seed)
-    if a.dataset == "fashion":
-        x, y = fashion("train")
-        xt, yt = fashion("test")
-        te = sample(xt, yt, a.test_per_class, rng)
-        test = (xt[te], yt[te], 100000 + te)
-    else:
-        x, y = digits()
-        te = sample(x, y, a.test_per_class, rng)
-        test = (x[te], y[te], te)
-    fit = sample(x, y, a.teacher_fit, rng, exclude=te if a.dataset == "digits" else ())
-    tr = sample(x, y, a.train_per_class, rng, exclude=np.concatenate([fit, te if a.dataset == "digits" else []]))
-    write_folder(d / "data", {"train": (x[tr], y[tr], tr), "test": test})
-    if a.teacher == "classifier":
-        teacher = ClassifierTeacher(x[fit], y[fit], seed)
-        ask = {"train": x[tr], "test": test[0]}
-    else:  # its confusions measured on other held-out images; it answers from each image's true class
-        held = sample(x, y, a.teacher_held, rng, exclude=np.concatenate([fit, tr, te if a.dataset == "digits" else []]))
-        if len(held) < 10 * len(set(y)):
-            raise SystemExit(f"error: only {len(held)} held-out images left for --teacher confusion; lower --train_per_class")
-        teacher = ConfusionTeacher(x[fit], y[fit], x[held], y[held], seed)
-        ask = {"train": y[tr], "test": test[1]}
-    answers = dict(zip((f"{i:06d}.png" for i in tr), teacher.answer(ask["train"])))
-    acc = float(np.mean([answers[f"{i:06d}.png"][0] == c for i, c in zip(tr, y[tr])]))
-    on_test = teacher.answer(ask["test"])  # the cascade asks about test images too
-    answers.update(zip((f"{i:06d}.png" for i in test[2]), on_test))
-    return answers, acc, float(np.mean([t[0] == c for t, c in zip(on_test, test[1])]))
 
 
 def one_seed(tmp, a, seed):
@@ -177,14 +141,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="training batch size (default: 64)")
     p.add_argument("--train_per_class", type=int, default=400, help="training images per class (default: 400)")
     p.add_argument("--test_per_class", type=int, default=200, help="test images per class (default: 200)")
-    p.add_argument("--teacher", choices=["classifier", "confusion"], default="classifier",
-                   help="SIMULATED teacher: classifier (a pixel classifier's own answers: per-image errors a student "
-                        "can learn) | confusion (that classifier's held-out confusion rates and confidences, drawn per "
-                        "image: class-conditional errors) (default: classifier)")
-    p.add_argument("--teacher_held", type=int, default=200,
-                   help="--teacher confusion: held-out images per class its confusions are measured on (default: 200)")
-    p.add_argument("--teacher_fit", type=int, default=12,
-                   help="held-out images per class the stand-in teacher is fitted on (default: 12)")
+    add_teacher_args(p)
     a = p.parse_args(argv)
     a.labels = [int(v) for v in a.labels.split(",")]
     a.arms = [arm for arm in a.arms.split(",") if arm]
