@@ -52,8 +52,8 @@ def test_graph_takes_any_size_and_matches_prep(exported_run, wh):
     # the graph's preprocessing against prep's PIL pipeline before the JPEG: within a grey level on average
     pp = Preprocess(size, sharpen)
     for raw in raws:
-        ours = pp(torch.from_numpy(np.asarray(raw))[None])
-        pil = normalize(torch.from_numpy(np.asarray(upscale(raw, size, sharpen))).permute(2, 0, 1)[None].contiguous())
+        ours = pp(torch.from_numpy(np.array(raw))[None])
+        pil = normalize(torch.from_numpy(np.array(upscale(raw, size, sharpen))).permute(2, 0, 1)[None].contiguous())
         grey = (ours - pil).abs() * 0.226 * 255  # back to grey levels (ImageNet's std is about 0.226)
         assert float(grey.mean()) < 1.0, float(grey.mean())
     sess = ort.InferenceSession(str(exported_run / "artifacts" / "mobilenet.onnx"), providers=["CPUExecutionProvider"])
