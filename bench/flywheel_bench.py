@@ -30,7 +30,7 @@ from common import INITS, mean_std, over_seeds  # noqa: E402
 from fakes import make_cifar_folder, run_cli  # noqa: E402
 from flywheel.io import read_csv, read_json  # noqa: E402
 from loopback import LoopbackTeacher, TeacherProfile  # noqa: E402
-from real_images import add_teacher_args, make_data  # noqa: E402
+from real_images import add_teacher_args, answer_server, answers_by_sha, make_data  # noqa: E402
 
 CLASSES = ["apple", "mushroom", "orange", "pear", "sweet_pepper"]
 ARMS = ("targeted", "random", "margin", "targeted+pseudo")  # the last: targeted with --pseudo_labels on
@@ -48,8 +48,7 @@ def teacher(d, seed, a):
                                cost=0.0002), a.accuracy
     answers, acc, _ = make_data(d, argparse.Namespace(**vars(a), train_per_class=a.per_class), seed)
     run_cli("--step", "prep", "--dataset", "folder", "--out_dir", d / "run", *common, "--img_size", a.img_size)
-    by_sha = {r["sha256"]: answers[r["source_index"]] for r in read_csv(d / "run" / "manifest.csv")}
-    return LoopbackTeacher(by_sha, sorted({v[0] for v in answers.values()}), cost=0.0002), acc
+    return answer_server(answers_by_sha(d / "run", answers), cost=0.0002), acc
 
 
 def one_seed(tmp, seed, a):

@@ -147,6 +147,18 @@ def make_data(d, a, seed):
     return answers, acc, float(np.mean([t[0] == c for t, c in zip(on_test, test[1])]))
 
 
+def answers_by_sha(run, answers):
+    """make_data's answers keyed by image sha256, through the prepped run's manifest (what the loopback serves)."""
+    from flywheel.io import read_csv
+    return {m["sha256"]: answers[m["source_index"]] for m in read_csv(Path(run) / "manifest.csv")}
+
+
+def answer_server(by_sha, **kw):
+    """The loopback teacher (tests/loopback.py, on 127.0.0.1) answering each image with its fixed answer."""
+    from loopback import LoopbackTeacher
+    return LoopbackTeacher(by_sha, sorted({label for label, _ in by_sha.values()}), **kw)
+
+
 def add_teacher_args(p):
     """The stand-in teacher's flags, for make_data."""
     p.add_argument("--teacher", choices=["classifier", "confusion"], default="classifier",

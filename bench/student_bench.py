@@ -26,6 +26,7 @@ Prints test accuracy on teacher labels and on ground truth (mean ± std over see
 training time per arm.
 """
 import argparse
+import itertools
 import shutil
 import sys
 import time
@@ -37,9 +38,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from common import INITS, mean_std, over_seeds  # noqa: E402
 from fakes import run_cli  # noqa: E402
 from flywheel import quality  # noqa: E402
-from flywheel.io import read_csv, read_json  # noqa: E402
-from loopback import LoopbackTeacher  # noqa: E402
-from real_images import add_teacher_args, make_data  # noqa: E402
+from flywheel.io import read_json  # noqa: E402
+from real_images import add_teacher_args, answer_server, answers_by_sha, make_data  # noqa: E402
 
 RECIPES = ("augment", "lpft", "plain")  # augment: the pipeline's default for both inits
 QC_CONTROL = " [pixels QC]"  # --qc_control: the suffix of an arm trained on the pixels-only label step's labels
@@ -53,7 +53,7 @@ def one_seed(tmp, a, seed):
     base = d / "base"
     run_cli("--step", "prep", "--dataset", "folder", "--data_root", d / "data", "--out_dir", base, "--img_size", a.img_size,
             "--seed", seed, "--log_level", "WARNING")
-    by_sha = {r["sha256"]: answers[r["source_index"]] for r in read_csv(base / "manifest.csv")}
+    by_sha = answers_by_sha(base, answers)
     out = {"teacher_acc": teacher_acc, "teacher_test_acc": test_acc}
     for n in a.labels:
         labs = {}  # QC variant ("": the default) -> its labeled run folder
@@ -63,7 +63,7 @@ def one_seed(tmp, a, seed):
             shutil.copytree(base, lab)
             quality.REPRESENTATIONS, default = (reps or quality.REPRESENTATIONS), quality.REPRESENTATIONS
             try:
-                with LoopbackTeacher(by_sha, sorted({v[0] for v in answers.values()})) as srv:
+                with answer_server(by_sha) as srv:
                     run_cli("--step", "label", "--out_dir", lab, "--data_root", d / "data", "--llm_base_url",
                             srv.url + "/v1", "--llm_model", "sim/classifier", "--max_label", n, "--gold_n", a.gold_n,
                             "--seed", seed, "--log_level", "WARNING")
@@ -75,7 +75,7 @@ def one_seed(tmp, a, seed):
             out[(n, "qc", reps and reps[0])] = {"auroc": cl.get("auroc_by_representation", {}), "rep": cl.get("representation"),
                                                "acc": ls["teacher_accuracy"], "raw": ls["pass1_accuracy"],
                                                "yield": ls["yield"], "calls": ls["calls_per_image"]}
-        for (qc, lab), arm in ((q, arm) for q in labs.items() for arm in a.arms):
+        for (qc, lab), arm in itertools.product(labs.items(), a.arms):
             init, recipe, *opts = arm.split("/")  # options: hard (--label_weights none), valcal (--calibrate_on validation)
             ls = read_json(lab / "label_summary.json")
             run = d / f"{n}_{arm.replace('/', '_')}{'_pixelsqc' if qc else ''}"
@@ -109,7 +109,7 @@ def seed_line(out, seed):
 def cascade(run, d, by_sha, seed):
     """The cascade step on the trained run (test split): LLM calls per escalated item, total calls against calling
     the LLM on every item, and the accuracy of the answers it returns without a person."""
-    with LoopbackTeacher(by_sha, sorted({v[0] for v in by_sha.values()})) as srv:
+    with answer_server(by_sha) as srv:
         run_cli("--step", "cascade", "--out_dir", run, "--data_root", d / "data", "--llm_base_url", srv.url + "/v1",
                 "--llm_model", "sim/classifier", "--seed", seed, "--log_level", "WARNING")
     t = read_json(run / "artifacts" / "cascade.json")["test"]

@@ -267,8 +267,8 @@ def estimate_on_gold(gold, threshold):
 def out_of_fold_probs(x, y, k, folds=CL_FOLDS, seed=0, max_train=CL_MAX_TRAIN):
     """[n, k] probabilities for each item from a logistic regression trained on the other folds (so no item
     is judged by a model that saw its label), on a sample of at most max_train of them, scored in chunks.
-    x [n, d] float features (float16 embeddings too), or uint8 pixels (read as /255 in float32, a few rows at a time, so the heap
-    holds 1 byte a feature), y [n] ints in [0, k)."""
+    x [n, d] float features (float16 embeddings too, read as float32 a few rows at a time), or uint8 pixels
+    (read as /255 in float32 likewise, so the heap holds 1 byte a feature), y [n] ints in [0, k)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
