@@ -178,8 +178,8 @@ OPTION_GROUPS = {
                                       "is below this goes to a person (0 = the LLM's label always stands, the original rule)"),
         "simulate_human": (bool, False, "answer human-review items from ground truth (SIMULATED, offline evaluation only)"),
         "relabel_n": (int, 200, "flywheel: pool items relabeled per turn"),
-        "relabel_strategy": (str, "targeted", "flywheel: targeted (picks that can yield a label: LLM-student disagreements, "
-                                              "then class-balanced low margin) | random (the control) | margin (lowest margin)"),
+        "relabel_strategy": (str, "targeted", "flywheel: targeted (only picks that can yield a label: a person's answers, "
+                                              "then a seeded sample of never-asked items) | random (the control) | margin (lowest margin)"),
         "paid_answers": (str, "on", "flywheel: on (pool answers the cascade already paid for and the student's probabilities "
                                     "support train the next student at no new cost; picks go elsewhere) | off"),
         "pseudo_labels": (str, "off", "flywheel: on (never-asked pool items the student takes itself, at or above tau, train "

@@ -66,13 +66,14 @@ def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0
       targeted: a person's answers first (their work is never wasted). Then escalations whose accepted
         LLM label is probably right (escalation_posterior >= min_posterior, combining the student's calibrated
         probability for it with teacher_acc, estimated from gold pins), least confident student first:
-        labels the student was unsure of, already paid for. Then never-asked items by lowest margin,
-        round-robin over predicted classes (class-balanced, not 300 look-alikes). Then the remaining
-        accepted escalations, most probable first. Skipped: items whose ledger answer was rejected
-        (disagreed, low confidence, invalid) unless a person answered them, since asking again returns
-        the same answer; and LLM labels the evidence says are more likely wrong than right (posterior below
-        doubt_below: 0.5, or the cascade's --contest_below when higher, so a label sent to a person never trains
-        as the LLM's).
+        labels the student was unsure of, already paid for. Then never-asked items, a seeded uniform sample:
+        the cascade's paid answers already cover what the student was unsure of, and on real images ordering
+        the rest by a weak student's margin, or balancing them by its predicted classes, skewed what was added
+        and lost 2-5 points to a random pick. Then the remaining accepted escalations, most probable first.
+        Skipped: items whose ledger answer was rejected (disagreed, low confidence, invalid) unless a person
+        answered them, since asking again returns the same answer; and LLM labels the evidence says are more
+        likely wrong than right (posterior below doubt_below: 0.5, or the cascade's --contest_below when
+        higher, so a label sent to a person never trains as the LLM's).
       random: a uniform sample (the control: same budget, same epochs).
       margin: lowest student margin first, nothing skipped.
 
@@ -83,7 +84,7 @@ def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0
     ...        "d": {"llm_status": "disagreed", "llm_label": "x", "student_pred": "y", "student_conf": .5}}
     >>> pick_relabels(pool, esc, 3, classes=["x", "y"], teacher_acc=0.95)[0]  # e: posterior .94, d: rejected
     ['e', 'a', 'c']
-    >>> pick_relabels(pool, esc, 3, classes=["x", "y"], teacher_acc=0.85)[0]  # e: .82, after never-asked a, c, b
+    >>> pick_relabels(pool, esc, 3, classes=["x", "y"], teacher_acc=0.85)[0]  # e: .82, after the never-asked sample
     ['a', 'c', 'b']
     >>> pick_relabels(pool, esc, 3, "margin")[0]
     ['e', 'd', 'a']
@@ -103,13 +104,10 @@ def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0
     doubtful = {p for p, q in ok.items() if q < doubt_below}
     skipped = {p for p, e in escalations.items() if p in in_pool and e.get("llm_status") in UNANSWERABLE}
     skipped = (skipped | doubtful) - set(human)
-    fresh = [r for r in sorted(pool, key=lambda r: float(r["margin"])) if r["path"] not in escalations]
-    by_class = {}
-    for r in fresh:
-        by_class.setdefault(r["pred"], []).append(r["path"])
-    balanced = [q[i] for i in range(max(map(len, by_class.values()), default=0)) for q in by_class.values() if i < len(q)]
-    picked = list(dict.fromkeys(human + sure + balanced + rest))[:n]
-    tiers = {"human_answered": set(human), "llm_label_probable": set(sure), "low_margin_balanced": set(balanced),
+    fresh = sorted(r["path"] for r in pool if r["path"] not in escalations)
+    random.Random(seed).shuffle(fresh)
+    picked = list(dict.fromkeys(human + sure + fresh + rest))[:n]
+    tiers = {"human_answered": set(human), "llm_label_probable": set(sure), "never_asked_sample": set(fresh),
              "llm_label_plausible": set(rest)}
     return picked, {"strategy": strategy, "picked": len(picked), "skipped": len(skipped),
                     **{t: sum(p in v for p in picked) for t, v in tiers.items()}}

@@ -117,16 +117,30 @@ def test_export_and_report_ship_the_promoted_student(copy_run):
 POOL = [{"path": f"p{i}", "pred": "ab"[i % 2], "margin": str(i / 100)} for i in range(10)]
 
 
-@pytest.mark.parametrize("strategy,n,esc,answered,want", [
-    ("targeted", 3, {}, (), ["p0", "p1", "p2"]),                       # never asked: lowest margin, classes alternate
-    ("targeted", 50, {}, (), [f"p{i}" for i in range(10)]),            # n larger than the pool
-    ("targeted", 2, {"p0": {"llm_status": "disagreed"}}, (), ["p1", "p2"]),     # a rejected answer cannot yield a label
-    ("targeted", 2, {"p0": {"llm_status": "disagreed"}}, ("p0",), ["p0", "p1"]),  # unless a person answered it
-    ("margin", 2, {"p0": {"llm_status": "disagreed"}}, (), ["p0", "p1"]),
+@pytest.mark.parametrize("strategy,n,esc,answered,first,excluded", [
+    ("targeted", 3, {}, (), [], set()),                                   # never asked: a sample
+    ("targeted", 50, {}, (), [], set()),                                  # n larger than the pool
+    ("targeted", 2, {"p0": {"llm_status": "disagreed"}}, (), [], {"p0"}),  # a rejected answer cannot yield a label
+    ("targeted", 2, {"p0": {"llm_status": "disagreed"}}, ("p0",), ["p0"], set()),  # unless a person answered it
+    ("margin", 2, {"p0": {"llm_status": "disagreed"}}, (), ["p0", "p1"], set()),  # lowest margin, nothing skipped
 ])
-def test_pick_relabels_edge_cases(strategy, n, esc, answered, want):
+def test_pick_relabels_edge_cases(strategy, n, esc, answered, first, excluded):
     from flywheel.relabel import pick_relabels
-    assert pick_relabels(POOL, esc, n, strategy, answered)[0] == want
+    picked = pick_relabels(POOL, esc, n, strategy, answered)[0]
+    assert picked[:len(first)] == first and not set(picked) & excluded and len(set(picked)) == len(picked)
+    assert len(picked) == min(n, len(POOL) - len(excluded))
+
+
+def test_targeted_samples_never_asked_items_whatever_their_margin():
+    # the sample is seeded, and neither the student's margins nor its predicted classes move it: on real
+    # images both skewed what was added (README, "On real images")
+    from flywheel.relabel import pick_relabels
+    flipped = [{**r, "margin": str(1 - float(r["margin"])), "pred": "a"} for r in POOL]
+    a, b = pick_relabels(POOL, {}, 4, "targeted", seed=3)[0], pick_relabels(flipped, {}, 4, "targeted", seed=3)[0]
+    assert a == b and len(set(a)) == 4
+    assert a != pick_relabels(POOL, {}, 4, "targeted", seed=4)[0]
+    by_seed = {tuple(pick_relabels(POOL, {}, 3, "targeted", seed=s)[0]) for s in range(20)}
+    assert len(by_seed) > 10  # not one fixed order
 
 
 @pytest.mark.parametrize("doubt_below,kept", [(0.5, True), (0.586, True), (0.587, False), (0.7, False)])
