@@ -69,7 +69,7 @@ def pick_relabels(pool, escalations, n, strategy="targeted", answered=(), seed=0
         labels the student was unsure of, already paid for. Then never-asked items, a seeded uniform sample:
         the cascade's paid answers already cover what the student was unsure of, and on real images ordering
         the rest by a weak student's margin, or balancing them by its predicted classes, skewed what was added
-        and lost 2-5 points to a random pick. Then the remaining accepted escalations, most probable first.
+        and lost 1.5-5 points to a random pick. Then the remaining accepted escalations, most probable first.
         Skipped: items whose ledger answer was rejected (disagreed, low confidence, invalid) unless a person
         answered them, since asking again returns the same answer; and LLM labels the evidence says are more
         likely wrong than right (posterior below doubt_below: 0.5, or the cascade's --contest_below when
