@@ -118,7 +118,7 @@ OPTION_GROUPS = {
         "target_label_precision": (float, 0.85, "model/fitted QC: the labels it accepts must reach this accuracy on gold pins at the lower 95%% bound"),
         "min_yield": (float, 0.75, "model QC: when no rule reaches --target_label_precision, the best accepted accuracy at least this share accepted"),
         "logprobs": (str, "auto", "ask for the label token's log-probability, a label-model signal (auto: dropped for the run on a 400 | off)"),
-        "confident_learning": (str, "on", "model/fitted QC: a held-out model trained on the first answers in folds judges each label (on | off)"),
+        "confident_learning": (str, "on", "model/fitted QC: a held-out model of the first answers scores each label without having seen it (on | off)"),
         "second_model": (str, None, "model that answers the second pass, through the same endpoint (unset: --llm_model again)"),
         "adaptive_thresh": (float, QC_DEFAULTS["adaptive_thresh"], "adaptive mode: first-pass confidence below which the second pass is made"),
         "audit_frac": (float, QC_DEFAULTS["audit_frac"], "adaptive mode: random fraction of confident items that still get a second pass"),

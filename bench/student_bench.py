@@ -42,7 +42,7 @@ from flywheel.io import read_json  # noqa: E402
 from real_images import add_teacher_args, answer_server, answers_by_sha, make_data  # noqa: E402
 
 RECIPES = ("augment", "lpft", "plain")  # augment: the pipeline's default for both inits
-QC_CONTROL = " [pixels QC]"  # --qc_control: the suffix of an arm trained on the pixels-only label step's labels
+QC_CONTROL = " [{} QC]"  # --qc_control NAME: the suffix of an arm trained on the labels of the label step whose held-out model is NAME
 OPTIONS = {"hard": ["--label_weights", "none"],  # the control for label-model weights
            "valcal": ["--calibrate_on", "validation"]}  # the control for calibrating on gold pins
 
@@ -57,8 +57,8 @@ def one_seed(tmp, a, seed):
     out = {"teacher_acc": teacher_acc, "teacher_test_acc": test_acc}
     for n in a.labels:
         labs = {}  # QC variant ("": the default) -> its labeled run folder
-        for reps in ([("pixels",)] if a.qc_control else []) + [None]:  # None: the default (every representation)
-            labs[QC_CONTROL if reps else ""] = lab = d / f"labels{n}{'_pixels' if reps else ''}"
+        for reps in ([(a.qc_control,)] if a.qc_control else []) + [None]:  # None: the default (every candidate)
+            labs[QC_CONTROL.format(a.qc_control) if reps else ""] = lab = d / f"labels{n}{'_' + reps[0] if reps else ''}"
             shutil.rmtree(lab, ignore_errors=True)
             shutil.copytree(base, lab)
             quality.REPRESENTATIONS, default = (reps or quality.REPRESENTATIONS), quality.REPRESENTATIONS
@@ -78,7 +78,7 @@ def one_seed(tmp, a, seed):
         for (qc, lab), arm in itertools.product(labs.items(), a.arms):
             init, recipe, *opts = arm.split("/")  # options: hard (--label_weights none), valcal (--calibrate_on validation)
             ls = read_json(lab / "label_summary.json")
-            run = d / f"{n}_{arm.replace('/', '_')}{'_pixelsqc' if qc else ''}"
+            run = d / f"{n}_{arm.replace('/', '_')}{'_controlqc' if qc else ''}"
             shutil.copytree(lab, run)
             t0 = time.time()
             run_cli("--step", "train", "--out_dir", run, *INITS[init], "--recipe", recipe,
@@ -130,9 +130,9 @@ def main(argv=None):
                         "pretrained/augment,pretrained/lpft,pretrained/plain)")
     p.add_argument("--gold_n", type=int, default=0,
                    help="gold pins for the label step (0: the project's default, no gold) (default: 0)")
-    p.add_argument("--qc_control", action="store_true",
-                   help="also label with the held-out model on 12x12 pixels only, the control for embeddings, and "
-                        "train each arm on those labels too (default: off)")
+    p.add_argument("--qc_control", nargs="?", const="pixels", default=None, choices=quality.REPRESENTATIONS,
+                   help="also label with this held-out model only (quality.HELD_OUT; pixels when named without a value), "
+                        "the control for the default, and train each arm on those labels too (default: off)")
     p.add_argument("--cascade", action="store_true",
                    help="also run the cascade step on each arm's student and print its calls and accuracy (default: off)")
     p.add_argument("--img_size", type=int, default=96, help="prep's image side in px (default: 96)")
@@ -158,12 +158,12 @@ def main(argv=None):
           f"{a.seeds} seed(s), mean ± std; {secs:.0f}s")
     print(f"{'labels':>6}  {'arm':<34} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
           f"{'noise cost':>11} {'train s':>9}")
-    for n, reps in ((n, r) for n in a.labels for r in (([("pixels",)] if a.qc_control else []) + [None])):
+    for n, reps in ((n, r) for n in a.labels for r in (([(a.qc_control,)] if a.qc_control else []) + [None])):
         q = [s[(n, "qc", reps and reps[0])] for s in seeds]
-        print(f"{n:>6}  label step (--gold_n {a.gold_n}{', held-out model on pixels only: the control' if reps else ''}): accepted accuracy {mean_std([x['acc'] for x in q], 100)}% vs raw "
+        print(f"{n:>6}  label step (--gold_n {a.gold_n}{f', held-out model {reps[0]} only: the control' if reps else ''}): accepted accuracy {mean_std([x['acc'] for x in q], 100)}% vs raw "
               f"first answers {mean_std([x['raw'] for x in q], 100)}%, yield {mean_std([x['yield'] for x in q], 100)}%, "
               f"{mean_std([x['calls'] for x in q], nd=2)} calls/image; held-out model AUROC on gold: "
-              + ", ".join(f"{rep} {mean_std([x['auroc'].get(rep) for x in q], nd=3)}" for rep in ("pixels", "embeddings"))
+              + ", ".join(f"{rep} {mean_std([x['auroc'].get(rep) for x in q], nd=3)}" for rep in quality.REPRESENTATIONS)
               + f"; chosen: {[x['rep'] for x in q]}")
         for arm in a.arms if a.cascade and not reps else []:
             c = [s[(n, "cascade", arm)] for s in seeds]
@@ -176,7 +176,7 @@ def main(argv=None):
                   f"{mean_std([x['to_person'] for x in c], 100)}%; on gold pins below tau, LLM right "
                   f"{mean_std([x['gold'].get('llm_right') for x in c], 100)}% vs student "
                   f"{mean_std([x['gold'].get('student_right') for x in c], 100)}%")
-        for arm in [arm + (QC_CONTROL if reps else "") for arm in a.arms]:  # each arm on these labels
+        for arm in [arm + (QC_CONTROL.format(reps[0]) if reps else "") for arm in a.arms]:  # each arm on these labels
             r = [s[(n, arm)] for s in seeds]
             print(f"{n:>6}  {arm:<34} {mean_std([x['accepted'] for x in r], nd=0):>9} "
                   f"{mean_std([x['label_acc'] for x in r], 100):>12} {mean_std([x['acc'] for x in r], 100):>12} "

@@ -207,9 +207,17 @@ def test_label_step_flags_what_the_held_out_model_contradicts(tmp_path, monkeypa
     assert last_first < first_second
 
 
-def test_held_out_model_reads_images_the_way_gold_says_separates_better(monkeypatch):
-    """Two representations built on purpose: one carries each image's true class, the other is noise. Gold
-    picks the informative one whichever order they come in (the cheaper wins only a tie)."""
+def _first_answers(n, classes, first):
+    """items, a ledger and a QC naming scheme in which item i's first answer is classes[first[i]]."""
+    from types import SimpleNamespace
+    items = [{"path": f"p{i}", "file": f"f{i}", "sha256": f"s{i}"} for i in range(n)]
+    answers = {f"s{i}": {"label": classes[first[i]]} for i in range(n)}
+    return items, SimpleNamespace(ok=lambda key: answers.get(key)), SimpleNamespace(call=lambda sha, p, model: SimpleNamespace(key=sha))
+
+
+def test_held_out_model_is_the_candidate_gold_says_separates_best(monkeypatch):
+    """Each candidate in turn is made the informative one (its probabilities follow each image's true class, the
+    others' are noise): gold picks it whichever it is, and each way of reading the images is computed once."""
     import numpy as np
     from types import SimpleNamespace
     from flywheel import quality as Q
@@ -217,34 +225,68 @@ def test_held_out_model_reads_images_the_way_gold_says_separates_better(monkeypa
     n, classes = 200, ["a", "b"]
     truth = rng.integers(0, 2, n)
     first = np.where(rng.random(n) < 0.2, 1 - truth, truth)  # the teacher's first answers: 20% wrong
-    items = [{"path": f"p{i}", "file": f"f{i}", "sha256": f"s{i}"} for i in range(n)]
-    answers = {f"s{i}": {"label": classes[first[i]]} for i in range(n)}
-    ledger = SimpleNamespace(ok=lambda key: answers.get(key))
-    qc = SimpleNamespace(call=lambda sha, p, model: SimpleNamespace(key=sha))
-    informative = np.eye(2)[truth] * 3 + rng.normal(0, 0.3, (n, 2))
-    noise = rng.normal(0, 1, (n, 2))
+    items, ledger, qc = _first_answers(n, classes, first)
+    informative = np.eye(2)[truth] * 0.8 + 0.1
     gold = {f"p{i}": classes[truth[i]] for i in range(60)}
-    for good in ("pixels", "embeddings"):
-        monkeypatch.setattr(Q, "represent", lambda rep, files: informative if rep == good else noise)
+    for good in Q.REPRESENTATIONS:
+        read = []
+        monkeypatch.setattr(Q, "represent", lambda reading, files: read.append(reading) or reading)
+        def judged_by(judge):
+            return lambda x, y, k, seed: informative if Q.HELD_OUT[good] == (x, judge) else rng.dirichlet([1, 1], n)
+        monkeypatch.setattr(Q, "out_of_fold_probs", judged_by("logistic"))
+        monkeypatch.setattr(Q, "neighbour_probs", judged_by("neighbours"))
         j = Q.held_out_scores(classes, 0, items, SimpleNamespace(model="m"), ledger, qc, gold)
-        assert j.representation == good and j.auroc[good] > 0.9 > j.auroc[{"pixels": "embeddings", "embeddings": "pixels"}[good]]
+        assert j.representation == good and set(j.auroc) == set(Q.REPRESENTATIONS)
+        assert j.auroc[good] > 0.9 > max(v for k, v in j.auroc.items() if k != good)
+        assert sorted(read) == sorted(set(r for r, _ in Q.HELD_OUT.values()))
 
 
-def test_without_gold_the_held_out_model_reads_embeddings_first_and_falls_back_to_pixels(monkeypatch):
-    """No gold to compare representations by: only the first available of NO_GOLD_ORDER is computed."""
+def test_without_gold_the_held_out_model_is_the_embeddings_neighbours_and_falls_back_to_pixels(monkeypatch):
+    """No gold to compare candidates by: only the first available of NO_GOLD_ORDER is computed."""
     import numpy as np
     from types import SimpleNamespace
     from flywheel import quality as Q
     rng = np.random.default_rng(0)
     n, classes = 100, ["a", "b"]
-    first = rng.integers(0, 2, n)
-    items = [{"path": f"p{i}", "file": f"f{i}", "sha256": f"s{i}"} for i in range(n)]
-    answers = {f"s{i}": {"label": classes[first[i]]} for i in range(n)}
-    ledger = SimpleNamespace(ok=lambda key: answers.get(key))
-    qc = SimpleNamespace(call=lambda sha, p, model: SimpleNamespace(key=sha))
-    for available, expect in ((("pixels", "embeddings"), "embeddings"), (("pixels",), "pixels")):
+    items, ledger, qc = _first_answers(n, classes, rng.integers(0, 2, n))
+    for available, expect, reads in ((("pixels", "embeddings"), "neighbours", ["embeddings"]),
+                                     (("pixels",), "pixels", ["embeddings", "pixels"])):
         asked = []
         monkeypatch.setattr(Q, "represent", lambda rep, files: asked.append(rep) or (rng.normal(0, 1, (n, 4)) if rep in available else None))
         j = Q.held_out_scores(classes, 0, items, SimpleNamespace(model="m"), ledger, qc, gold={})
         assert j.representation == expect and list(j.auroc) == [expect] and j.auroc[expect] is None
-        assert asked == list(Q.NO_GOLD_ORDER[:Q.NO_GOLD_ORDER.index(expect) + 1])
+        assert asked == reads  # the embeddings are read once, and found missing once
+
+
+def test_neighbours_see_through_errors_a_linear_model_learns():
+    """A teacher that calls every image with the 4th feature set "c", whatever it shows: a logistic regression
+    trained on its answers learns that rule and vouches for the errors; the images' nearest neighbours (by cosine,
+    on the raw features, where the 4th is small next to the class clusters) mostly carry right answers."""
+    import numpy as np
+    from flywheel import quality as Q
+    rng = np.random.default_rng(0)
+    n = 600
+    truth = rng.integers(0, 3, n)
+    quirk = rng.random(n) < 0.25  # a quarter of the images carry the feature the teacher misreads
+    x = np.c_[np.eye(3)[truth] * 3 + rng.normal(0, 0.3, (n, 3)), quirk * 0.2]  # [n, 4]
+    first = np.where(quirk, 2, truth)
+    right = first == truth
+    p_nn = Q.neighbour_probs(x, first, 3)[np.arange(n), first]
+    p_lr = Q.out_of_fold_probs(x, first, 3)[np.arange(n), first]
+    assert Q.auroc(p_nn.tolist(), right.tolist()) > 0.9 > Q.auroc(p_lr.tolist(), right.tolist()) + 0.1
+
+
+def test_neighbours_never_vote_on_their_own_label_and_sample_their_references():
+    """Every item has an exact copy, so its nearest neighbour is the copy, never itself; above max_ref the
+    references are a sample, and an item in it still does not vote on itself."""
+    import numpy as np
+    from flywheel import quality as Q
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 1, (40, 8))
+    x = np.r_[base, base]  # item i and i + 40 are the same image
+    y = np.r_[np.zeros(40, int), np.ones(40, int)]  # ... with different labels
+    p = Q.neighbour_probs(x, y, 2, neighbours=1)
+    assert np.allclose(p[:40], [0.25, 0.75]) and np.allclose(p[40:], [0.75, 0.25])  # (0 + 0.5) / 2, (1 + 0.5) / 2
+    p = Q.neighbour_probs(x, y, 2, neighbours=1, max_ref=50)
+    assert p.shape == (80, 2) and np.allclose(p.sum(1), 1)
+    assert (p[np.arange(80), y] < 0.5).sum() >= 80 - 2 * 30  # only a copy outside the sample can be missed
