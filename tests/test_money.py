@@ -59,15 +59,18 @@ def free_port():
 # ----------------------------------------------------------------------------- two runs, one folder
 
 def test_second_run_on_the_same_folder_is_refused_naming_the_holder(run):
-    # A has ~10 s of work (120 calls, 3 in flight, 0.25 s each), so B, whose imports take 3-6 s on a busy 2-core
-    # machine (with the venv's bytecode compiled), starts while A holds the folder
+    # once A has started paying, every answer takes 5 s: A then holds the folder for over 3 minutes (118 calls, 3 in
+    # flight), however slowly B starts on a busy machine (its imports took 3-6 s on an idle 2-core one, more beside
+    # a bench); when B is done, answers are instant again and A finishes
     with LoopbackTeacher(truth(run), CLASSES, latency_s=0.25) as srv:
         env = {**os.environ, "OPENROUTER_API_KEY": KEY}
         a = subprocess.Popen(label_cmd(run, srv.url, "--max_label", 60, "--max_workers", 3), cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert wait_for(lambda: (run / "labels.jsonl").exists() and len(ledger(run)) >= 2)
+        srv.latency_s = 5.0
         b = subprocess.run(label_cmd(run, srv.url, "--max_label", 60, "--max_workers", 3), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=120)
+        srv.latency_s = 0.0
         assert a.wait(timeout=60) == 0
         assert b.returncode != 0 and str(a.pid) in b.stderr and "--out_dir" in b.stderr, b.stderr
         assert "Traceback" not in b.stderr and len(b.stderr.strip().splitlines()) == 1
