@@ -48,11 +48,10 @@ def one_setting(tmp, a, dataset, teacher, seed):
     right = np.array([lab == r["label"] for (lab, _), r in zip(said, rows)])
     out = {"confidence": quality.auroc([c for _, c in said], right.tolist())}
     read = {}
-    for name, (reading, judge) in quality.HELD_OUT.items():
+    for name, (reading, _) in quality.HELD_OUT.items():
         if reading not in read:
             read[reading] = quality.represent(reading, [d / "run" / r["path"] for r in rows])
-        probs = (quality.neighbour_probs if judge == "neighbours" else quality.out_of_fold_probs)(
-            read[reading], y, len(classes), seed=seed)
+        probs = quality.held_out_probs(name, read[reading], y, len(classes), seed=seed)
         out[name] = quality.auroc(probs[np.arange(len(y)), y].tolist(), right.tolist())
     return {"auroc": out, "teacher_acc": acc, "n": len(y)}
 

@@ -326,6 +326,12 @@ def neighbour_probs(x, y, k, neighbours=CL_NEIGHBOURS, seed=0, max_ref=CL_MAX_TR
     return out
 
 
+def held_out_probs(name, x, y, k, seed=0):
+    """[n, k] probabilities from the HELD_OUT candidate `name`, given the images read its way (x)."""
+    judge = neighbour_probs if HELD_OUT[name][1] == "neighbours" else out_of_fold_probs
+    return judge(x, y, k, seed=seed)
+
+
 def _unit(x):
     """float32 rows scaled to length 1 (an all-zero row stays zero)."""
     x = _as_float(x)
@@ -422,7 +428,7 @@ def held_out_scores(classes, seed, items, teacher, ledger, qc, gold=None, repres
         x = read[reading]
         if x is None:
             continue
-        probs = (neighbour_probs if judge == "neighbours" else out_of_fold_probs)(x, y, len(classes), seed=seed)
+        probs = held_out_probs(rep, x, y, len(classes), seed=seed)
         tried[rep] = {it["sha256"]: HeldOut(it["path"], rec["label"], round(float(pr[k]), 6), classes[int(pr.argmax())],
                                             round(float(pr.max()), 6))
                       for (it, rec), pr, k in zip(got, probs, y)}
