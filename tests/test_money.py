@@ -113,7 +113,9 @@ def test_budget_overshoot_is_at_most_the_calls_in_flight(run):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_the_process_group_stops_spending_at_once(run, sig):
-    with LoopbackTeacher(truth(run), CLASSES, latency_s=0.2) as srv:
+    # 1 s per answer: 100 calls on 3 workers take ~33 s, so a test process starved for seconds on a loaded
+    # machine still signals a run in progress (at 0.2 s the run once finished first, in 7 s)
+    with LoopbackTeacher(truth(run), CLASSES, latency_s=1.0) as srv:
         env = {**os.environ, "OPENROUTER_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
         p = subprocess.Popen(label_cmd(run, srv.url, "--max_label", 50, "--max_workers", 3), cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
