@@ -47,6 +47,11 @@ OPTIONS = {"hard": ["--label_weights", "none"],  # the control for label-model w
            "valcal": ["--calibrate_on", "validation"]}  # the control for calibrating on gold pins
 
 
+def qc_variants(a):
+    """The label steps each seed runs: (the --qc_control candidate,) when set, then None (the default, every candidate)."""
+    return ([(a.qc_control,)] if a.qc_control else []) + [None]
+
+
 def one_seed(tmp, a, seed):
     d = tmp / f"seed{seed}"
     answers, teacher_acc, test_acc = make_data(d, a, seed)
@@ -57,7 +62,7 @@ def one_seed(tmp, a, seed):
     out = {"teacher_acc": teacher_acc, "teacher_test_acc": test_acc}
     for n in a.labels:
         labs = {}  # QC variant ("": the default) -> its labeled run folder
-        for reps in ([(a.qc_control,)] if a.qc_control else []) + [None]:  # None: the default (every candidate)
+        for reps in qc_variants(a):
             labs[QC_CONTROL.format(a.qc_control) if reps else ""] = lab = d / f"labels{n}{'_' + reps[0] if reps else ''}"
             shutil.rmtree(lab, ignore_errors=True)
             shutil.copytree(base, lab)
@@ -158,7 +163,7 @@ def main(argv=None):
           f"{a.seeds} seed(s), mean ± std; {secs:.0f}s")
     print(f"{'labels':>6}  {'arm':<34} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
           f"{'noise cost':>11} {'train s':>9}")
-    for n, reps in ((n, r) for n in a.labels for r in (([(a.qc_control,)] if a.qc_control else []) + [None])):
+    for n, reps in ((n, r) for n in a.labels for r in qc_variants(a)):
         q = [s[(n, "qc", reps and reps[0])] for s in seeds]
         print(f"{n:>6}  label step (--gold_n {a.gold_n}{f', held-out model {reps[0]} only: the control' if reps else ''}): accepted accuracy {mean_std([x['acc'] for x in q], 100)}% vs raw "
               f"first answers {mean_std([x['raw'] for x in q], 100)}%, yield {mean_std([x['yield'] for x in q], 100)}%, "
