@@ -39,9 +39,9 @@ from common import INITS, mean_std, over_seeds  # noqa: E402
 from fakes import run_cli  # noqa: E402
 from flywheel import quality  # noqa: E402
 from flywheel.io import read_json  # noqa: E402
+from flywheel.student import RECIPES  # noqa: E402
 from real_images import add_teacher_args, answer_server, answers_by_sha, make_data  # noqa: E402
 
-RECIPES = ("augment", "lpft", "plain")  # augment: the pipeline's default for both inits
 QC_CONTROL = " [{} QC]"  # --qc_control NAME: the suffix of an arm trained on the labels of the label step whose held-out model is NAME
 OPTIONS = {"hard": ["--label_weights", "none"],  # the control for label-model weights
            "valcal": ["--calibrate_on", "validation"]}  # the control for calibrating on gold pins
