@@ -163,7 +163,7 @@ def main(argv=None):
           f"{a.seeds} seed(s), mean ± std; {secs:.0f}s")
     print(f"{'labels':>6}  {'arm':<34} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
           f"{'noise cost':>11} {'train s':>9}")
-    for n, reps in ((n, r) for n in a.labels for r in qc_variants(a)):
+    for n, reps in itertools.product(a.labels, qc_variants(a)):
         q = [s[(n, "qc", reps and reps[0])] for s in seeds]
         print(f"{n:>6}  label step (--gold_n {a.gold_n}{f', held-out model {reps[0]} only: the control' if reps else ''}): accepted accuracy {mean_std([x['acc'] for x in q], 100)}% vs raw "
               f"first answers {mean_std([x['raw'] for x in q], 100)}%, yield {mean_std([x['yield'] for x in q], 100)}%, "
