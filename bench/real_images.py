@@ -169,3 +169,21 @@ def add_teacher_args(p):
                    help="--teacher confusion: held-out images per class its confusions are measured on (default: 200)")
     p.add_argument("--teacher_fit", type=int, default=12,
                    help="held-out images per class the stand-in teacher is fitted on (default: 12)")
+
+
+def simulated_review(run, how, seed):
+    """A SIMULATED person answers rows of a labeled run's review_labels.csv from the manifest's ground truth, as a
+    person editing the file would (label_final, status approved; training reads them as source human). how:
+    "reviewed" answers the review queue (every row the label step did not accept); "audited", its control, answers
+    as many rows drawn at random from the whole sample, accepted ones included. -> how many rows it answered."""
+    from flywheel.io import read_csv, write_csv
+    from flywheel.ledger import APPROVED, GOLD
+    run = Path(run)
+    truth = {m["path"]: m["label"] for m in read_csv(run / "manifest.csv")}
+    rows = read_csv(run / "review_labels.csv")
+    queue = [i for i, r in enumerate(rows) if r["status"] not in ("accepted", APPROVED, GOLD)]
+    pick = queue if how == "reviewed" else np.random.default_rng(seed).choice(len(rows), len(queue), replace=False)
+    for i in pick:
+        rows[i] = {**rows[i], "label_final": truth[rows[i]["path"]], "status": APPROVED}
+    write_csv(run / "review_labels.csv", list(rows[0]), rows)
+    return len(pick)

@@ -21,9 +21,12 @@ Two stand-ins, so that no noise figure rests on one (bench/real_images.py).
                                             # label-model weights vs hard labels, and the cascade's calls and accuracy
     uv run python bench/student_bench.py --labels 1500 --gold_n 100 --cascade --arms pretrained/augment,pretrained/augment/valcal
                                             # calibrated on gold pins vs on the validation split of accepted labels
+    uv run python bench/student_bench.py --labels 1500 --teacher_fit 6 --arms pretrained/augment,pretrained/augment/reviewed,pretrained/augment/audited
+                                            # a SIMULATED person answers the review queue, vs as many random rows
 
 Prints test accuracy on teacher labels and on ground truth (mean ± std over seeds), the noise cost and the
-training time per arm.
+training time per arm, with the labels it trained on (train, validation and calibration rows), how many of them a
+SIMULATED person answered, and how many were right.
 """
 import argparse
 import itertools
@@ -40,11 +43,15 @@ from fakes import run_cli  # noqa: E402
 from flywheel import quality  # noqa: E402
 from flywheel.io import read_json  # noqa: E402
 from flywheel.student import RECIPES  # noqa: E402
-from real_images import add_teacher_args, answer_server, answers_by_sha, make_data  # noqa: E402
+from flywheel.io import read_csv  # noqa: E402
+from real_images import add_teacher_args, answer_server, answers_by_sha, make_data, simulated_review  # noqa: E402
 
 QC_CONTROL = " [{} QC]"  # --qc_control NAME: the suffix of an arm trained on the labels of the label step whose held-out model is NAME
 OPTIONS = {"hard": ["--label_weights", "none"],  # the control for label-model weights
            "valcal": ["--calibrate_on", "validation"]}  # the control for calibrating on gold pins
+# arm options that have a SIMULATED person answer review_labels.csv before training (real_images.simulated_review):
+# reviewed, the review queue the label step wrote; audited, the control, as many rows drawn at random
+REVIEWS = ("reviewed", "audited")
 
 
 def qc_variants(a):
@@ -81,13 +88,13 @@ def one_seed(tmp, a, seed):
                                                "acc": ls["teacher_accuracy"], "raw": ls["pass1_accuracy"],
                                                "yield": ls["yield"], "calls": ls["calls_per_image"]}
         for (qc, lab), arm in itertools.product(labs.items(), a.arms):
-            init, recipe, *opts = arm.split("/")  # options: hard (--label_weights none), valcal (--calibrate_on validation)
-            ls = read_json(lab / "label_summary.json")
+            init, recipe, *opts = arm.split("/")  # options: OPTIONS' flags, REVIEWS' SIMULATED person
             run = d / f"{n}_{arm.replace('/', '_')}{'_controlqc' if qc else ''}"
             shutil.copytree(lab, run)
+            person = sum(simulated_review(run, o, seed) for o in opts if o in REVIEWS)
             t0 = time.time()
             run_cli("--step", "train", "--out_dir", run, *INITS[init], "--recipe", recipe,
-                    *[f for o in opts for f in OPTIONS[o]], "--epochs",
+                    *[f for o in opts for f in OPTIONS.get(o, [])], "--epochs",
                     a.epochs if init == "scratch" else a.pretrained_epochs, "--batch_size", a.batch_size,
                     "--measure_noise_cost", "--seed", seed, "--log_level", "WARNING")
             secs = (time.time() - t0) / 2  # the run trains twice: on teacher labels and on the ground truth
@@ -95,9 +102,11 @@ def one_seed(tmp, a, seed):
             ev = read_json(run / "artifacts" / "eval.json")
             if a.cascade and not qc:
                 out[(n, "cascade", arm)] = cascade(run, d, by_sha, seed)
+            truth = {m["path"]: m["label"] for m in read_csv(run / "manifest.csv")}
+            rows = read_csv(run / "artifacts" / "train_rows.csv")  # what the student trained on: train, val and cal
             out[(n, arm + qc)] = {"acc": ev["accuracy"], "gt": ev["noise_cost"]["ground_truth_twin_accuracy"],
-                             "cost": ev["noise_cost"]["noise_cost_pts"], "secs": secs,
-                             "label_acc": ls["teacher_accuracy"], "accepted": ls["accepted"]}
+                             "cost": ev["noise_cost"]["noise_cost_pts"], "secs": secs, "person": person,
+                             "label_acc": sum(r["label"] == truth[r["path"]] for r in rows) / len(rows), "rows": len(rows)}
             shutil.rmtree(run / "cache", ignore_errors=True)
     return out
 
@@ -131,7 +140,8 @@ def main(argv=None):
     p.add_argument("--labels", default="300,1500", help="label budgets, comma-separated (default: 300,1500)")
     p.add_argument("--seeds", type=int, default=3, help="seeds: data draw, teacher and training (default: 3)")
     p.add_argument("--arms", default="scratch/augment,scratch/plain,pretrained/augment,pretrained/lpft,pretrained/plain",
-                   help="init/recipe pairs; augment is the pipeline's default (default: scratch/augment,scratch/plain,"
+                   help="init/recipe[/option...]; augment is the pipeline's default; options: hard, valcal (OPTIONS), "
+                        "reviewed, audited (REVIEWS) (default: scratch/augment,scratch/plain,"
                         "pretrained/augment,pretrained/lpft,pretrained/plain)")
     p.add_argument("--gold_n", type=int, default=0,
                    help="gold pins for the label step (0: the project's default, no gold) (default: 0)")
@@ -151,17 +161,18 @@ def main(argv=None):
     a.labels = [int(v) for v in a.labels.split(",")]
     a.arms = [arm for arm in a.arms.split(",") if arm]
     bad = [arm for arm in a.arms if arm.count("/") < 1 or arm.split("/")[0] not in INITS
-           or arm.split("/")[1] not in RECIPES or not set(arm.split("/")[2:]) <= set(OPTIONS)]
+           or arm.split("/")[1] not in RECIPES or not set(arm.split("/")[2:]) <= set(OPTIONS) | set(REVIEWS)]
     if bad:
         raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe[/option...] with init in {list(INITS)}, recipe in "
-                         f"{list(RECIPES)} and options in {list(OPTIONS)} (hard: --label_weights none; valcal: "
-                         f"--calibrate_on validation)")
+                         f"{list(RECIPES)} and options in {list(OPTIONS) + list(REVIEWS)} (hard: --label_weights none; valcal: "
+                         f"--calibrate_on validation; reviewed: a SIMULATED person answers the review queue; audited: "
+                         f"as many random rows)")
     seeds, secs = over_seeds("student_bench_", lambda tmp, s: seed_line(one_seed(tmp, a, s), s), a.seeds)
     print(f"{a.dataset} ({'5 allowed Fashion-MNIST classes' if a.dataset == 'fashion' else 'digits'}), {a.img_size}px, "
           f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher ({a.teacher}): logistic "
           f"regression on {a.teacher_fit} held-out images/class{', its held-out confusions drawn per image' if a.teacher == 'confusion' else ''}, raw accuracy {mean_std([s['teacher_acc'] for s in seeds], 100)}%; "
           f"{a.seeds} seed(s), mean ± std; {secs:.0f}s")
-    print(f"{'labels':>6}  {'arm':<34} {'accepted':>9} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
+    print(f"{'labels':>6}  {'arm':<34} {'trained on':>11} {'person':>7} {'label acc %':>12} {'test acc %':>12} {'on truth %':>12} "
           f"{'noise cost':>11} {'train s':>9}")
     for n, reps in itertools.product(a.labels, qc_variants(a)):
         q = [s[(n, "qc", reps and reps[0])] for s in seeds]
@@ -183,7 +194,7 @@ def main(argv=None):
                   f"{mean_std([x['gold'].get('student_right') for x in c], 100)}%")
         for arm in [arm + (QC_CONTROL.format(reps[0]) if reps else "") for arm in a.arms]:  # each arm on these labels
             r = [s[(n, arm)] for s in seeds]
-            print(f"{n:>6}  {arm:<34} {mean_std([x['accepted'] for x in r], nd=0):>9} "
+            print(f"{n:>6}  {arm:<34} {mean_std([x['rows'] for x in r], nd=0):>11} {mean_std([x['person'] for x in r], nd=0):>7} "
                   f"{mean_std([x['label_acc'] for x in r], 100):>12} {mean_std([x['acc'] for x in r], 100):>12} "
                   f"{mean_std([x['gt'] for x in r], 100):>12} {mean_std([x['cost'] for x in r]):>11} "
                   f"{mean_std([x['secs'] for x in r], nd=0):>9}")

@@ -1,12 +1,15 @@
-"""The student bench's stand-in teachers (SIMULATED): the confusion teacher answers each class with the
-classifier's held-out confusion rates and draws its confidence from the classifier's right or wrong answers."""
+"""The student bench's stand-ins (SIMULATED): the confusion teacher answers each class with the classifier's
+held-out confusion rates and draws its confidence from the classifier's right or wrong answers; the simulated
+person answers review rows from the ground truth."""
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from real_images import ConfusionTeacher  # noqa: E402
+from flywheel.io import read_csv, write_csv  # noqa: E402
+from flywheel.ledger import training_labels  # noqa: E402
+from real_images import ConfusionTeacher, simulated_review  # noqa: E402
 
 
 def two_classes(n):
@@ -38,3 +41,37 @@ def test_answers_follow_the_rates_and_draw_confidence_by_correctness():
     assert all(lab == "a" for lab, _ in ans[2000:])  # P(b | a) = 0
     assert set(wrong) <= set(t.conf_wrong.tolist())
     assert {c for lab, c in ans if lab == "b"} <= set(t.conf_right.tolist())
+
+
+def review_run(folder):
+    """A labeled run folder: 6 images of truth a; the teacher said b for 3, and the label step accepted 4 rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(folder / "manifest.csv", ["path", "label"], [{"path": f"{i}.jpg", "label": "a"} for i in range(6)])
+    said = ["a", "b", "b", "a", "a", "b"]
+    status = ["accepted", "accepted", "low_confidence", "accepted", "disagreed", "accepted"]
+    write_csv(folder / "review_labels.csv", ["path", "llm_label", "label_final", "status"],
+              [{"path": f"{i}.jpg", "llm_label": s, "label_final": s if st == "accepted" else "", "status": st}
+               for i, (s, st) in enumerate(zip(said, status))])
+    return folder
+
+
+def test_the_simulated_person_answers_the_review_queue_from_truth(tmp_path):
+    run = review_run(tmp_path)
+    assert simulated_review(run, "reviewed", seed=0) == 2  # rows 2 and 4, the two not accepted
+    labels = training_labels(read_csv(run / "review_labels.csv"), ["a", "b"], "llm")
+    # accepted rows keep the teacher's answer (rows 1 and 5 stay wrong); the queue trains as a person's rows
+    assert [(x.path, x.label, x.source) for x in labels] == [
+        ("0.jpg", "a", "llm"), ("1.jpg", "b", "llm"), ("2.jpg", "a", "human"), ("3.jpg", "a", "llm"),
+        ("4.jpg", "a", "human"), ("5.jpg", "b", "llm")]
+
+
+def test_the_audit_control_answers_as_many_rows_drawn_from_the_whole_sample(tmp_path):
+    answered = set()
+    for seed in range(8):
+        run = review_run(tmp_path / str(seed))
+        assert simulated_review(run, "audited", seed=seed) == 2  # as many as the queue holds
+        rows = read_csv(run / "review_labels.csv")
+        mine = {r["path"] for r in rows if r["status"] == "approved"}
+        assert len(mine) == 2 and all(r["label_final"] == "a" for r in rows if r["path"] in mine)
+        answered |= mine
+    assert answered & {"0.jpg", "1.jpg", "3.jpg", "5.jpg"}  # accepted rows are drawn too, not only the queue
