@@ -50,7 +50,7 @@ def review_run(folder):
     said = ["a", "b", "b", "a", "a", "b"]
     status = ["accepted", "accepted", "low_confidence", "accepted", "disagreed", "accepted"]
     write_csv(folder / "review_labels.csv", ["path", "llm_label", "label_final", "status"],
-              [{"path": f"{i}.jpg", "llm_label": s, "label_final": s if st == "accepted" else "", "status": st}
+              [{"path": f"{i}.jpg", "llm_label": s, "label_final": s, "status": st}  # as the label step writes them
                for i, (s, st) in enumerate(zip(said, status))])
     return folder
 

@@ -1,5 +1,6 @@
 """review_labels.csv as people edit it: saved by a spreadsheet (BOM, CRLF, reordered columns), a lost
-column, a row approved as it is, and --gold_csv labels that train as source gold."""
+column, a row approved as it is, --gold_csv labels that train as source gold, and the count of rows that wait
+for a person."""
 import csv
 import shutil
 
@@ -116,3 +117,22 @@ def test_gold_csv_labels_train_as_source_gold(run):
             "--epochs", 1, "--batch_size", 8)
     sources = {r["path"]: r["source"] for r in read_csv(d / "run" / "artifacts" / "train_rows.csv")}
     assert all(sources[r["path"]] == "gold" for r in train)
+
+
+def test_the_label_step_says_how_many_rows_wait_for_a_person(run, caplog):
+    d, truth = run
+    review = d / "run" / "review_labels.csv"
+    rows = read_csv(review)
+    queue = [r for r in rows if r["status"] != "accepted"]
+    assert queue, "the fixture's teacher must leave rows for review"
+    with LoopbackTeacher(truth, CLASSES, wrong_rate=0.35, seed=4) as srv, caplog.at_level("INFO"):
+        label(d, srv)
+    assert f"{len(queue)} row(s) of {review} wait for a person" in caplog.text
+    right = {m["path"]: m["label"] for m in read_csv(d / "run" / "manifest.csv")}
+    for r in queue[1:]:  # a person answers all but one
+        r["label_final"], r["status"] = right[r["path"]], "approved"
+    save_as_spreadsheet(review, rows, list(rows[0]))
+    caplog.clear()
+    with LoopbackTeacher(truth, CLASSES, wrong_rate=0.35, seed=4) as srv, caplog.at_level("INFO"):
+        label(d, srv)
+    assert f"1 row(s) of {review} wait for a person" in caplog.text
