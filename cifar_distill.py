@@ -13,7 +13,7 @@ Rerun any of these: a step whose inputs and settings are unchanged does nothing 
 One step at a time (each reads and writes only under --out_dir, default cifar5_run):
     uv run cifar_distill.py --step prep                      # CIFAR-100 -> images/, manifest.csv
     uv run cifar_distill.py --step label --task task.toml --dry_run  # the exact prompt, the calls, the cost
-    uv run cifar_distill.py --step label --max_usd 2         # labels.jsonl -> review_labels.csv
+    uv run cifar_distill.py --step label --max_usd 2         # -> review_labels.csv: answer its rows that wait
     uv run cifar_distill.py --step train --epochs 30         # artifacts/{last,best}.pt, mobilenet.pt
     uv run cifar_distill.py --step eval                      # artifacts/eval.json, test_predictions.csv
     uv run cifar_distill.py --step cascade                   # escalations.jsonl, artifacts/cascade.json
