@@ -117,8 +117,9 @@ def write_label_outputs(P, items, ledger, teacher, manifest, gold_report, qc, ma
              fmt(summary["teacher_accuracy"]), P.review, P.labels_llm, P.label_summary)
     waiting = sum(r["status"] != "accepted" and not is_person_row(r) for r in rows)
     if waiting:  # the rows QC doubted: unanswered they never train, answered they correct what the student would learn
-        log.info("label: %d row(s) of %s wait for a person: type the right class in label_final, or approve a row "
-                 "as it is, before --step train (README: Correcting labels in a spreadsheet)", waiting, P.review)
+        log.info("label: %d row(s) of %s wait for a person and do not train until answered: type the right class "
+                 "in label_final, or approve a row as it is, then (re)run --step train (README: Correcting labels in "
+                 "a spreadsheet)", waiting, P.review)
     return summary
 
 
