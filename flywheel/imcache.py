@@ -114,7 +114,7 @@ class ImageCache:
                 data.flush()        # the pixels reach the file before the flags say they are there
                 done[part] = 1
                 done.flush()
-        del data, done
+        data = done = None  # drop the memory maps, which closes their files
 
     def view(self, paths, extra=None) -> "Images":
         """An Images view of these paths, in order. Paths outside the manifest (production uploads) are
