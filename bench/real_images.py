@@ -174,15 +174,20 @@ def add_teacher_args(p):
 def simulated_review(run, how, seed):
     """A SIMULATED person answers rows of a labeled run's review_labels.csv from the manifest's ground truth, as a
     person editing the file would (label_final, status approved; training reads them as source human). how:
-    "reviewed" answers the review queue (every row the label step did not accept); "audited", its control, answers
-    as many rows drawn at random from the whole sample, accepted ones included. -> how many rows it answered."""
+    "reviewed" answers the review queue (every row the label step did not accept); "halfreviewed" the half of it with
+    the lowest stated confidence (a person short of time); "audited", the control, answers as many rows as the queue
+    holds, drawn at random from the whole sample, accepted ones included. -> how many rows it answered."""
     from flywheel.io import read_csv, write_csv
     from flywheel.ledger import APPROVED, GOLD
     run = Path(run)
     truth = {m["path"]: m["label"] for m in read_csv(run / "manifest.csv")}
     rows = read_csv(run / "review_labels.csv")
     queue = [i for i, r in enumerate(rows) if r["status"] not in ("accepted", APPROVED, GOLD)]
-    pick = queue if how == "reviewed" else np.random.default_rng(seed).choice(len(rows), len(queue), replace=False)
+    if how == "audited":
+        pick = np.random.default_rng(seed).choice(len(rows), len(queue), replace=False)
+    else:
+        by_conf = sorted(queue, key=lambda i: float(rows[i].get("confidence") or 0))  # no stated confidence: first
+        pick = by_conf if how == "reviewed" else by_conf[:len(queue) // 2]
     for i in pick:
         rows[i] = {**rows[i], "label_final": truth[rows[i]["path"]], "status": APPROVED}
     write_csv(run / "review_labels.csv", list(rows[0]), rows)

@@ -50,8 +50,9 @@ QC_CONTROL = " [{} QC]"  # --qc_control NAME: the suffix of an arm trained on th
 OPTIONS = {"hard": ["--label_weights", "none"],  # the control for label-model weights
            "valcal": ["--calibrate_on", "validation"]}  # the control for calibrating on gold pins
 # arm options that have a SIMULATED person answer review_labels.csv before training (real_images.simulated_review):
-# reviewed, the review queue the label step wrote; audited, the control, as many rows drawn at random
-REVIEWS = ("reviewed", "audited")
+# reviewed, the review queue the label step wrote; halfreviewed, its half with the lowest stated confidence;
+# audited, the control, as many rows as the queue holds, drawn at random
+REVIEWS = ("reviewed", "halfreviewed", "audited")
 
 
 def qc_variants(a):
@@ -141,7 +142,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds: data draw, teacher and training (default: 3)")
     p.add_argument("--arms", default="scratch/augment,scratch/plain,pretrained/augment,pretrained/lpft,pretrained/plain",
                    help="init/recipe[/option...]; augment is the pipeline's default; options: hard, valcal (OPTIONS), "
-                        "reviewed, audited (REVIEWS) (default: scratch/augment,scratch/plain,"
+                        "reviewed, halfreviewed, audited (REVIEWS) (default: scratch/augment,scratch/plain,"
                         "pretrained/augment,pretrained/lpft,pretrained/plain)")
     p.add_argument("--gold_n", type=int, default=0,
                    help="gold pins for the label step (0: the project's default, no gold) (default: 0)")
@@ -165,8 +166,8 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"error: --arms {bad[0]!r}: use init/recipe[/option...] with init in {list(INITS)}, recipe in "
                          f"{list(RECIPES)} and options in {list(OPTIONS) + list(REVIEWS)} (hard: --label_weights none; valcal: "
-                         f"--calibrate_on validation; reviewed: a SIMULATED person answers the review queue; audited: "
-                         f"as many random rows)")
+                         f"--calibrate_on validation; reviewed: a SIMULATED person answers the review queue; "
+                         f"halfreviewed: its half with the lowest stated confidence; audited: as many random rows)")
     seeds, secs = over_seeds("student_bench_", lambda tmp, s: seed_line(one_seed(tmp, a, s), s), a.seeds)
     print(f"{a.dataset} ({'5 allowed Fashion-MNIST classes' if a.dataset == 'fashion' else 'digits'}), {a.img_size}px, "
           f"{a.train_per_class}/class training images, {a.test_per_class}/class test; SIMULATED teacher ({a.teacher}): logistic "

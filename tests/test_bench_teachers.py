@@ -65,6 +65,17 @@ def test_the_simulated_person_answers_the_review_queue_from_truth(tmp_path):
         ("4.jpg", "a", "human"), ("5.jpg", "b", "llm")]
 
 
+def test_a_person_short_of_time_answers_the_least_confident_half_of_the_queue(tmp_path):
+    run = review_run(tmp_path)
+    rows = read_csv(run / "review_labels.csv")
+    for r, c in zip(rows, ["0.9", "0.9", "0.8", "0.9", "0.3", "0.9"]):
+        r["confidence"] = c
+    write_csv(run / "review_labels.csv", list(rows[0]), rows)
+    assert simulated_review(run, "halfreviewed", seed=0) == 1
+    answered = [r["path"] for r in read_csv(run / "review_labels.csv") if r["status"] == "approved"]
+    assert answered == ["4.jpg"]  # of the queue (rows 2 and 4), the one stated at 0.3
+
+
 def test_the_audit_control_answers_as_many_rows_drawn_from_the_whole_sample(tmp_path):
     answered = set()
     for seed in range(8):
