@@ -174,15 +174,15 @@ def add_teacher_args(p):
 def simulated_review(run, how, seed):
     """A SIMULATED person answers rows of a labeled run's review_labels.csv from the manifest's ground truth, as a
     person editing the file would (label_final, status approved; training reads them as source human). how:
-    "reviewed" answers the review queue (every row the label step did not accept); "halfreviewed" the half of it with
+    "reviewed" answers the review queue (every row that waits for a person, ledger.waits_for_person); "halfreviewed" the half of it with
     the lowest stated confidence (a person short of time); "audited", the control, answers as many rows as the queue
     holds, drawn at random from the whole sample, accepted ones included. -> how many rows it answered."""
     from flywheel.io import read_csv, write_csv
-    from flywheel.ledger import APPROVED, GOLD
+    from flywheel.ledger import APPROVED, waits_for_person
     run = Path(run)
     truth = {m["path"]: m["label"] for m in read_csv(run / "manifest.csv")}
     rows = read_csv(run / "review_labels.csv")
-    queue = [i for i, r in enumerate(rows) if r["status"] not in ("accepted", APPROVED, GOLD)]
+    queue = [i for i, r in enumerate(rows) if waits_for_person(r)]
     if how == "audited":
         pick = np.random.default_rng(seed).choice(len(rows), len(queue), replace=False)
     else:

@@ -41,9 +41,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from common import INITS, mean_std, over_seeds  # noqa: E402
 from fakes import run_cli  # noqa: E402
 from flywheel import quality  # noqa: E402
-from flywheel.io import read_json  # noqa: E402
+from flywheel.io import read_csv, read_json  # noqa: E402
 from flywheel.student import RECIPES  # noqa: E402
-from flywheel.io import read_csv  # noqa: E402
 from real_images import add_teacher_args, answer_server, answers_by_sha, make_data, simulated_review  # noqa: E402
 
 QC_CONTROL = " [{} QC]"  # --qc_control NAME: the suffix of an arm trained on the labels of the label step whose held-out model is NAME
@@ -67,6 +66,7 @@ def one_seed(tmp, a, seed):
     run_cli("--step", "prep", "--dataset", "folder", "--data_root", d / "data", "--out_dir", base, "--img_size", a.img_size,
             "--seed", seed, "--log_level", "WARNING")
     by_sha = answers_by_sha(base, answers)
+    truth = {m["path"]: m["label"] for m in read_csv(base / "manifest.csv")}  # to score what each arm trained on
     out = {"teacher_acc": teacher_acc, "teacher_test_acc": test_acc}
     for n in a.labels:
         labs = {}  # QC variant ("": the default) -> its labeled run folder
@@ -103,7 +103,6 @@ def one_seed(tmp, a, seed):
             ev = read_json(run / "artifacts" / "eval.json")
             if a.cascade and not qc:
                 out[(n, "cascade", arm)] = cascade(run, d, by_sha, seed)
-            truth = {m["path"]: m["label"] for m in read_csv(run / "manifest.csv")}
             rows = read_csv(run / "artifacts" / "train_rows.csv")  # what the student trained on: train, val and cal
             out[(n, arm + qc)] = {"acc": ev["accuracy"], "gt": ev["noise_cost"]["ground_truth_twin_accuracy"],
                              "cost": ev["noise_cost"]["noise_cost_pts"], "secs": secs, "person": person,

@@ -421,6 +421,17 @@ def is_person_row(r) -> bool:
     return ((r.get("label_final") or "").strip() != (r.get("llm_label") or "").strip()) or status in (APPROVED, GOLD)
 
 
+
+def waits_for_person(r) -> bool:
+    """A row the label step did not accept and no person has decided: it never trains until someone answers it.
+
+    >>> [waits_for_person(r) for r in ({"llm_label": "a", "label_final": "a", "status": "low_confidence"},
+    ...                                {"llm_label": "a", "label_final": "a", "status": "accepted"},
+    ...                                {"llm_label": "a", "label_final": "b", "status": "disagreed"})]
+    [True, False, False]
+    """
+    return (r.get("status") or "").strip().lower() != "accepted" and not is_person_row(r)
+
 def merge_review(new_rows, old_rows):
     """Keep what a person decided: where an old row's label_final differs from its llm_label, or its
     status says approved (or gold), its label_final and status stay.

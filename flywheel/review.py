@@ -14,7 +14,8 @@ from flywheel import FlywheelError
 from flywheel.cascade import NONE_OF_THESE
 from flywheel.io import read_csv, read_csv_header, write_csv, write_json
 from flywheel.labeling import current_keys, ledger_verdict
-from flywheel.ledger import GOLD, REVIEW_FIELDS, STATUSES, check_review_columns, is_person_row, merge_review
+from flywheel.ledger import (GOLD, REVIEW_FIELDS, STATUSES, check_review_columns, is_person_row, merge_review,
+                             waits_for_person)
 from flywheel.remap import MAPPED
 from flywheel.report import fmt, mean
 from flywheel.teacher import PROMPT_VERSION
@@ -115,7 +116,7 @@ def write_label_outputs(P, items, ledger, teacher, manifest, gold_report, qc, ma
              len(vs), {s: summary[s] for s in STATUSES}, summary["calls"], summary["cost_usd"],
              " (estimated)" if summary["cost_estimated"] else "", fmt(summary["agreement_rate"]),
              fmt(summary["teacher_accuracy"]), P.review, P.labels_llm, P.label_summary)
-    waiting = sum(r["status"] != "accepted" and not is_person_row(r) for r in rows)
+    waiting = sum(map(waits_for_person, rows))
     if waiting:  # the rows QC doubted: unanswered they never train, answered they correct what the student would learn
         log.info("label: %d row(s) of %s wait for a person and do not train until answered: type the right class "
                  "in label_final, or approve a row as it is, then (re)run --step train (README: Correcting labels in "
